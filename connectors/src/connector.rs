@@ -1,0 +1,155 @@
+//! The two roles every connector plays: [`Source`] and [`Sink`], and what flows between
+//! them and the engine.
+
+use std::time::Duration;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+
+use crate::format::DecodeError;
+
+/// Most rows a source puts in one batch. Bounds the memory of one poll and the latency
+/// a batch adds; 4096 rows of ~100 B events are ~400 KiB of JSON.
+pub const BATCH_ROWS_MAX: usize = 4096;
+
+/// What to do with a record that cannot be decoded into the declared schema.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecodeErrorPolicy {
+    /// Write the raw record and the reason to the dead-letter topic, then go on.
+    DeadLetter,
+    /// Count it, log it (rate limited), and go on.
+    Skip,
+    /// Stop the pipeline with exit code 2; nothing after the bad record is committed.
+    Fail,
+}
+
+impl DecodeErrorPolicy {
+    pub const NAMES: [&'static str; 3] = ["dead_letter", "skip", "fail"];
+
+    #[must_use]
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "dead_letter" => Some(Self::DeadLetter),
+            "skip" => Some(Self::Skip),
+            "fail" => Some(Self::Fail),
+            _ => None,
+        }
+    }
+}
+
+/// A position to resume from: the next offset to read in one partition of one topic.
+/// File sources use partition 0 and the next line number.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SourcePosition {
+    pub topic: String,
+    pub partition: i32,
+    pub next_offset: i64,
+}
+
+/// A record that could not be decoded, with everything needed to dead-letter it.
+#[derive(Debug, Clone)]
+pub struct Rejected {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub reason: DecodeError,
+}
+
+/// One poll's worth of input: decoded rows plus the records that failed to decode.
+#[derive(Debug)]
+pub struct SourceBatch {
+    /// Rows in the source's schema; may have zero rows when every record was rejected.
+    pub batch: RecordBatch,
+    pub rejected: Vec<Rejected>,
+}
+
+/// The outcome of one [`Source::poll`].
+#[derive(Debug)]
+pub enum SourcePoll {
+    Batch(SourceBatch),
+    /// Nothing arrived within the timeout; the source is still live.
+    Idle,
+    /// A bounded source has handed out its last record.
+    Finished,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("{context}: {message}")]
+    Fatal { context: String, message: String },
+    #[error(
+        "record {topic}[{partition}]@{offset} cannot be decoded: {reason} (on_decode_error: fail)"
+    )]
+    DecodeFailed {
+        topic: String,
+        partition: i32,
+        offset: i64,
+        reason: DecodeError,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("cannot write {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("delivery to topic {topic} failed: {message}")]
+    Delivery { topic: String, message: String },
+    #[error("cannot encode a row: {0}")]
+    Encode(String),
+}
+
+/// Where records come from. Owned by one thread; `poll` never blocks longer than `timeout`.
+pub trait Source: Send {
+    /// The schema of every batch this source returns: declared columns, then metadata.
+    fn schema(&self) -> SchemaRef;
+
+    /// Returns the next batch of at most [`BATCH_ROWS_MAX`] rows.
+    fn poll(&mut self, timeout: Duration) -> Result<SourcePoll, SourceError>;
+
+    /// Positions after the last record returned by `poll` (for the epoch that is closing).
+    fn positions(&self) -> Vec<SourcePosition>;
+
+    /// Makes `positions` durable where the source keeps them (a Kafka consumer group).
+    /// Called only after every record read before them has been acknowledged by the sinks.
+    fn commit(&mut self, positions: &[SourcePosition], blocking: bool) -> Result<(), SourceError>;
+}
+
+/// Where records go. `write` may buffer; `flush` returns once everything written so far is
+/// acknowledged (durable in the file, or acknowledged by every in-sync replica).
+pub trait Sink: Send {
+    fn write(&mut self, batch: &RecordBatch) -> Result<(), SinkError>;
+
+    /// Writes records that failed to decode, with their reason (dead-letter sinks only).
+    fn write_rejected(&mut self, rejected: &[Rejected]) -> Result<(), SinkError> {
+        let _ = rejected;
+        Ok(())
+    }
+
+    fn flush(&mut self, timeout: Duration) -> Result<FlushOutcome, SinkError>;
+}
+
+/// Whether a flush got every acknowledgement within its timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlushOutcome {
+    Done,
+    /// Records are still in flight (broker slow or down); call `flush` again.
+    Pending {
+        in_flight: usize,
+    },
+}

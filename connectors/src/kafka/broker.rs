@@ -1,0 +1,178 @@
+//! The embedded Kafka-protocol broker: librdkafka's mock cluster, for development, demos
+//! and tests (`laminar broker`, `laminar run --embedded-broker`).
+//!
+//! It speaks the Kafka protocol (produce, fetch, consumer groups, committed offsets,
+//! idempotent and transactional producers) but keeps data in memory, at most 5 MiB or
+//! 100K batches per partition (older data is dropped), and it does not hide aborted
+//! transactional records from `read_committed` readers. It is not a production broker.
+//!
+//! The mock brokers listen on ephemeral loopback ports. To serve a fixed address
+//! (`--listen 127.0.0.1:9092`), each broker gets a loopback TCP relay on `port + i` and
+//! advertises that address, so clients that follow metadata come back through the relay.
+
+use std::ffi::{CStr, CString};
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread;
+
+use rdkafka::client::{Client, DefaultClientContext};
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::types::{RDKafkaErrorCode, RDKafkaType};
+use rdkafka_sys as rdsys;
+
+/// Connections one relay serves at once; more are refused.
+const RELAY_CONNECTIONS_MAX: usize = 256;
+/// Partitions of a topic created for a pipeline on the embedded broker.
+pub const DEFAULT_PARTITIONS: i32 = 4;
+
+pub struct EmbeddedBroker {
+    cluster: *mut rdsys::rd_kafka_mock_cluster_t,
+    bootstrap: String,
+    /// Keeps the handle that owns the mock cluster alive; dropped after the cluster.
+    _client: Client<DefaultClientContext>,
+}
+
+// SAFETY: the mock cluster runs on its own librdkafka thread; every rd_kafka_mock_* call
+// used here either takes the cluster lock or posts an op to that thread, so the handle
+// may be used from any thread.
+unsafe impl Send for EmbeddedBroker {}
+// SAFETY: as above; no method takes `&mut self` state outside librdkafka's locking.
+unsafe impl Sync for EmbeddedBroker {}
+
+impl EmbeddedBroker {
+    /// Starts `brokers` mock brokers on ephemeral loopback ports. With `listen`, also
+    /// serves them on `listen`, `listen + 1`, ... through relays.
+    pub fn start(brokers: i32, listen: Option<SocketAddr>) -> KafkaResult<Self> {
+        let config = ClientConfig::new();
+        let native = config.create_native_config()?;
+        let client = Client::new(
+            &config,
+            native,
+            RDKafkaType::RD_KAFKA_PRODUCER,
+            DefaultClientContext,
+        )?;
+        // SAFETY: `client` is a live handle and outlives the cluster (see Drop).
+        let cluster = unsafe { rdsys::rd_kafka_mock_cluster_new(client.native_ptr(), brokers) };
+        if cluster.is_null() {
+            return Err(KafkaError::MockCluster(RDKafkaErrorCode::Fail));
+        }
+        // Consumers join a group at once instead of after the default 3 s delay.
+        // SAFETY: `cluster` is non-null and live.
+        unsafe { rdsys::rd_kafka_mock_group_initial_rebalance_delay_ms(cluster, 0) };
+        // SAFETY: the cluster returns a NUL-terminated string it owns while it lives.
+        let own = unsafe { CStr::from_ptr(rdsys::rd_kafka_mock_cluster_bootstraps(cluster)) }
+            .to_string_lossy()
+            .into_owned();
+        let mut broker = Self {
+            cluster,
+            bootstrap: own.clone(),
+            _client: client,
+        };
+        if let Some(listen) = listen.filter(|l| l.port() != 0) {
+            let targets: Vec<&str> = own.split(',').collect();
+            let mut advertised = Vec::new();
+            for (i, target) in targets.iter().enumerate() {
+                let addr = SocketAddr::new(listen.ip(), listen.port() + i as u16);
+                start_relay(addr, (*target).to_owned())
+                    .map_err(|_| KafkaError::MockCluster(RDKafkaErrorCode::Fail))?;
+                let host = CString::new(addr.ip().to_string())
+                    .map_err(|_| KafkaError::MockCluster(RDKafkaErrorCode::InvalidArgument))?;
+                // SAFETY: cluster live, host a valid C string; broker ids start at 1.
+                unsafe {
+                    rdsys::rd_kafka_mock_broker_set_host_port(
+                        cluster,
+                        i as i32 + 1,
+                        host.as_ptr(),
+                        i32::from(addr.port()),
+                    );
+                };
+                advertised.push(addr.to_string());
+            }
+            broker.bootstrap = advertised.join(",");
+        }
+        Ok(broker)
+    }
+
+    /// The address clients should use as `bootstrap.servers`.
+    #[must_use]
+    pub fn bootstrap_servers(&self) -> &str {
+        &self.bootstrap
+    }
+
+    /// Creates a topic (the mock cluster has no CreateTopics request). Creating a topic
+    /// that exists is not an error.
+    pub fn create_topic(&self, topic: &str, partitions: i32) -> KafkaResult<()> {
+        let name = CString::new(topic)
+            .map_err(|_| KafkaError::MockCluster(RDKafkaErrorCode::InvalidArgument))?;
+        // SAFETY: cluster live, name a valid C string.
+        let err = unsafe {
+            rdsys::rd_kafka_mock_topic_create(self.cluster, name.as_ptr(), partitions, 1)
+        };
+        let code: RDKafkaErrorCode = err.into();
+        match code {
+            RDKafkaErrorCode::NoError | RDKafkaErrorCode::TopicAlreadyExists => Ok(()),
+            e => Err(KafkaError::MockCluster(e)),
+        }
+    }
+}
+
+impl Drop for EmbeddedBroker {
+    fn drop(&mut self) {
+        // SAFETY: created by rd_kafka_mock_cluster_new and destroyed once, before `_client`.
+        unsafe { rdsys::rd_kafka_mock_cluster_destroy(self.cluster) };
+    }
+}
+
+/// Accepts on `addr` and pipes each connection to `target`, both ways.
+fn start_relay(addr: SocketAddr, target: String) -> io::Result<()> {
+    let listener = TcpListener::bind(addr)?;
+    let open = Arc::new(AtomicUsize::new(0));
+    thread::Builder::new()
+        .name(format!("relay-{}", addr.port()))
+        .spawn(move || {
+            for client in listener.incoming().flatten() {
+                if open.load(Ordering::Relaxed) >= RELAY_CONNECTIONS_MAX {
+                    let _ = client.shutdown(Shutdown::Both);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(&target) else {
+                    continue;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                open.fetch_add(2, Ordering::Relaxed);
+                for (from, to) in [(&client, &server), (&server, &client)] {
+                    let (Ok(from), Ok(to)) = (from.try_clone(), to.try_clone()) else {
+                        continue;
+                    };
+                    let open = open.clone();
+                    let _ = thread::Builder::new()
+                        .name("relay-pipe".into())
+                        .spawn(move || {
+                            pipe(from, to);
+                            open.fetch_sub(1, Ordering::Relaxed);
+                        });
+                }
+            }
+        })?;
+    Ok(())
+}
+
+fn pipe(mut from: TcpStream, mut to: TcpStream) {
+    let mut buf = vec![0_u8; 64 * 1024];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
+    let _ = from.shutdown(Shutdown::Read);
+}

@@ -1,0 +1,18 @@
+//! Kafka: a consumer-group source, a producer sink (also used for dead letters), and the
+//! embedded Kafka-protocol broker for development and tests.
+//!
+//! Both ends talk to any broker that speaks the Kafka protocol through librdkafka. The
+//! consumer never auto-commits: positions are committed by the engine once the sinks have
+//! acknowledged everything derived from them. The producer is idempotent and retries
+//! without a deadline (`message.timeout.ms = 0`), so a broker that is away for a while
+//! delays the pipeline (backpressure through the bounded producer queue) and loses
+//! nothing; a permanent delivery error stops the pipeline before any offset is committed.
+
+pub mod broker;
+mod client;
+mod sink;
+mod source;
+
+pub use client::{KafkaClientOptions, LogContext};
+pub use sink::{KafkaSink, KafkaSinkOptions};
+pub use source::{KafkaSource, KafkaSourceOptions, MetadataColumns, StartFrom};

@@ -1,0 +1,263 @@
+//! `laminar bench`: Nexmark queries from the built-in generator, engine only and through
+//! Kafka (the embedded broker), next to a bare rdkafka consume->produce loop on the same
+//! broker in the same run. Compare ratios, not absolute numbers: machines are noisy.
+
+use std::fmt::Write as _;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, anyhow};
+use laminar_connectors::datagen::{DatagenOptions, DatagenSource, NexmarkTable};
+use laminar_connectors::format::JsonEncoder;
+use laminar_connectors::kafka::broker::EmbeddedBroker;
+use laminar_connectors::{Source, SourcePoll};
+use rdkafka::Message;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+
+use crate::config;
+use crate::engine::{Pipeline, RunOptions};
+use crate::sql;
+
+/// Partitions of the benchmark topics: the embedded broker keeps at most 5 MiB per
+/// partition, so the input is spread thin enough to stay whole.
+const BENCH_PARTITIONS: i32 = 16;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Events per engine-only query.
+    #[arg(long, default_value_t = 2_000_000)]
+    pub events: u64,
+    /// Events through Kafka (bounded by the embedded broker's 5 MiB per partition).
+    #[arg(long, default_value_t = 200_000)]
+    pub kafka_events: u64,
+    /// Skip the Kafka part.
+    #[arg(long)]
+    pub engine_only: bool,
+}
+
+/// The Nexmark queries laminar runs today (stateless).
+const QUERIES: &[(&str, &str)] = &[
+    ("q0 pass-through", "SELECT * FROM bids"),
+    (
+        "q1 projection",
+        "SELECT auction, bidder, price * 908 / 1000 AS price_eur, date_time FROM bids",
+    ),
+    (
+        "q2 filter",
+        "SELECT auction, price FROM bids WHERE auction % 123 = 0",
+    ),
+];
+
+pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    let mut table = String::new();
+    writeln!(
+        table,
+        "{:<34} {:>12} {:>14} {:>10}",
+        "benchmark", "events", "events/s", "seconds"
+    )?;
+    for (name, query) in QUERIES {
+        let (events, elapsed) = engine_only(query, args.events)?;
+        row(&mut table, &format!("engine {name}"), events, elapsed)?;
+    }
+    if !args.engine_only {
+        kafka(args.kafka_events, &mut table)?;
+    }
+    println!("{table}");
+    println!(
+        "(one reactor thread; events/s per core = events/s; JSON encode included in every sink)"
+    );
+    Ok(())
+}
+
+fn row(table: &mut String, name: &str, events: u64, elapsed: Duration) -> anyhow::Result<()> {
+    let rate = events as f64 / elapsed.as_secs_f64();
+    writeln!(
+        table,
+        "{name:<34} {events:>12} {rate:>14.0} {:>10.3}",
+        elapsed.as_secs_f64()
+    )?;
+    Ok(())
+}
+
+fn pipeline_yaml(source: &str, query: &str, sink: &str) -> String {
+    format!(
+        "pipeline: bench\nsources:\n{source}\nqueries:\n  - name: q\n    sql: \"{query}\"\nsinks:\n{sink}\n"
+    )
+}
+
+/// datagen -> query -> JSON encode -> discard, on this thread.
+fn engine_only(query: &str, events: u64) -> anyhow::Result<(u64, Duration)> {
+    let yaml = pipeline_yaml(
+        "  - { name: bids, connector: datagen, events: 1 }",
+        query,
+        "  - { name: out, from: q, connector: stdout }",
+    );
+    let config = config::parse("bench.yaml", &yaml, &|_| None).map_err(|d| anyhow!("{d}"))?;
+    let planned = sql::plan(&config).map_err(|d| anyhow!("{d}"))?;
+    let compiled = &planned.queries[0];
+    let mut source = DatagenSource::new(DatagenOptions {
+        name: "bids".into(),
+        table: NexmarkTable::Bid,
+        events: Some(events),
+        rate_per_s: None,
+        seed: 1,
+        auctions: config::DEFAULT_DATAGEN_AUCTIONS,
+    });
+    let mut encoder = JsonEncoder::default();
+    let (mut out, mut ends) = (Vec::new(), Vec::new());
+    let started = Instant::now();
+    let mut rows_out = 0;
+    loop {
+        match source.poll(Duration::ZERO)? {
+            SourcePoll::Batch(b) => {
+                let result = compiled.process(&b.batch)?;
+                out.clear();
+                ends.clear();
+                encoder
+                    .encode(&result, None, &mut out, &mut ends)
+                    .map_err(|e| anyhow!(e))?;
+                rows_out += result.num_rows();
+            }
+            SourcePoll::Finished => break,
+            SourcePoll::Idle => {}
+        }
+    }
+    let elapsed = started.elapsed();
+    std::hint::black_box(rows_out);
+    Ok((events, elapsed))
+}
+
+fn kafka(events: u64, table: &mut String) -> anyhow::Result<()> {
+    let broker = EmbeddedBroker::start(1, None)?;
+    let bootstrap = broker.bootstrap_servers().to_owned();
+    for topic in ["bench-in", "bench-out-bare", "bench-out-laminar"] {
+        broker.create_topic(topic, BENCH_PARTITIONS)?;
+    }
+    produce_input(&bootstrap, events)?;
+
+    let started = Instant::now();
+    bare_loop(&bootstrap, events)?;
+    let bare = started.elapsed();
+    row(table, "kafka bare rdkafka consume->produce", events, bare)?;
+
+    let yaml = pipeline_yaml(
+        &format!(
+            "  - name: bids\n    connector: kafka\n    topic: bench-in\n    group_id: bench-laminar\n    schema: {{ auction: BIGINT, bidder: BIGINT, price: BIGINT, channel: VARCHAR, url: VARCHAR, date_time: TIMESTAMP, extra: VARCHAR }}"
+        ),
+        "SELECT * FROM bids",
+        "  - { name: out, from: q, connector: kafka, topic: bench-out-laminar }",
+    );
+    let mut config = config::parse("bench.yaml", &yaml, &|_| None).map_err(|d| anyhow!("{d}"))?;
+    config.kafka.bootstrap_servers = bootstrap;
+    let planned = sql::plan(&config).map_err(|d| anyhow!("{d}"))?;
+    let options = RunOptions {
+        bootstrap_servers: None,
+        records_max: Some(events),
+    };
+    let pipeline = Pipeline::build(&config, planned, &options)?;
+    let started = Instant::now();
+    let summary = pipeline.run(&AtomicBool::new(false))?;
+    let laminar = started.elapsed();
+    row(
+        table,
+        "kafka laminar q0 (JSON in, JSON out)",
+        summary.records_in,
+        laminar,
+    )?;
+    writeln!(
+        table,
+        "laminar / bare throughput ratio: {:.2}",
+        bare.as_secs_f64() / laminar.as_secs_f64() * summary.records_in as f64 / events as f64
+    )?;
+    Ok(())
+}
+
+fn produce_input(bootstrap: &str, events: u64) -> anyhow::Result<()> {
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("linger.ms", "20")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()?;
+    let mut source = DatagenSource::new(DatagenOptions {
+        name: "bids".into(),
+        table: NexmarkTable::Bid,
+        events: Some(events),
+        rate_per_s: None,
+        seed: 1,
+        auctions: config::DEFAULT_DATAGEN_AUCTIONS,
+    });
+    let mut encoder = JsonEncoder::default();
+    let (mut out, mut ends) = (Vec::new(), Vec::new());
+    while let SourcePoll::Batch(b) = source.poll(Duration::ZERO)? {
+        out.clear();
+        ends.clear();
+        encoder
+            .encode(&b.batch, None, &mut out, &mut ends)
+            .map_err(|e| anyhow!(e))?;
+        let mut start = 0;
+        for &end in &ends {
+            let mut record = BaseRecord::<(), [u8]>::to("bench-in").payload(&out[start..end]);
+            loop {
+                match producer.send(record) {
+                    Ok(()) => break,
+                    Err((_, r)) => {
+                        record = r;
+                        producer.poll(Duration::from_millis(5));
+                    }
+                }
+            }
+            start = end;
+        }
+        producer.poll(Duration::ZERO);
+    }
+    producer
+        .flush(Duration::from_secs(60))
+        .context("flushing the benchmark input")?;
+    Ok(())
+}
+
+/// The ceiling: consume every record and produce its bytes unchanged.
+fn bare_loop(bootstrap: &str, events: u64) -> anyhow::Result<()> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "bench-bare")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    consumer.subscribe(&["bench-in"])?;
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("linger.ms", "5")
+        .set("enable.idempotence", "true")
+        .create()?;
+    let mut seen = 0;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while seen < events && Instant::now() < deadline {
+        let Some(message) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let message = message?;
+        let mut record = BaseRecord::<(), [u8]>::to("bench-out-bare")
+            .payload(message.payload().unwrap_or_default());
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((_, r)) => {
+                    record = r;
+                    producer.poll(Duration::from_millis(1));
+                }
+            }
+        }
+        producer.poll(Duration::ZERO);
+        seen += 1;
+    }
+    producer.flush(Duration::from_secs(60))?;
+    if seen < events {
+        return Err(anyhow!(
+            "bare loop saw {seen} of {events} records within 300 s"
+        ));
+    }
+    Ok(())
+}

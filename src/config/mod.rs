@@ -1,0 +1,995 @@
+//! The pipeline file: its model, and the loader that reads it.
+//!
+//! `load` interpolates `${VAR}`s, parses YAML with positions, and decodes every section,
+//! collecting every problem at once as `FILE:LINE:COL: error: ...` (unknown keys, wrong
+//! types, misspelled choices with a did-you-mean hint, references to names that don't
+//! exist). SQL is checked afterwards by `sql::plan`, which maps its errors back into the
+//! file through [`SqlOrigin`]. The docs on each field are the reference for its YAML key.
+
+pub mod diagnostic;
+mod interpolate;
+mod yaml;
+
+use saphyr::{LoadableYamlNode, MarkedYamlOwned, YamlDataOwned};
+
+use laminar_connectors::DecodeErrorPolicy;
+use laminar_connectors::datagen::NexmarkTable;
+use laminar_connectors::format::json::DecodeColumn;
+use laminar_connectors::format::{COLUMN_TYPE_NAMES, ColumnType, parse_column_type};
+use laminar_connectors::kafka::{KafkaClientOptions, MetadataColumns, StartFrom};
+
+pub use diagnostic::{Diagnostic, Diagnostics, Pos, did_you_mean, hint};
+use yaml::{Node, Reader, pos};
+
+/// `bootstrap_servers` when the file names none.
+pub const DEFAULT_BOOTSTRAP_SERVERS: &str = "127.0.0.1:9092";
+/// Default `state.checkpoint_interval_ms`: how often an epoch closes (sinks flushed,
+/// source positions committed).
+pub const DEFAULT_CHECKPOINT_INTERVAL_MS: u64 = 1000;
+/// Default `state.memory_bytes_max`: 1 GiB.
+pub const DEFAULT_MEMORY_BYTES_MAX: u64 = 1 << 30;
+/// Default `datagen.auctions`: distinct auction ids bids are spread over.
+pub const DEFAULT_DATAGEN_AUCTIONS: u64 = 10_000;
+
+/// A whole pipeline file.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    /// The file it was read from (for messages).
+    pub file: String,
+    /// `pipeline`: the name; metrics label, state sub-directory, default consumer group.
+    pub name: String,
+    /// `kafka`: shared by every Kafka source, sink and dead-letter topic.
+    pub kafka: KafkaClientOptions,
+    /// `sources`: where records come from.
+    pub sources: Vec<SourceConfig>,
+    /// `queries`: SQL continuous queries, each reading a source or an earlier query.
+    pub queries: Vec<QueryConfig>,
+    /// `sinks`: where query (or source) results go.
+    pub sinks: Vec<SinkConfig>,
+    /// `state`
+    pub state: StateConfig,
+    /// `runtime`
+    pub runtime: RuntimeConfig,
+    /// `metrics`
+    pub metrics: MetricsConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    /// `name`: how queries refer to it (a lowercase SQL identifier).
+    pub name: String,
+    pub pos: Pos,
+    pub connector: SourceConnector,
+    /// `schema`: column name -> type (`BIGINT`, `VARCHAR NULL`, `TIMESTAMP`, ...). Columns
+    /// are NOT NULL unless the type ends in `NULL`.
+    pub columns: Vec<DecodeColumn>,
+    /// `event_time`: the column that carries event time, and the watermark policy.
+    pub event_time: Option<EventTimeConfig>,
+    /// `on_decode_error`: `dead_letter` (default when `dead_letter_topic` is set), `skip`
+    /// (default otherwise), or `fail`.
+    pub on_decode_error: DecodeErrorPolicy,
+    /// `dead_letter_topic`: Kafka topic for records that fail to decode, with the reason
+    /// in the `laminar.error` header.
+    pub dead_letter_topic: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub enum SourceConnector {
+    Kafka {
+        /// `topic`
+        topic: String,
+        /// `group_id`: consumer group (default: the pipeline name).
+        group_id: String,
+        /// `start_from`: `earliest` (default), `latest` or `committed`: where to begin in a
+        /// partition that has no committed position yet.
+        start_from: StartFrom,
+        /// `metadata_columns`: any of `key`, `partition`, `offset`, `timestamp`, added as
+        /// `_key`, `_partition`, `_offset`, `_timestamp` after the declared columns.
+        metadata: MetadataColumns,
+    },
+    File {
+        /// `path`: a JSON-lines file, read once.
+        path: String,
+    },
+    Datagen {
+        /// `table`: `bid` (default), `auction` or `person`.
+        table: NexmarkTable,
+        /// `events`: how many, then the source is finished (absent: unbounded).
+        events: Option<u64>,
+        /// `rate_per_s`: events per second (absent: as fast as the pipeline goes).
+        rate_per_s: Option<u64>,
+        /// `seed`: same seed, same events (default 0).
+        seed: u64,
+        /// `auctions`: distinct auction ids that bids go to (default 10,000).
+        auctions: u64,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct EventTimeConfig {
+    /// `column`: a TIMESTAMP or BIGINT (epoch milliseconds) column of the schema.
+    pub column: String,
+    pub pos: Pos,
+    /// `watermark_delay_ms`: how far behind the largest event time seen the watermark
+    /// stays, per partition (bounded out-of-orderness). Default 0.
+    pub watermark_delay_ms: u64,
+    /// `idle_timeout_ms`: a partition silent this long stops holding the watermark back
+    /// (absent: never).
+    pub idle_timeout_ms: Option<u64>,
+}
+
+/// Where a query's SQL text sits in the file, line by line, to map SQL errors back.
+#[derive(Debug, Clone, Default)]
+pub struct SqlOrigin {
+    /// Position in the file of the first character of each SQL line.
+    pub lines: Vec<Pos>,
+}
+
+impl SqlOrigin {
+    /// The file position of a 1-based SQL (line, column).
+    #[must_use]
+    pub fn map(&self, line: u64, column: u64) -> Pos {
+        let i = (line.max(1) - 1) as usize;
+        match self.lines.get(i).or(self.lines.last()) {
+            Some(p) => Pos {
+                line: p.line,
+                col: p.col + column.max(1) as usize - 1,
+            },
+            None => Pos::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct QueryConfig {
+    /// `name`: how sinks and later queries refer to it.
+    pub name: String,
+    pub pos: Pos,
+    /// `sql`: one SELECT.
+    pub sql: String,
+    pub sql_origin: SqlOrigin,
+    /// `emit`: `on_window_close` (default), `on_update`, or `{ every_ms: N }`.
+    pub emit: EmitPolicy,
+    /// `allowed_lateness_ms`: how long after a window's end late records still update it.
+    pub allowed_lateness_ms: u64,
+    /// `late_data_topic`: Kafka topic for records too late for their window.
+    pub late_data_topic: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EmitPolicy {
+    OnWindowClose,
+    OnUpdate,
+    EveryMs(u64),
+}
+
+#[derive(Debug, Clone)]
+pub struct SinkConfig {
+    /// `name`
+    pub name: String,
+    pub pos: Pos,
+    /// `from`: the query (or source) whose rows this sink writes.
+    pub from: String,
+    pub from_pos: Pos,
+    pub connector: SinkConnector,
+    /// `key`: columns whose values form the Kafka message key: one column's value as
+    /// text, or a JSON object of several.
+    pub key: Vec<(String, Pos)>,
+    /// `delivery`: `at_least_once` (default) or `exactly_once`.
+    pub delivery: Delivery,
+    pub delivery_pos: Pos,
+    /// `transactions`: with exactly_once, whether to use Kafka transactions (default true).
+    pub transactions: bool,
+}
+
+#[derive(Debug, Clone)]
+pub enum SinkConnector {
+    /// `topic`
+    Kafka {
+        topic: String,
+    },
+    /// `path`: JSON lines, appended.
+    File {
+        path: String,
+    },
+    Stdout,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    AtLeastOnce,
+    ExactlyOnce,
+}
+
+#[derive(Debug, Clone)]
+pub struct StateConfig {
+    /// `dir`: where state and the write-ahead log live (default `./state/<pipeline>`).
+    pub dir: String,
+    /// `checkpoint_interval_ms`: how often an epoch closes: sinks flushed, positions
+    /// committed. Default 1000.
+    pub checkpoint_interval_ms: u64,
+    /// `memory_bytes_max`: bound on operator state. Default 1 GiB.
+    pub memory_bytes_max: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// `cores`: reactor threads; 0 = one per available core.
+    pub cores: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct MetricsConfig {
+    /// `listen`: `host:port` for `/metrics`, `/health`, `/ready` (absent: off).
+    pub listen: Option<String>,
+}
+
+const TOP_KEYS: &[&str] = &[
+    "pipeline", "kafka", "sources", "queries", "sinks", "state", "runtime", "metrics",
+];
+const SOURCE_KEYS: &[&str] = &[
+    "name",
+    "connector",
+    "topic",
+    "path",
+    "format",
+    "schema",
+    "event_time",
+    "start_from",
+    "group_id",
+    "metadata_columns",
+    "on_decode_error",
+    "dead_letter_topic",
+    "events",
+    "rate_per_s",
+    "seed",
+    "table",
+    "auctions",
+];
+const QUERY_KEYS: &[&str] = &[
+    "name",
+    "sql",
+    "emit",
+    "allowed_lateness_ms",
+    "late_data_topic",
+];
+const SINK_KEYS: &[&str] = &[
+    "name",
+    "from",
+    "connector",
+    "topic",
+    "path",
+    "format",
+    "key",
+    "delivery",
+    "transactions",
+];
+const SOURCE_CONNECTORS: &[&str] = &["kafka", "file", "datagen"];
+const SINK_CONNECTORS: &[&str] = &["kafka", "file", "stdout"];
+const FORMATS: &[&str] = &["json", "avro"];
+
+/// Reads and checks a pipeline file (everything but SQL).
+pub fn load(file: &str) -> Result<PipelineConfig, Diagnostics> {
+    let text = std::fs::read_to_string(file).map_err(|e| {
+        Diagnostics(vec![Diagnostic {
+            file: file.to_owned(),
+            pos: Pos { line: 1, col: 1 },
+            message: format!("cannot read the file: {e}"),
+        }])
+    })?;
+    parse(file, &text, &|name| std::env::var(name).ok())
+}
+
+/// Reads a pipeline from `text`; `file` is used in messages. `env` looks up variables.
+pub fn parse(
+    file: &str,
+    text: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<PipelineConfig, Diagnostics> {
+    let mut r = Reader::new(file);
+    let (text, missing) = interpolate::interpolate(text, env);
+    for m in missing {
+        r.error(m.pos, format!("environment variable `{}` is not set and has no default (write `${{{}:-default}}`)", m.name, m.name));
+    }
+    let docs = match MarkedYamlOwned::load_from_str(&text) {
+        Ok(d) => d,
+        Err(e) => {
+            let m = e.marker();
+            r.error(
+                Pos {
+                    line: m.line(),
+                    col: m.col() + 1,
+                },
+                format!("invalid YAML: {}", e.info()),
+            );
+            return Err(finish(r));
+        }
+    };
+    let Some(root) = docs.first() else {
+        r.error(
+            Pos { line: 1, col: 1 },
+            "the file is empty; a pipeline needs `pipeline`, `sources`, `queries` and `sinks`",
+        );
+        return Err(finish(r));
+    };
+    let config = decode(&mut r, root, &text);
+    match config {
+        Some(c) if r.diagnostics.is_empty() => Ok(c),
+        _ => Err(finish(r)),
+    }
+}
+
+fn finish(r: Reader) -> Diagnostics {
+    let mut d = r.diagnostics;
+    d.sort_by_key(|d| d.pos);
+    Diagnostics(d)
+}
+
+fn decode(r: &mut Reader, root: &Node, text: &str) -> Option<PipelineConfig> {
+    let top = r.mapping(root, "the pipeline file", TOP_KEYS)?;
+    let name = r
+        .required(&top, "pipeline", "the pipeline file")
+        .and_then(|n| {
+            let name = r.string(n, "`pipeline`")?;
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            {
+                r.error(
+                    pos(n),
+                    format!("pipeline name `{name}` may use only letters, digits, `_` and `-`"),
+                );
+            }
+            Some(name)
+        });
+    let kafka = decode_kafka(r, top.get("kafka"));
+    let pipeline_name = name.clone().unwrap_or_default();
+
+    let mut sources = Vec::new();
+    if let Some(list) = r
+        .required(&top, "sources", "the pipeline file")
+        .and_then(|n| r.sequence(n, "`sources`"))
+    {
+        for node in list {
+            if let Some(s) = decode_source(r, node, &pipeline_name) {
+                sources.push(s);
+            }
+        }
+    }
+    let mut queries = Vec::new();
+    if let Some(list) = top.get("queries").and_then(|n| r.sequence(n, "`queries`")) {
+        for node in list {
+            if let Some(q) = decode_query(r, node, text) {
+                queries.push(q);
+            }
+        }
+    }
+    let mut relations = declared(&top, "sources");
+    relations.extend(declared(&top, "queries"));
+    let mut sinks = Vec::new();
+    if let Some(list) = r
+        .required(&top, "sinks", "the pipeline file")
+        .and_then(|n| r.sequence(n, "`sinks`"))
+    {
+        for node in list {
+            if let Some(s) = decode_sink(r, node, &relations) {
+                sinks.push(s);
+            }
+        }
+    }
+    let state = decode_state(r, top.get("state"), &pipeline_name);
+    let runtime = RuntimeConfig {
+        cores: top
+            .get("runtime")
+            .and_then(|n| r.mapping(n, "`runtime`", &["cores"]))
+            .and_then(|f| f.get("cores").and_then(|c| r.u64(c, "`cores`")))
+            .unwrap_or(0),
+    };
+    let metrics = MetricsConfig {
+        listen: top
+            .get("metrics")
+            .and_then(|n| r.mapping(n, "`metrics`", &["listen"]))
+            .and_then(|f| f.get("listen").and_then(|l| r.string(l, "`listen`"))),
+    };
+    check_names(r, &relations, &declared(&top, "sinks"));
+    Some(PipelineConfig {
+        file: r.file().to_owned(),
+        name: name?,
+        kafka,
+        sources,
+        queries,
+        sinks,
+        state,
+        runtime,
+        metrics,
+    })
+}
+
+fn decode_kafka(r: &mut Reader, node: Option<&Node>) -> KafkaClientOptions {
+    let mut options = KafkaClientOptions {
+        bootstrap_servers: DEFAULT_BOOTSTRAP_SERVERS.to_owned(),
+        properties: Vec::new(),
+    };
+    let Some(fields) =
+        node.and_then(|n| r.mapping(n, "`kafka`", &["bootstrap_servers", "properties"]))
+    else {
+        return options;
+    };
+    if let Some(b) = fields
+        .get("bootstrap_servers")
+        .and_then(|n| r.string(n, "`bootstrap_servers`"))
+    {
+        options.bootstrap_servers = b;
+    }
+    if let Some(props) = fields.get("properties") {
+        if let YamlDataOwned::Mapping(map) = &props.data {
+            for (k, v) in map {
+                if let (Some(k), Some(v)) = (
+                    r.string(k, "a Kafka property name"),
+                    r.string(v, "a Kafka property value"),
+                ) {
+                    options.properties.push((k, v));
+                }
+            }
+        } else if !yaml::is_null(props) {
+            r.error(
+                pos(props),
+                "`properties` must be a mapping of librdkafka settings",
+            );
+        }
+    }
+    options
+}
+
+fn sql_identifier(r: &mut Reader, node: &Node, what: &str) -> Option<String> {
+    let name = r.string(node, what)?;
+    let ok = name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if !ok {
+        r.error(
+            pos(node),
+            format!("{what} `{name}` must be a lowercase SQL identifier (letters a-z, digits, `_`), as queries refer to it by name"),
+        );
+    }
+    Some(name)
+}
+
+/// The `name` of a list item, read before its other keys so that messages can use it.
+fn peek_name(node: &Node) -> Option<String> {
+    let YamlDataOwned::Mapping(map) = &node.data else {
+        return None;
+    };
+    map.iter()
+        .find(|(k, _)| yaml::scalar_text(k).as_deref() == Some("name"))
+        .and_then(|(_, v)| yaml::scalar_text(v))
+}
+
+fn owner(kind: &str, node: &Node) -> String {
+    peek_name(node).map_or_else(|| format!("a {kind}"), |n| format!("{kind} `{n}`"))
+}
+
+fn decode_source(r: &mut Reader, node: &Node, pipeline: &str) -> Option<SourceConfig> {
+    let what = owner("source", node);
+    let f = r.mapping(node, &what, SOURCE_KEYS)?;
+    let name = r
+        .required(&f, "name", "a source")
+        .and_then(|n| sql_identifier(r, n, "source name"));
+    let connector_node = r.required(&f, "connector", &what);
+    let connector_name = connector_node.and_then(|n| {
+        r.choice(n, "connector", SOURCE_CONNECTORS, |s| {
+            SOURCE_CONNECTORS.contains(&s).then(|| s.to_owned())
+        })
+    });
+    let only_for = |r: &mut Reader, keys: &[&str], connector: &str| {
+        for key in keys {
+            if let Some(n) = f.get(key) {
+                r.error(
+                    pos(n),
+                    format!("`{key}` does not apply to a `{connector}` source"),
+                );
+            }
+        }
+    };
+    let connector = match connector_name.as_deref() {
+        Some("kafka") => {
+            only_for(
+                r,
+                &["path", "events", "rate_per_s", "seed", "table", "auctions"],
+                "kafka",
+            );
+            let topic = r
+                .required(&f, "topic", &what)
+                .and_then(|n| r.string(n, "`topic`"));
+            let group_id = f
+                .get("group_id")
+                .and_then(|n| r.string(n, "`group_id`"))
+                .unwrap_or_else(|| pipeline.to_owned());
+            let start_from = f.get("start_from").map_or(Some(StartFrom::Earliest), |n| {
+                r.choice(n, "start_from", &StartFrom::NAMES, StartFrom::from_name)
+            });
+            let mut metadata = MetadataColumns::default();
+            if let Some(list) = f
+                .get("metadata_columns")
+                .and_then(|n| r.strings(n, "a metadata column"))
+            {
+                for (m, p) in list {
+                    match m.as_str() {
+                        "key" => metadata.key = true,
+                        "partition" => metadata.partition = true,
+                        "offset" => metadata.offset = true,
+                        "timestamp" => metadata.timestamp = true,
+                        other => {
+                            let h = hint(other, MetadataColumns::NAMES);
+                            r.error(p, format!("unknown metadata column `{other}`{h}; expected any of: key, partition, offset, timestamp"));
+                        }
+                    }
+                }
+            }
+            topic
+                .zip(start_from)
+                .map(|(topic, start_from)| SourceConnector::Kafka {
+                    topic,
+                    group_id,
+                    start_from,
+                    metadata,
+                })
+        }
+        Some("file") => {
+            only_for(
+                r,
+                &[
+                    "topic",
+                    "group_id",
+                    "start_from",
+                    "metadata_columns",
+                    "events",
+                    "rate_per_s",
+                    "seed",
+                    "table",
+                    "auctions",
+                ],
+                "file",
+            );
+            let path = r
+                .required(&f, "path", &what)
+                .and_then(|n| r.string(n, "`path`"));
+            path.map(|path| SourceConnector::File { path })
+        }
+        Some("datagen") => {
+            only_for(
+                r,
+                &[
+                    "topic",
+                    "group_id",
+                    "start_from",
+                    "metadata_columns",
+                    "path",
+                    "schema",
+                    "format",
+                ],
+                "datagen",
+            );
+            let table = f.get("table").map_or(Some(NexmarkTable::Bid), |n| {
+                r.choice(
+                    n,
+                    "datagen table",
+                    &NexmarkTable::NAMES,
+                    NexmarkTable::from_name,
+                )
+            });
+            let events = f.get("events").and_then(|n| r.u64(n, "`events`"));
+            let rate_per_s = f.get("rate_per_s").and_then(|n| r.u64(n, "`rate_per_s`"));
+            if rate_per_s == Some(0) {
+                r.error(
+                    f.get("rate_per_s").map_or(f.pos, pos),
+                    "`rate_per_s` must be at least 1",
+                );
+            }
+            let seed = f.get("seed").and_then(|n| r.u64(n, "`seed`")).unwrap_or(0);
+            let auctions = f
+                .get("auctions")
+                .and_then(|n| r.u64(n, "`auctions`"))
+                .unwrap_or(DEFAULT_DATAGEN_AUCTIONS);
+            table.map(|table| SourceConnector::Datagen {
+                table,
+                events,
+                rate_per_s,
+                seed,
+                auctions: auctions.max(1),
+            })
+        }
+        _ => None,
+    };
+    if let Some(n) = f.get("format") {
+        if let Some(format) = r.choice(n, "format", FORMATS, |s| {
+            FORMATS.contains(&s).then(|| s.to_owned())
+        }) {
+            if format == "avro" {
+                r.error(pos(n), "format `avro` is not supported yet; use `json`");
+            }
+        }
+    }
+    let columns = match (&connector, f.get("schema")) {
+        (Some(SourceConnector::Datagen { table, .. }), _) => table
+            .schema()
+            .fields()
+            .iter()
+            .map(|field| DecodeColumn {
+                name: field.name().clone(),
+                ty: match field.data_type() {
+                    arrow::datatypes::DataType::Timestamp(..) => ColumnType::TimestampMs,
+                    arrow::datatypes::DataType::Int64 => ColumnType::Int64,
+                    _ => ColumnType::Utf8,
+                },
+                nullable: field.is_nullable(),
+            })
+            .collect(),
+        (_, Some(n)) => decode_schema(r, n, &what),
+        (None, None) => Vec::new(),
+        (_, None) => {
+            r.error(
+                f.pos,
+                format!("{what} needs `schema` (column name -> type)"),
+            );
+            Vec::new()
+        }
+    };
+    let event_time = f
+        .get("event_time")
+        .and_then(|n| decode_event_time(r, n, &what, &columns));
+    let dead_letter_topic = f
+        .get("dead_letter_topic")
+        .and_then(|n| r.string(n, "`dead_letter_topic`"));
+    let on_decode_error = match f.get("on_decode_error") {
+        Some(n) => {
+            let policy = r.choice(
+                n,
+                "on_decode_error",
+                &DecodeErrorPolicy::NAMES,
+                DecodeErrorPolicy::from_name,
+            );
+            if policy == Some(DecodeErrorPolicy::DeadLetter) && dead_letter_topic.is_none() {
+                r.error(
+                    pos(n),
+                    format!("{what}: `on_decode_error: dead_letter` needs `dead_letter_topic`"),
+                );
+            }
+            policy
+        }
+        None if dead_letter_topic.is_some() => Some(DecodeErrorPolicy::DeadLetter),
+        None => Some(DecodeErrorPolicy::Skip),
+    };
+    Some(SourceConfig {
+        name: name?,
+        pos: pos(node),
+        connector: connector?,
+        columns,
+        event_time,
+        on_decode_error: on_decode_error?,
+        dead_letter_topic,
+    })
+}
+
+fn decode_schema(r: &mut Reader, node: &Node, what: &str) -> Vec<DecodeColumn> {
+    let YamlDataOwned::Mapping(map) = &node.data else {
+        r.error(
+            pos(node),
+            format!("`schema` of {what} must be a mapping of column name -> type"),
+        );
+        return Vec::new();
+    };
+    let mut columns = Vec::new();
+    for (k, v) in map {
+        let Some(name) = r.string(k, "a column name") else {
+            continue;
+        };
+        let Some(type_text) = r.string(v, "a column type") else {
+            continue;
+        };
+        match parse_column_type(&type_text) {
+            Some((ty, nullable)) => columns.push(DecodeColumn { name, ty, nullable }),
+            None => {
+                let first = type_text
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or("")
+                    .to_ascii_uppercase();
+                let h = hint(&first, COLUMN_TYPE_NAMES);
+                r.error(pos(v), format!("unknown column type `{type_text}`{h}; expected one of {} (optionally followed by NULL)", COLUMN_TYPE_NAMES.join(", ")));
+            }
+        }
+    }
+    if columns.is_empty() && map.is_empty() {
+        r.error(pos(node), format!("`schema` of {what} declares no columns"));
+    }
+    columns
+}
+
+fn decode_event_time(
+    r: &mut Reader,
+    node: &Node,
+    what: &str,
+    columns: &[DecodeColumn],
+) -> Option<EventTimeConfig> {
+    let f = r.mapping(
+        node,
+        "`event_time`",
+        &["column", "watermark_delay_ms", "idle_timeout_ms"],
+    )?;
+    let column_node = r.required(&f, "column", "`event_time`")?;
+    let column = r.string(column_node, "`event_time.column`")?;
+    match columns.iter().find(|c| c.name == column) {
+        None if !columns.is_empty() => {
+            let h = hint(&column, columns.iter().map(|c| c.name.as_str()));
+            r.error(
+                pos(column_node),
+                format!("event time column `{column}` is not in the schema of {what}{h}"),
+            );
+        }
+        Some(c) if !matches!(c.ty, ColumnType::TimestampMs | ColumnType::Int64) => {
+            r.error(pos(column_node), format!("event time column `{column}` is {}; it must be TIMESTAMP or BIGINT (epoch milliseconds)", c.ty.sql_name()));
+        }
+        _ => {}
+    }
+    Some(EventTimeConfig {
+        pos: pos(column_node),
+        column,
+        watermark_delay_ms: f
+            .get("watermark_delay_ms")
+            .and_then(|n| r.u64(n, "`watermark_delay_ms`"))
+            .unwrap_or(0),
+        idle_timeout_ms: f
+            .get("idle_timeout_ms")
+            .and_then(|n| r.u64(n, "`idle_timeout_ms`")),
+    })
+}
+
+fn decode_query(r: &mut Reader, node: &Node, text: &str) -> Option<QueryConfig> {
+    let what = owner("query", node);
+    let f = r.mapping(node, &what, QUERY_KEYS)?;
+    let name = r
+        .required(&f, "name", "a query")
+        .and_then(|n| sql_identifier(r, n, "query name"));
+    let sql_node = r.required(&f, "sql", &what);
+    let sql = sql_node.and_then(|n| r.string(n, "`sql`"));
+    let sql_origin = match (sql_node, &sql) {
+        (Some(n), Some(s)) => sql_origin(text, pos(n), s),
+        _ => SqlOrigin::default(),
+    };
+    let emit = match f.get("emit") {
+        None => Some(EmitPolicy::OnWindowClose),
+        Some(n) if matches!(n.data, YamlDataOwned::Mapping(_)) => {
+            let m = r.mapping(n, "`emit`", &["every_ms"]);
+            let every = m
+                .and_then(|m| r.required(&m, "every_ms", "`emit`"))
+                .and_then(|e| r.u64(e, "`every_ms`"));
+            match every {
+                Some(0) => {
+                    r.error(pos(n), "`every_ms` must be at least 1");
+                    None
+                }
+                e => e.map(EmitPolicy::EveryMs),
+            }
+        }
+        Some(n) => r.choice(
+            n,
+            "emit policy",
+            &["on_window_close", "on_update", "every_ms: N"],
+            |s| match s {
+                "on_window_close" => Some(EmitPolicy::OnWindowClose),
+                "on_update" => Some(EmitPolicy::OnUpdate),
+                _ => None,
+            },
+        ),
+    };
+    let allowed_lateness_ms = f
+        .get("allowed_lateness_ms")
+        .map_or(Some(0), |n| r.u64(n, "`allowed_lateness_ms`"));
+    let late_data_topic = f
+        .get("late_data_topic")
+        .and_then(|n| r.string(n, "`late_data_topic`"));
+    Some(QueryConfig {
+        name: name?,
+        pos: pos(node),
+        sql: sql?,
+        sql_origin,
+        emit: emit?,
+        allowed_lateness_ms: allowed_lateness_ms?,
+        late_data_topic,
+    })
+}
+
+/// Finds each line of `sql` in the file at or after `start`, to map SQL positions back.
+fn sql_origin(text: &str, start: Pos, sql: &str) -> SqlOrigin {
+    let file_lines: Vec<&str> = text.lines().collect();
+    let mut cursor = start.line.saturating_sub(1);
+    let mut lines = Vec::new();
+    for sql_line in sql.lines() {
+        let found = (cursor..file_lines.len()).find_map(|i| {
+            let trimmed = sql_line.trim_end();
+            if trimmed.is_empty() {
+                return None;
+            }
+            let byte = if i == start.line.saturating_sub(1) {
+                let skip = file_lines[i]
+                    .char_indices()
+                    .nth(start.col.saturating_sub(1))
+                    .map_or(0, |(b, _)| b);
+                file_lines[i][skip..].find(trimmed).map(|b| b + skip)
+            } else {
+                file_lines[i].find(trimmed)
+            };
+            byte.map(|b| (i, file_lines[i][..b].chars().count()))
+        });
+        match found {
+            Some((i, col)) => {
+                lines.push(Pos {
+                    line: i + 1,
+                    col: col + 1,
+                });
+                cursor = i + 1;
+            }
+            None => lines.push(lines.last().copied().unwrap_or(start)),
+        }
+    }
+    if lines.is_empty() {
+        lines.push(start);
+    }
+    SqlOrigin { lines }
+}
+
+/// `(name, position)` of each item of the list under `key`, as written.
+fn declared(top: &yaml::Fields<'_>, key: &str) -> Vec<(String, Pos)> {
+    top.get(key)
+        .and_then(|n| {
+            if let YamlDataOwned::Sequence(items) = &n.data {
+                Some(items)
+            } else {
+                None
+            }
+        })
+        .map(|items| {
+            items
+                .iter()
+                .filter_map(|i| peek_name(i).map(|name| (name, pos(i))))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn decode_sink(r: &mut Reader, node: &Node, relations: &[(String, Pos)]) -> Option<SinkConfig> {
+    let what = owner("sink", node);
+    let f = r.mapping(node, &what, SINK_KEYS)?;
+    let name = r
+        .required(&f, "name", "a sink")
+        .and_then(|n| r.string(n, "sink name"));
+    let from_node = r.required(&f, "from", &what);
+    let from = from_node.and_then(|n| r.string(n, "`from`"));
+    if let (Some(from), Some(n)) = (&from, from_node) {
+        if !relations.iter().any(|(name, _)| name == from) {
+            let h = hint(from, relations.iter().map(|(n, _)| n.as_str()));
+            r.error(
+                pos(n),
+                format!("{what} reads from `{from}`, which is no query or source{h}"),
+            );
+        }
+    }
+    let connector = r.required(&f, "connector", &what).and_then(|n| {
+        r.choice(n, "connector", SINK_CONNECTORS, |s| {
+            SINK_CONNECTORS.contains(&s).then(|| s.to_owned())
+        })
+    });
+    let connector = match connector.as_deref() {
+        Some("kafka") => r
+            .required(&f, "topic", &what)
+            .and_then(|n| r.string(n, "`topic`"))
+            .map(|topic| SinkConnector::Kafka { topic }),
+        Some("file") => r
+            .required(&f, "path", &what)
+            .and_then(|n| r.string(n, "`path`"))
+            .map(|path| SinkConnector::File { path }),
+        Some("stdout") => Some(SinkConnector::Stdout),
+        _ => None,
+    };
+    if let Some(n) = f.get("format") {
+        if let Some(format) = r.choice(n, "format", FORMATS, |s| {
+            FORMATS.contains(&s).then(|| s.to_owned())
+        }) {
+            if format == "avro" {
+                r.error(pos(n), "format `avro` is not supported yet; use `json`");
+            }
+        }
+    }
+    let key = f
+        .get("key")
+        .and_then(|n| r.strings(n, "a key column"))
+        .unwrap_or_default();
+    let delivery_node = f.get("delivery");
+    let delivery = delivery_node.map_or(Some(Delivery::AtLeastOnce), |n| {
+        r.choice(
+            n,
+            "delivery",
+            &["at_least_once", "exactly_once"],
+            |s| match s {
+                "at_least_once" => Some(Delivery::AtLeastOnce),
+                "exactly_once" => Some(Delivery::ExactlyOnce),
+                _ => None,
+            },
+        )
+    });
+    let transactions = f
+        .get("transactions")
+        .and_then(|n| r.bool(n, "`transactions`"))
+        .unwrap_or(true);
+    Some(SinkConfig {
+        name: name?,
+        pos: pos(node),
+        from: from?,
+        from_pos: from_node.map_or(f.pos, pos),
+        connector: connector?,
+        key,
+        delivery: delivery?,
+        delivery_pos: delivery_node.map_or(f.pos, pos),
+        transactions,
+    })
+}
+
+fn decode_state(r: &mut Reader, node: Option<&Node>, pipeline: &str) -> StateConfig {
+    let mut state = StateConfig {
+        dir: format!("./state/{pipeline}"),
+        checkpoint_interval_ms: DEFAULT_CHECKPOINT_INTERVAL_MS,
+        memory_bytes_max: DEFAULT_MEMORY_BYTES_MAX,
+    };
+    let Some(f) = node.and_then(|n| {
+        r.mapping(
+            n,
+            "`state`",
+            &["dir", "checkpoint_interval_ms", "memory_bytes_max"],
+        )
+    }) else {
+        return state;
+    };
+    if let Some(d) = f.get("dir").and_then(|n| r.string(n, "`dir`")) {
+        state.dir = d;
+    }
+    if let Some(n) = f.get("checkpoint_interval_ms") {
+        match r.u64(n, "`checkpoint_interval_ms`") {
+            Some(0) => r.error(pos(n), "`checkpoint_interval_ms` must be at least 1"),
+            Some(v) => state.checkpoint_interval_ms = v,
+            None => {}
+        }
+    }
+    if let Some(v) = f
+        .get("memory_bytes_max")
+        .and_then(|n| r.u64(n, "`memory_bytes_max`"))
+    {
+        state.memory_bytes_max = v;
+    }
+    state
+}
+
+/// Names are unique (as declared, even when the declaration itself has problems, so
+/// that one mistake is reported once).
+fn check_names(r: &mut Reader, relations: &[(String, Pos)], sink_names: &[(String, Pos)]) {
+    for (i, (name, p)) in relations.iter().enumerate() {
+        if relations[..i].iter().any(|(n, _)| n == name) {
+            r.error(
+                *p,
+                format!(
+                    "the name `{name}` is used twice (sources and queries share one namespace)"
+                ),
+            );
+        }
+    }
+    for (i, (name, p)) in sink_names.iter().enumerate() {
+        if sink_names[..i].iter().any(|(n, _)| n == name) {
+            r.error(*p, format!("the sink name `{name}` is used twice"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

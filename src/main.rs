@@ -1,0 +1,321 @@
+//! The `laminar` command line: run, validate, explain, broker, bench.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use clap::{Parser, Subcommand};
+use laminar::config::{self, Diagnostics, PipelineConfig, SinkConnector, SourceConnector};
+use laminar::engine::{Pipeline, RunOptions};
+use laminar::{exit, sql};
+use laminar_connectors::kafka::broker::{DEFAULT_PARTITIONS, EmbeddedBroker};
+
+#[derive(Parser)]
+#[command(
+    name = "laminar",
+    version,
+    about = "Kafka-compatible stream processor: YAML pipelines of SQL continuous queries"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a pipeline until SIGTERM/SIGINT, or until its bounded sources are drained.
+    Run {
+        /// The pipeline file.
+        file: String,
+        /// Start an embedded Kafka-protocol broker in this process and point every kafka
+        /// connector at it (creating the topics the pipeline names).
+        #[arg(long)]
+        embedded_broker: bool,
+        /// Overrides `state.dir`.
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<String>,
+        /// Overrides `metrics.listen`.
+        #[arg(long, value_name = "HOST:PORT")]
+        metrics_addr: Option<String>,
+    },
+    /// Check pipeline files without connecting anywhere; exit 1 with every problem.
+    Validate {
+        #[arg(required = true)]
+        files: Vec<String>,
+    },
+    /// Print the streaming plan of each query.
+    Explain { file: String },
+    /// Run an embedded Kafka-protocol broker (for development, demos and tests) until killed.
+    Broker {
+        /// Address to serve; broker i is served on port + i. Port 0: ephemeral ports.
+        #[arg(long, default_value = "127.0.0.1:9092")]
+        listen: SocketAddr,
+        /// Number of brokers.
+        #[arg(long, default_value_t = 1)]
+        brokers: i32,
+        /// Topics to create at start, as NAME or NAME:PARTITIONS.
+        #[arg(long = "topic", value_name = "NAME[:PARTITIONS]")]
+        topics: Vec<String>,
+    },
+    /// Built-in Nexmark benchmark.
+    Bench(laminar::bench::BenchArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() {
+                exit::INVALID
+            } else {
+                exit::OK
+            });
+        }
+    };
+    init_logging();
+    ExitCode::from(match cli.command {
+        Command::Validate { files } => validate(&files),
+        Command::Explain { file } => explain(&file),
+        Command::Run {
+            file,
+            embedded_broker,
+            state_dir,
+            metrics_addr,
+        } => run(&file, embedded_broker, state_dir, metrics_addr),
+        Command::Broker {
+            listen,
+            brokers,
+            topics,
+        } => broker(listen, brokers, &topics),
+        Command::Bench(args) => match laminar::bench::run(&args) {
+            Ok(()) => exit::OK,
+            Err(e) => {
+                eprintln!("laminar: bench failed: {e:#}");
+                exit::FATAL
+            }
+        },
+    })
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+/// Loads and plans a file; prints every problem.
+fn load(file: &str) -> Option<(PipelineConfig, sql::PlannedPipeline)> {
+    let report = |d: &Diagnostics| eprintln!("{d}");
+    let config = config::load(file).map_err(|d| report(&d)).ok()?;
+    let planned = sql::plan(&config).map_err(|d| report(&d)).ok()?;
+    Some((config, planned))
+}
+
+fn validate(files: &[String]) -> u8 {
+    let mut ok = true;
+    for file in files {
+        ok &= load(file).is_some();
+    }
+    if ok { exit::OK } else { exit::INVALID }
+}
+
+fn explain(file: &str) -> u8 {
+    let Some((config, planned)) = load(file) else {
+        return exit::INVALID;
+    };
+    println!("pipeline {}", config.name);
+    for source in &config.sources {
+        let kind = match &source.connector {
+            SourceConnector::Kafka { topic, .. } => format!("kafka topic {topic}"),
+            SourceConnector::File { path } => format!("file {path} (bounded)"),
+            SourceConnector::Datagen { table, events, .. } => {
+                format!(
+                    "datagen {table:?}{}",
+                    events.map_or_else(|| " (unbounded)".to_owned(), |n| format!(" ({n} events)"))
+                )
+            }
+        };
+        println!(
+            "source {} <- {kind}, on_decode_error {:?}",
+            source.name, source.on_decode_error
+        );
+    }
+    for query in &planned.queries {
+        print!("{}", query.explain());
+    }
+    for sink in &config.sinks {
+        let kind = match &sink.connector {
+            SinkConnector::Kafka { topic } => format!("kafka topic {topic}"),
+            SinkConnector::File { path } => format!("file {path}"),
+            SinkConnector::Stdout => "stdout".to_owned(),
+        };
+        println!(
+            "sink {} <- {} -> {kind}, delivery {:?}",
+            sink.name, sink.from, sink.delivery
+        );
+    }
+    exit::OK
+}
+
+/// Every topic a pipeline names: sources, sinks, dead-letter and late-data topics.
+fn topics(config: &PipelineConfig) -> Vec<String> {
+    let mut topics = Vec::new();
+    for s in &config.sources {
+        if let SourceConnector::Kafka { topic, .. } = &s.connector {
+            topics.push(topic.clone());
+        }
+        topics.extend(s.dead_letter_topic.clone());
+    }
+    topics.extend(
+        config
+            .queries
+            .iter()
+            .filter_map(|q| q.late_data_topic.clone()),
+    );
+    for s in &config.sinks {
+        if let SinkConnector::Kafka { topic } = &s.connector {
+            topics.push(topic.clone());
+        }
+    }
+    topics.sort();
+    topics.dedup();
+    topics
+}
+
+fn run(
+    file: &str,
+    embedded_broker: bool,
+    state_dir: Option<String>,
+    metrics_addr: Option<String>,
+) -> u8 {
+    let Some((mut config, planned)) = load(file) else {
+        return exit::INVALID;
+    };
+    if let Some(dir) = state_dir {
+        config.state.dir = dir;
+    }
+    if let Some(addr) = metrics_addr {
+        config.metrics.listen = Some(addr);
+    }
+    if let Some(listen) = &config.metrics.listen {
+        tracing::warn!(
+            listen,
+            "the metrics endpoint is not part of this build yet; not serving it"
+        );
+    }
+    let mut options = RunOptions::default();
+    let _broker = if embedded_broker {
+        let broker = match EmbeddedBroker::start(1, None) {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("laminar: cannot start the embedded broker: {e}");
+                return exit::FATAL;
+            }
+        };
+        for topic in topics(&config) {
+            if let Err(e) = broker.create_topic(&topic, DEFAULT_PARTITIONS) {
+                eprintln!("laminar: cannot create topic {topic} on the embedded broker: {e}");
+                return exit::FATAL;
+            }
+        }
+        tracing::info!(
+            bootstrap = broker.bootstrap_servers(),
+            "embedded broker started"
+        );
+        options.bootstrap_servers = Some(broker.bootstrap_servers().to_owned());
+        Some(broker)
+    } else {
+        None
+    };
+    let stop = match install_stop_handlers() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("laminar: cannot install signal handlers: {e}");
+            return exit::FATAL;
+        }
+    };
+    let pipeline = match Pipeline::build(&config, planned, &options) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("laminar: {e}");
+            return exit::FATAL;
+        }
+    };
+    tracing::info!(pipeline = %config.name, file, "pipeline running");
+    match pipeline.run(&stop) {
+        Ok(summary) => {
+            tracing::info!(
+                records_in = summary.records_in,
+                records_out = summary.records_out,
+                records_rejected = summary.records_rejected,
+                epochs = summary.epochs,
+                "pipeline stopped cleanly"
+            );
+            exit::OK
+        }
+        Err(e) => {
+            eprintln!("laminar: {e}");
+            exit::FATAL
+        }
+    }
+}
+
+/// SIGTERM/SIGINT set the returned flag: the pipeline finishes its epoch and exits 0. A
+/// second signal exits at once with code 2: nothing unacknowledged was committed, so
+/// the next run re-reads that epoch and nothing is lost.
+fn install_stop_handlers() -> std::io::Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in signal_hook::consts::TERM_SIGNALS {
+        signal_hook::flag::register_conditional_shutdown(
+            *signal,
+            i32::from(exit::FATAL),
+            stop.clone(),
+        )?;
+        signal_hook::flag::register(*signal, stop.clone())?;
+    }
+    Ok(stop)
+}
+
+fn broker(listen: SocketAddr, brokers: i32, topics: &[String]) -> u8 {
+    let broker = match EmbeddedBroker::start(brokers.max(1), Some(listen)) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("laminar: cannot start the broker on {listen}: {e}");
+            return exit::FATAL;
+        }
+    };
+    for spec in topics {
+        let (name, partitions) = match spec.split_once(':') {
+            Some((n, p)) => match p.parse() {
+                Ok(p) => (n, p),
+                Err(_) => {
+                    eprintln!("laminar: --topic {spec}: partitions must be a number");
+                    return exit::INVALID;
+                }
+            },
+            None => (spec.as_str(), DEFAULT_PARTITIONS),
+        };
+        if let Err(e) = broker.create_topic(name, partitions) {
+            eprintln!("laminar: cannot create topic {name}: {e}");
+            return exit::FATAL;
+        }
+    }
+    println!("{}", broker.bootstrap_servers());
+    tracing::info!(
+        bootstrap = broker.bootstrap_servers(),
+        "embedded broker running (in memory, for development); stop it with Ctrl-C"
+    );
+    let Ok(stop) = install_stop_handlers() else {
+        return exit::FATAL;
+    };
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    exit::OK
+}

@@ -1,0 +1,264 @@
+//! Kafka integration: laminar as a separate process against real Kafka-protocol brokers
+//! started by `testcontainers/` (the mock cluster in this process, `laminar broker` in
+//! another), read and written through librdkafka.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use laminar_testcontainers::{Broker, Record, consume, free_port, produce};
+use support::{LAMINAR, Running, TempDir};
+
+const QUIET: Duration = Duration::from_millis(1500);
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn pipeline(dir: &TempDir, bootstrap: &str) -> String {
+    let text = format!(
+        r"pipeline: kafka-test
+kafka:
+  bootstrap_servers: {bootstrap}
+sources:
+  - name: bids
+    connector: kafka
+    topic: bids
+    schema:
+      auction: BIGINT
+      price: BIGINT
+    metadata_columns: [key, partition, offset]
+    dead_letter_topic: bids-dlq
+queries:
+  - name: priced
+    sql: |
+      SELECT auction, price * 2 AS doubled, _key AS src_key, _partition AS src_partition, _offset AS src_offset
+      FROM bids
+      WHERE price > 0
+sinks:
+  - name: out
+    from: priced
+    connector: kafka
+    topic: priced
+    key: [auction]
+state:
+  checkpoint_interval_ms: 200
+"
+    );
+    dir.write("pipeline.yaml", &text)
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn json(r: &Record) -> serde_json::Value {
+    serde_json::from_str(&r.value).unwrap_or_else(|e| panic!("{}: {e}", r.value))
+}
+
+#[test]
+fn kafka_pipeline_filters_keys_dead_letters_and_commits() {
+    let broker = Broker::in_process().unwrap();
+    for (topic, partitions) in [("bids", 4), ("priced", 4), ("bids-dlq", 1)] {
+        broker.create_topic(topic, partitions).unwrap();
+    }
+    // 400 records over 4 partitions, with 3 poison pills in the middle of partitions.
+    let mut values = Vec::new();
+    for i in 0..400_i64 {
+        let value = match i {
+            50 => "{not json".to_owned(),
+            150 => r#"{"auction": 1}"#.to_owned(),
+            250 => r#"{"auction": 2, "price": "high"}"#.to_owned(),
+            _ => format!(r#"{{"auction": {}, "price": {}}}"#, i % 37, i % 10),
+        };
+        values.push((Some((i % 4) as i32), format!("k{i}"), value));
+    }
+    let records: Vec<_> = values
+        .iter()
+        .map(|(p, k, v)| (*p, Some(k.as_str()), v.as_str()))
+        .collect();
+    produce(broker.bootstrap(), "bids", &records).unwrap();
+    let expected: BTreeSet<String> = values
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| ![50, 150, 250].contains(i) && i % 10 != 0)
+        .map(|(_, (_, k, _))| k.clone())
+        .collect();
+
+    let dir = TempDir::new("kafka");
+    let file = pipeline(&dir, broker.bootstrap());
+    let mut laminar = Running::start(&["run", &file], &[], &dir);
+    let out = consume(broker.bootstrap(), "priced", expected.len(), QUIET, TIMEOUT).unwrap();
+    laminar.signal("TERM");
+    assert!(
+        laminar.wait(Duration::from_secs(30)).success(),
+        "{}",
+        laminar.stderr()
+    );
+
+    // Every good record exactly once, nothing else.
+    let keys: Vec<String> = out
+        .iter()
+        .map(|r| json(r)["src_key"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(keys.len(), expected.len(), "duplicates or losses");
+    assert_eq!(keys.iter().cloned().collect::<BTreeSet<_>>(), expected);
+    // Keyed by auction; values computed by SQL; per source partition, offsets in order.
+    let mut last_offset: BTreeMap<(i32, i64), i64> = BTreeMap::new();
+    for r in &out {
+        let v = json(r);
+        assert_eq!(r.key.as_deref(), Some(v["auction"].to_string().as_str()));
+        let i: i64 = v["src_key"].as_str().unwrap()[1..].parse().unwrap();
+        assert_eq!(v["doubled"], (i % 10) * 2);
+        assert_eq!(v["src_partition"], i % 4);
+        let src = (
+            v["src_partition"].as_i64().unwrap() as i32,
+            v["auction"].as_i64().unwrap(),
+        );
+        let offset = v["src_offset"].as_i64().unwrap();
+        if let Some(prev) = last_offset.insert(src, offset) {
+            assert!(
+                prev < offset,
+                "reordered within a partition: {prev} then {offset}"
+            );
+        }
+    }
+
+    // The poison pills went to the dead-letter topic, with their reasons.
+    let dlq = consume(broker.bootstrap(), "bids-dlq", 3, QUIET, TIMEOUT).unwrap();
+    assert_eq!(dlq.len(), 3);
+    let reasons: Vec<String> = dlq
+        .iter()
+        .map(|r| {
+            r.headers
+                .iter()
+                .find(|(k, _)| k == "laminar.error")
+                .unwrap()
+                .1
+                .clone()
+        })
+        .collect();
+    assert!(
+        reasons.iter().any(|r| r.starts_with("invalid JSON")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.contains(&"missing required field `price`".to_owned()),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("field `price`: expected an integer")),
+        "{reasons:?}"
+    );
+    assert!(dlq.iter().all(|r| r.key.is_some() && r.headers.iter().any(|(k, _)| k == "laminar.source.offset")));
+
+    // Offsets were committed: a second run finds nothing new to do.
+    let mut again = Running::start(&["run", &file], &[], &dir);
+    std::thread::sleep(Duration::from_secs(4));
+    again.signal("TERM");
+    assert!(
+        again.wait(Duration::from_secs(30)).success(),
+        "{}",
+        again.stderr()
+    );
+    let out = consume(broker.bootstrap(), "priced", expected.len(), QUIET, TIMEOUT).unwrap();
+    assert_eq!(
+        out.len(),
+        expected.len(),
+        "a restart after a clean stop re-emitted records"
+    );
+}
+
+#[test]
+fn kafka_broker_down_at_start_is_retried_until_it_comes() {
+    let port = free_port().unwrap();
+    let dir = TempDir::new("down");
+    let file = pipeline(&dir, &format!("127.0.0.1:{port}"));
+    let mut laminar = Running::start(&["run", &file], &[("RUST_LOG", "info")], &dir);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        laminar.is_running(),
+        "laminar gave up on a missing broker: {}",
+        laminar.stderr()
+    );
+
+    let broker = Broker::laminar_process(
+        LAMINAR.as_ref(),
+        port,
+        &[("bids", 2), ("priced", 2), ("bids-dlq", 1)],
+    )
+    .unwrap();
+    assert_eq!(broker.bootstrap(), format!("127.0.0.1:{port}"));
+    let records: Vec<(Option<i32>, Option<&str>, String)> = (0..50)
+        .map(|i| (None, None, format!(r#"{{"auction": {i}, "price": 5}}"#)))
+        .collect();
+    let refs: Vec<_> = records
+        .iter()
+        .map(|(p, k, v)| (*p, *k, v.as_str()))
+        .collect();
+    produce(broker.bootstrap(), "bids", &refs).unwrap();
+    let out = consume(broker.bootstrap(), "priced", 50, QUIET, TIMEOUT).unwrap();
+    assert_eq!(out.len(), 50, "{}", laminar.stderr());
+    laminar.signal("TERM");
+    assert!(
+        laminar.wait(Duration::from_secs(30)).success(),
+        "{}",
+        laminar.stderr()
+    );
+    assert!(
+        laminar.stderr().contains("retrying"),
+        "{}",
+        laminar.stderr()
+    );
+}
+
+#[test]
+fn kafka_quickstart_runs_on_the_embedded_broker_and_stops_on_sigterm() {
+    let dir = TempDir::new("quickstart");
+    let mut laminar = Running::start(
+        &["run", "pipelines/quickstart.yaml", "--embedded-broker"],
+        &[],
+        &dir,
+    );
+    let lines = laminar.read_lines(3, Duration::from_secs(60));
+    assert_eq!(lines.len(), 3, "{}", laminar.stderr());
+    for line in &lines {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(v["price_usd"].as_f64().unwrap() > 100.0, "{line}");
+        assert!(v["date_time"].as_str().unwrap().ends_with('Z'));
+    }
+    laminar.signal("INT");
+    assert!(
+        laminar.wait(Duration::from_secs(30)).success(),
+        "{}",
+        laminar.stderr()
+    );
+}
+
+#[test]
+fn kafka_roundtrip_on_tansu_when_installed() {
+    let Some(broker) = Broker::tansu().unwrap() else {
+        eprintln!(
+            "tansu is not installed; skipping (cargo install tansu --locked --features dynostore,libsql)"
+        );
+        return;
+    };
+    // tansu creates topics on first produce; produce first, then run.
+    produce(
+        broker.bootstrap(),
+        "bids",
+        &[(None, Some("k0"), r#"{"auction": 1, "price": 3}"#)],
+    )
+    .unwrap();
+    produce(broker.bootstrap(), "priced", &[]).unwrap();
+    let dir = TempDir::new("tansu");
+    let file = pipeline(&dir, broker.bootstrap());
+    let mut laminar = Running::start(&["run", &file], &[], &dir);
+    let out = consume(broker.bootstrap(), "priced", 1, QUIET, TIMEOUT).unwrap();
+    laminar.signal("TERM");
+    assert!(
+        laminar.wait(Duration::from_secs(30)).success(),
+        "{}",
+        laminar.stderr()
+    );
+    assert_eq!(out.len(), 1);
+    assert_eq!(json(&out[0])["doubled"], 6);
+}
