@@ -30,5 +30,9 @@ cargo build --workspace --all-targets
 echo "build: $(( $(date +%s) - start )) s"
 
 start=$(date +%s)
+cargo clippy --workspace --all-targets -- -D warnings
+echo "clippy: $(( $(date +%s) - start )) s"
+
+start=$(date +%s)
 cargo test --workspace "$@"
 echo "tests: $(( $(date +%s) - start )) s"

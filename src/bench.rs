@@ -143,9 +143,7 @@ fn kafka(events: u64, table: &mut String) -> anyhow::Result<()> {
     row(table, "kafka bare rdkafka consume->produce", events, bare)?;
 
     let yaml = pipeline_yaml(
-        &format!(
-            "  - name: bids\n    connector: kafka\n    topic: bench-in\n    group_id: bench-laminar\n    schema: {{ auction: BIGINT, bidder: BIGINT, price: BIGINT, channel: VARCHAR, url: VARCHAR, date_time: TIMESTAMP, extra: VARCHAR }}"
-        ),
+        "  - name: bids\n    connector: kafka\n    topic: bench-in\n    group_id: bench-laminar\n    schema: { auction: BIGINT, bidder: BIGINT, price: BIGINT, channel: VARCHAR, url: VARCHAR, date_time: TIMESTAMP, extra: VARCHAR }",
         "SELECT * FROM bids",
         "  - { name: out, from: q, connector: kafka, topic: bench-out-laminar }",
     );
@@ -213,7 +211,7 @@ fn produce_input(bootstrap: &str, events: u64) -> anyhow::Result<()> {
         producer.poll(Duration::ZERO);
     }
     producer
-        .flush(Duration::from_secs(60))
+        .flush(Duration::from_mins(1))
         .context("flushing the benchmark input")?;
     Ok(())
 }
@@ -233,7 +231,7 @@ fn bare_loop(bootstrap: &str, events: u64) -> anyhow::Result<()> {
         .set("enable.idempotence", "true")
         .create()?;
     let mut seen = 0;
-    let deadline = Instant::now() + Duration::from_secs(300);
+    let deadline = Instant::now() + Duration::from_mins(5);
     while seen < events && Instant::now() < deadline {
         let Some(message) = consumer.poll(Duration::from_millis(100)) else {
             continue;
@@ -253,7 +251,7 @@ fn bare_loop(bootstrap: &str, events: u64) -> anyhow::Result<()> {
         producer.poll(Duration::ZERO);
         seen += 1;
     }
-    producer.flush(Duration::from_secs(60))?;
+    producer.flush(Duration::from_mins(1))?;
     if seen < events {
         return Err(anyhow!(
             "bare loop saw {seen} of {events} records within 300 s"

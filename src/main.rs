@@ -1,14 +1,19 @@
 //! The `laminar` command line: run, validate, explain, broker, bench.
 
+use std::fmt::Write as _;
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::{Parser, Subcommand};
-use laminar::config::{self, Diagnostics, PipelineConfig, SinkConnector, SourceConnector};
+use laminar::config::{
+    self, Delivery, Diagnostics, PipelineConfig, SinkConnector, SourceConnector,
+};
 use laminar::engine::{Pipeline, RunOptions};
 use laminar::{exit, sql};
+use laminar_connectors::DecodeErrorPolicy;
 use laminar_connectors::kafka::broker::{DEFAULT_PARTITIONS, EmbeddedBroker};
 
 #[derive(Parser)]
@@ -129,25 +134,39 @@ fn explain(file: &str) -> u8 {
     let Some((config, planned)) = load(file) else {
         return exit::INVALID;
     };
-    println!("pipeline {}", config.name);
+    let mut out = String::new();
+    let _ = writeln!(out, "pipeline {}", config.name);
     for source in &config.sources {
         let kind = match &source.connector {
-            SourceConnector::Kafka { topic, .. } => format!("kafka topic {topic}"),
+            SourceConnector::Kafka {
+                topic, group_id, ..
+            } => format!("kafka topic {topic}, group {group_id}"),
             SourceConnector::File { path } => format!("file {path} (bounded)"),
             SourceConnector::Datagen { table, events, .. } => {
-                format!(
-                    "datagen {table:?}{}",
-                    events.map_or_else(|| " (unbounded)".to_owned(), |n| format!(" ({n} events)"))
-                )
+                let table = format!("{table:?}").to_lowercase();
+                let count =
+                    events.map_or_else(|| "unbounded".to_owned(), |n| format!("{n} events"));
+                format!("datagen {table} ({count})")
             }
         };
-        println!(
-            "source {} <- {kind}, on_decode_error {:?}",
-            source.name, source.on_decode_error
+        let policy = match source.on_decode_error {
+            DecodeErrorPolicy::DeadLetter => {
+                format!(
+                    "dead_letter to {}",
+                    source.dead_letter_topic.as_deref().unwrap_or("?")
+                )
+            }
+            DecodeErrorPolicy::Skip => "skip".to_owned(),
+            DecodeErrorPolicy::Fail => "fail".to_owned(),
+        };
+        let _ = writeln!(
+            out,
+            "source {} <- {kind}, on_decode_error: {policy}",
+            source.name
         );
     }
     for query in &planned.queries {
-        print!("{}", query.explain());
+        out.push_str(&query.explain());
     }
     for sink in &config.sinks {
         let kind = match &sink.connector {
@@ -155,11 +174,26 @@ fn explain(file: &str) -> u8 {
             SinkConnector::File { path } => format!("file {path}"),
             SinkConnector::Stdout => "stdout".to_owned(),
         };
-        println!(
-            "sink {} <- {} -> {kind}, delivery {:?}",
-            sink.name, sink.from, sink.delivery
+        let key = if sink.key.is_empty() {
+            String::new()
+        } else {
+            let columns: Vec<&str> = sink.key.iter().map(|(k, _)| k.as_str()).collect();
+            format!(", key [{}]", columns.join(", "))
+        };
+        let delivery = match sink.delivery {
+            Delivery::AtLeastOnce => {
+                "at_least_once (source offsets committed once the sink acknowledges)"
+            }
+            Delivery::ExactlyOnce => "exactly_once",
+        };
+        let _ = writeln!(
+            out,
+            "sink {} <- {} -> {kind}{key}, delivery: {delivery}",
+            sink.name, sink.from
         );
     }
+    // A closed pipe (`laminar explain f.yaml | head`) is not an error.
+    let _ = std::io::stdout().write_all(out.as_bytes());
     exit::OK
 }
 
@@ -292,13 +326,14 @@ fn broker(listen: SocketAddr, brokers: i32, topics: &[String]) -> u8 {
     };
     for spec in topics {
         let (name, partitions) = match spec.split_once(':') {
-            Some((n, p)) => match p.parse() {
-                Ok(p) => (n, p),
-                Err(_) => {
+            Some((n, p)) => {
+                if let Ok(p) = p.parse() {
+                    (n, p)
+                } else {
                     eprintln!("laminar: --topic {spec}: partitions must be a number");
                     return exit::INVALID;
                 }
-            },
+            }
             None => (spec.as_str(), DEFAULT_PARTITIONS),
         };
         if let Err(e) = broker.create_topic(name, partitions) {

@@ -2,6 +2,8 @@
 //! started by `testcontainers/` (the mock cluster in this process, `laminar broker` in
 //! another), read and written through librdkafka.
 
+#![allow(clippy::unwrap_used, reason = "test helpers fail the test loudly")]
+
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -11,7 +13,7 @@ use laminar_testcontainers::{Broker, Record, consume, free_port, produce};
 use support::{LAMINAR, Running, TempDir};
 
 const QUIET: Duration = Duration::from_millis(1500);
-const TIMEOUT: Duration = Duration::from_secs(60);
+const TIMEOUT: Duration = Duration::from_mins(1);
 
 fn pipeline(dir: &TempDir, bootstrap: &str) -> String {
     let text = format!(
@@ -210,6 +212,68 @@ fn kafka_broker_down_at_start_is_retried_until_it_comes() {
     );
 }
 
+fn bids(range: std::ops::Range<i64>) -> Vec<(Option<i32>, Option<String>, String)> {
+    range
+        .map(|i| {
+            (
+                None,
+                Some(format!("k{i}")),
+                format!(r#"{{"auction": {i}, "price": 1}}"#),
+            )
+        })
+        .collect()
+}
+
+fn produce_bids(bootstrap: &str, records: &[(Option<i32>, Option<String>, String)]) {
+    let refs: Vec<_> = records
+        .iter()
+        .map(|(p, k, v)| (*p, k.as_deref(), v.as_str()))
+        .collect();
+    produce(bootstrap, "bids", &refs).unwrap();
+}
+
+#[test]
+fn kafka_broker_away_for_a_while_delays_but_loses_nothing() {
+    let broker = Broker::in_process_with_relay().unwrap();
+    for (topic, partitions) in [("bids", 2), ("priced", 2), ("bids-dlq", 1)] {
+        broker.create_topic(topic, partitions).unwrap();
+    }
+    let dir = TempDir::new("away");
+    let file = pipeline(&dir, broker.bootstrap());
+    let mut laminar = Running::start(&["run", &file], &[], &dir);
+    produce_bids(broker.bootstrap(), &bids(0..100));
+    assert_eq!(
+        consume(broker.bootstrap(), "priced", 100, QUIET, TIMEOUT)
+            .unwrap()
+            .len(),
+        100
+    );
+
+    broker.set_reachable(false);
+    std::thread::sleep(Duration::from_secs(6));
+    assert!(
+        laminar.is_running(),
+        "laminar exited while the broker was away: {}",
+        laminar.stderr()
+    );
+    broker.set_reachable(true);
+
+    produce_bids(broker.bootstrap(), &bids(100..200));
+    let out = consume(broker.bootstrap(), "priced", 200, QUIET, TIMEOUT).unwrap();
+    let keys: BTreeSet<String> = out
+        .iter()
+        .map(|r| json(r)["src_key"].as_str().unwrap().to_owned())
+        .collect();
+    let expected: BTreeSet<String> = (0..200).map(|i| format!("k{i}")).collect();
+    assert_eq!(keys, expected, "records lost while the broker was away");
+    laminar.signal("TERM");
+    assert!(
+        laminar.wait(Duration::from_secs(30)).success(),
+        "{}",
+        laminar.stderr()
+    );
+}
+
 #[test]
 fn kafka_quickstart_runs_on_the_embedded_broker_and_stops_on_sigterm() {
     let dir = TempDir::new("quickstart");
@@ -218,7 +282,7 @@ fn kafka_quickstart_runs_on_the_embedded_broker_and_stops_on_sigterm() {
         &[],
         &dir,
     );
-    let lines = laminar.read_lines(3, Duration::from_secs(60));
+    let lines = laminar.read_lines(3, Duration::from_mins(1));
     assert_eq!(lines.len(), 3, "{}", laminar.stderr());
     for line in &lines {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();

@@ -22,9 +22,9 @@ pub fn interpolate(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> (Stri
             out.push_str(&rest[..i]);
             col += rest[..i].chars().count();
             let after = &rest[i..];
-            if after.starts_with("$${") {
+            if let Some(escaped) = after.strip_prefix("$${") {
                 out.push_str("${");
-                rest = &after[3..];
+                rest = escaped;
                 col += 3;
                 continue;
             }

@@ -178,7 +178,7 @@ pub struct SinkConfig {
     /// `delivery`: `at_least_once` (default) or `exactly_once`.
     pub delivery: Delivery,
     pub delivery_pos: Pos,
-    /// `transactions`: with exactly_once, whether to use Kafka transactions (default true).
+    /// `transactions`: with `exactly_once`, whether to use Kafka transactions (default true).
     pub transactions: bool,
 }
 
@@ -603,14 +603,13 @@ fn decode_source(r: &mut Reader, node: &Node, pipeline: &str) -> Option<SourceCo
         }
         _ => None,
     };
-    if let Some(n) = f.get("format") {
-        if let Some(format) = r.choice(n, "format", FORMATS, |s| {
+    if let Some(n) = f.get("format")
+        && let Some(format) = r.choice(n, "format", FORMATS, |s| {
             FORMATS.contains(&s).then(|| s.to_owned())
-        }) {
-            if format == "avro" {
-                r.error(pos(n), "format `avro` is not supported yet; use `json`");
-            }
-        }
+        })
+        && format == "avro"
+    {
+        r.error(pos(n), "format `avro` is not supported yet; use `json`");
     }
     let columns = match (&connector, f.get("schema")) {
         (Some(SourceConnector::Datagen { table, .. }), _) => table
@@ -689,17 +688,16 @@ fn decode_schema(r: &mut Reader, node: &Node, what: &str) -> Vec<DecodeColumn> {
         let Some(type_text) = r.string(v, "a column type") else {
             continue;
         };
-        match parse_column_type(&type_text) {
-            Some((ty, nullable)) => columns.push(DecodeColumn { name, ty, nullable }),
-            None => {
-                let first = type_text
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or("")
-                    .to_ascii_uppercase();
-                let h = hint(&first, COLUMN_TYPE_NAMES);
-                r.error(pos(v), format!("unknown column type `{type_text}`{h}; expected one of {} (optionally followed by NULL)", COLUMN_TYPE_NAMES.join(", ")));
-            }
+        if let Some((ty, nullable)) = parse_column_type(&type_text) {
+            columns.push(DecodeColumn { name, ty, nullable });
+        } else {
+            let first = type_text
+                .split_whitespace()
+                .next()
+                .unwrap_or("")
+                .to_ascii_uppercase();
+            let h = hint(&first, COLUMN_TYPE_NAMES);
+            r.error(pos(v), format!("unknown column type `{type_text}`{h}; expected one of {} (optionally followed by NULL)", COLUMN_TYPE_NAMES.join(", ")));
         }
     }
     if columns.is_empty() && map.is_empty() {
@@ -868,14 +866,14 @@ fn decode_sink(r: &mut Reader, node: &Node, relations: &[(String, Pos)]) -> Opti
         .and_then(|n| r.string(n, "sink name"));
     let from_node = r.required(&f, "from", &what);
     let from = from_node.and_then(|n| r.string(n, "`from`"));
-    if let (Some(from), Some(n)) = (&from, from_node) {
-        if !relations.iter().any(|(name, _)| name == from) {
-            let h = hint(from, relations.iter().map(|(n, _)| n.as_str()));
-            r.error(
-                pos(n),
-                format!("{what} reads from `{from}`, which is no query or source{h}"),
-            );
-        }
+    if let (Some(from), Some(n)) = (&from, from_node)
+        && !relations.iter().any(|(name, _)| name == from)
+    {
+        let h = hint(from, relations.iter().map(|(n, _)| n.as_str()));
+        r.error(
+            pos(n),
+            format!("{what} reads from `{from}`, which is no query or source{h}"),
+        );
     }
     let connector = r.required(&f, "connector", &what).and_then(|n| {
         r.choice(n, "connector", SINK_CONNECTORS, |s| {
@@ -894,14 +892,13 @@ fn decode_sink(r: &mut Reader, node: &Node, relations: &[(String, Pos)]) -> Opti
         Some("stdout") => Some(SinkConnector::Stdout),
         _ => None,
     };
-    if let Some(n) = f.get("format") {
-        if let Some(format) = r.choice(n, "format", FORMATS, |s| {
+    if let Some(n) = f.get("format")
+        && let Some(format) = r.choice(n, "format", FORMATS, |s| {
             FORMATS.contains(&s).then(|| s.to_owned())
-        }) {
-            if format == "avro" {
-                r.error(pos(n), "format `avro` is not supported yet; use `json`");
-            }
-        }
+        })
+        && format == "avro"
+    {
+        r.error(pos(n), "format `avro` is not supported yet; use `json`");
     }
     let key = f
         .get("key")

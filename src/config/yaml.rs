@@ -81,7 +81,7 @@ impl Reader {
     }
 
     /// Reads a mapping, reporting keys not in `allowed` (with a did-you-mean hint).
-    /// `what` names the owner in messages (`source \`bids\``).
+    /// `what` names the owner in messages, as in "source `bids`".
     pub fn mapping<'n>(
         &mut self,
         node: &'n Node,
@@ -141,16 +141,17 @@ impl Reader {
                 );
                 None
             }
-            _ => match scalar_text(node) {
-                Some(s) => Some(s),
-                None => {
+            _ => {
+                if let Some(s) = scalar_text(node) {
+                    Some(s)
+                } else {
                     self.error(
                         pos(node),
                         format!("{what} must be a string, found {}", kind(node)),
                     );
                     None
                 }
-            },
+            }
         }
     }
 
@@ -236,11 +237,12 @@ impl Reader {
 #[must_use]
 pub fn scalar_text(node: &Node) -> Option<String> {
     match &node.data {
-        YamlDataOwned::Value(ScalarOwned::String(s)) => Some(s.clone()),
+        YamlDataOwned::Value(ScalarOwned::String(s)) | YamlDataOwned::Representation(s, _, _) => {
+            Some(s.clone())
+        }
         YamlDataOwned::Value(ScalarOwned::Integer(i)) => Some(i.to_string()),
         YamlDataOwned::Value(ScalarOwned::FloatingPoint(f)) => Some(f.to_string()),
         YamlDataOwned::Value(ScalarOwned::Boolean(b)) => Some(b.to_string()),
-        YamlDataOwned::Representation(s, _, _) => Some(s.clone()),
         _ => None,
     }
 }

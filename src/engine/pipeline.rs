@@ -31,7 +31,7 @@ pub enum RunError {
     Source {
         name: String,
         #[source]
-        source: SourceError,
+        source: Box<SourceError>,
     },
     #[error("sink `{name}`: {source}")]
     Sink {
@@ -107,7 +107,7 @@ impl Pipeline {
         for s in &config.sources {
             let source_error = |source| RunError::Source {
                 name: s.name.clone(),
-                source,
+                source: Box::new(source),
             };
             let source: Box<dyn Source> = match &s.connector {
                 SourceConnector::Kafka {
@@ -248,7 +248,7 @@ impl Pipeline {
                 let polled = self.sources[i].source.poll(poll_timeout);
                 let polled = polled.map_err(|source| RunError::Source {
                     name: self.sources[i].name.clone(),
-                    source,
+                    source: Box::new(source),
                 })?;
                 match polled {
                     SourcePoll::Batch(batch) => self.process(i, batch)?,
@@ -378,7 +378,7 @@ impl Pipeline {
                 .commit(positions, last)
                 .map_err(|source| RunError::Source {
                     name: slot.name.clone(),
-                    source,
+                    source: Box::new(source),
                 })?;
         }
         self.summary.epochs += 1;

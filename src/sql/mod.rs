@@ -1,14 +1,14 @@
-//! SQL: each query's text -> DataFusion logical plan -> a [`CompiledQuery`] of physical
+//! SQL: each query's text -> `DataFusion` logical plan -> a [`CompiledQuery`] of physical
 //! expressions evaluated per record batch.
 //!
-//! DataFusion plans and optimizes a query once, against empty tables that carry the
+//! `DataFusion` plans and optimizes a query once, against empty tables that carry the
 //! sources' schemas (and earlier queries' output schemas). The optimized plan is then
 //! walked and lowered to a short list of [`Step`]s (column selection, filter, projection)
-//! whose `PhysicalExpr`s run on every batch: no DataFusion job per batch. Plans that are not
+//! whose `PhysicalExpr`s run on every batch: no `DataFusion` job per batch. Plans that are not
 //! stateless (aggregations, joins, ORDER BY, LIMIT) are reported as unsupported, with the
 //! position of the construct in the pipeline file.
 //!
-//! Errors carry positions: DataFusion's diagnostics (spans into the SQL) are mapped
+//! Errors carry positions: `DataFusion`'s diagnostics (spans into the SQL) are mapped
 //! through the query's [`SqlOrigin`] to `FILE:LINE:COL`.
 
 use std::collections::HashMap;
@@ -52,6 +52,8 @@ pub struct CompiledQuery {
     /// The source or earlier query it reads.
     pub input: String,
     pub steps: Vec<Step>,
+    /// The schema of its input batches.
+    pub input_schema: SchemaRef,
     /// The schema of its output batches.
     pub schema: SchemaRef,
 }
@@ -104,7 +106,20 @@ impl CompiledQuery {
                     writeln!(out, "  Project: {}", cols.join(", "))
                 }
                 Step::Filter(p) => writeln!(out, "  Filter: {p}"),
-                Step::Select(c) => writeln!(out, "  Scan: {} columns {c:?} (no state)", self.input),
+                Step::Select(c) => {
+                    let names: Vec<&str> = c
+                        .iter()
+                        .filter_map(|&i| {
+                            self.input_schema.fields().get(i).map(|f| f.name().as_str())
+                        })
+                        .collect();
+                    writeln!(
+                        out,
+                        "  Scan: {} columns [{}] (no state)",
+                        self.input,
+                        names.join(", ")
+                    )
+                }
             };
         }
         if !self.steps.iter().any(|s| matches!(s, Step::Select(_))) {
@@ -246,10 +261,16 @@ fn compile(
     })?;
     let input = input.ok_or_else(|| (at_start, "the query reads no source or query".to_owned()))?;
     let schema = Arc::new(logical.schema().as_arrow().clone());
+    let input_schema = planned
+        .schemas
+        .get(&input)
+        .cloned()
+        .ok_or_else(|| (at_start, format!("`{input}` is no source or query")))?;
     Ok(CompiledQuery {
         name: query.name.clone(),
         input,
         steps,
+        input_schema,
         schema,
     })
 }
@@ -359,7 +380,7 @@ fn find_keyword(query: &QueryConfig, keyword: &str) -> Option<Pos> {
     None
 }
 
-/// A DataFusion planning error as a position and a one-line message, with a
+/// A `DataFusion` planning error as a position and a one-line message, with a
 /// did-you-mean hint for unknown tables and columns.
 fn describe(error: &DataFusionError, query: &QueryConfig, planned: &PlannedPipeline) -> PlanError {
     let origin = &query.sql_origin;

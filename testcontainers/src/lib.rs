@@ -42,6 +42,25 @@ impl Broker {
         })
     }
 
+    /// The mock cluster in this process, served through a relay on a free loopback port
+    /// whose network can be cut with [`Broker::set_reachable`].
+    pub fn in_process_with_relay() -> Result<Self, Error> {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let embedded = EmbeddedBroker::start(1, Some(addr))?;
+        Ok(Self {
+            bootstrap: embedded.bootstrap_servers().to_owned(),
+            embedded: Some(embedded),
+            child: None,
+        })
+    }
+
+    /// Cuts or restores the network to an in-process broker started with a relay.
+    pub fn set_reachable(&self, reachable: bool) {
+        if let Some(e) = &self.embedded {
+            e.set_reachable(reachable);
+        }
+    }
+
     /// `laminar broker` in its own process on `port` (0: any free port), with `topics`
     /// created at start as `(name, partitions)`.
     pub fn laminar_process(
@@ -190,7 +209,7 @@ pub struct Record {
     pub headers: Vec<(String, String)>,
 }
 
-/// Reads `topic` from the beginning of every partition (read_committed) until `expected`
+/// Reads `topic` from the beginning of every partition (`read_committed`) until `expected`
 /// records arrived and then `quiet` passed with nothing new, or `timeout` passed.
 pub fn consume(
     bootstrap: &str,

@@ -1,5 +1,5 @@
 //! Shared test helpers: run the `laminar` binary, stop it with signals, temp dirs.
-
+#![expect(clippy::unwrap_used, reason = "test helpers fail the test loudly")]
 #![allow(dead_code, reason = "each test file uses a subset")]
 
 use std::io::{BufRead, BufReader, Read};

@@ -122,7 +122,7 @@ impl NexmarkTable {
     }
 }
 
-/// SplitMix64: a fast, well-mixed stream for one event.
+/// `SplitMix64`: a fast, well-mixed stream for one event.
 struct Rng(u64);
 
 impl Rng {

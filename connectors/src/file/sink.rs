@@ -31,10 +31,10 @@ impl FileSink {
             path: options.path.clone(),
             source,
         };
-        if let Some(parent) = std::path::Path::new(&options.path).parent() {
-            if !parent.as_os_str().is_empty() {
-                std::fs::create_dir_all(parent).map_err(io)?;
-            }
+        if let Some(parent) = std::path::Path::new(&options.path).parent()
+            && !parent.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(parent).map_err(io)?;
         }
         let file = OpenOptions::new()
             .create(true)

@@ -1,6 +1,6 @@
 //! JSON <-> Arrow, one record at a time.
 //!
-//! Decoding walks each record with serde_json straight into a per-row scratch, checks it
+//! Decoding walks each record with `serde_json` straight into a per-row scratch, checks it
 //! against the declared columns, and only then appends it to the Arrow builders: a record
 //! that fails leaves no partial row behind, so rejecting it never disturbs its neighbours.
 //! Fields not in the schema are ignored. Integers are not silently widened into strings,
@@ -285,7 +285,7 @@ impl<'de> DeserializeSeed<'de> for KeySeed<'_> {
     }
 }
 
-impl<'de> Visitor<'de> for KeySeed<'_> {
+impl Visitor<'_> for KeySeed<'_> {
     type Value = Option<usize>;
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a field name")
@@ -434,12 +434,11 @@ impl JsonEncoder {
     ) -> Result<(), String> {
         let schema = batch.schema();
         let all: Vec<usize>;
-        let columns = match columns {
-            Some(c) => c,
-            None => {
-                all = (0..batch.num_columns()).collect();
-                &all
-            }
+        let columns = if let Some(c) = columns {
+            c
+        } else {
+            all = (0..batch.num_columns()).collect();
+            &all
         };
         self.names.clear();
         for &i in columns {
@@ -575,7 +574,7 @@ fn write_value(w: &ColumnWriter<'_>, row: usize, out: &mut Vec<u8>) -> Result<()
             out.extend_from_slice(if a.value(row) { b"true" } else { b"false" });
         }
         ColumnWriter::I64(f) => {
-            out.extend_from_slice(itoa::Buffer::new().format(f(row)).as_bytes())
+            out.extend_from_slice(itoa::Buffer::new().format(f(row)).as_bytes());
         }
         ColumnWriter::U64(a) => {
             out.extend_from_slice(itoa::Buffer::new().format(a.value(row)).as_bytes());
@@ -719,7 +718,7 @@ mod tests {
             Err(DecodeError::Syntax(_))
         ));
         assert!(matches!(
-            d.decode(br#"[1]"#),
+            d.decode(br"[1]"),
             Err(DecodeError::NotAnObject("an array"))
         ));
         assert!(

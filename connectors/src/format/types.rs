@@ -95,9 +95,8 @@ pub fn parse_column_type(text: &str) -> Option<(ColumnType, bool)> {
     let upper = text.trim().to_ascii_uppercase();
     let words: Vec<&str> = upper.split_whitespace().collect();
     let (name, nullable) = match words.as_slice() {
-        [name] => (*name, false),
+        [name] | [name, "NOT", "NULL"] => (*name, false),
         [name, "NULL"] => (*name, true),
-        [name, "NOT", "NULL"] => (*name, false),
         _ => return None,
     };
     let ty = match name {

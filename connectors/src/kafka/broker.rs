@@ -10,11 +10,12 @@
 //! (`--listen 127.0.0.1:9092`), each broker gets a loopback TCP relay on `port + i` and
 //! advertises that address, so clients that follow metadata come back through the relay.
 
+use std::collections::HashMap;
 use std::ffi::{CStr, CString};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread;
 
 use rdkafka::client::{Client, DefaultClientContext};
@@ -31,6 +32,8 @@ pub const DEFAULT_PARTITIONS: i32 = 4;
 pub struct EmbeddedBroker {
     cluster: *mut rdsys::rd_kafka_mock_cluster_t,
     bootstrap: String,
+    /// The relays serving a fixed `listen` address (empty without one).
+    relays: Vec<Arc<Relay>>,
     /// Keeps the handle that owns the mock cluster alive; dropped after the cluster.
     _client: Client<DefaultClientContext>,
 }
@@ -69,6 +72,7 @@ impl EmbeddedBroker {
         let mut broker = Self {
             cluster,
             bootstrap: own.clone(),
+            relays: Vec::new(),
             _client: client,
         };
         if let Some(listen) = listen.filter(|l| l.port() != 0) {
@@ -76,8 +80,9 @@ impl EmbeddedBroker {
             let mut advertised = Vec::new();
             for (i, target) in targets.iter().enumerate() {
                 let addr = SocketAddr::new(listen.ip(), listen.port() + i as u16);
-                start_relay(addr, (*target).to_owned())
+                let relay = start_relay(addr, (*target).to_owned())
                     .map_err(|_| KafkaError::MockCluster(RDKafkaErrorCode::Fail))?;
+                broker.relays.push(relay);
                 let host = CString::new(addr.ip().to_string())
                     .map_err(|_| KafkaError::MockCluster(RDKafkaErrorCode::InvalidArgument))?;
                 // SAFETY: cluster live, host a valid C string; broker ids start at 1.
@@ -102,7 +107,16 @@ impl EmbeddedBroker {
         &self.bootstrap
     }
 
-    /// Creates a topic (the mock cluster has no CreateTopics request). Creating a topic
+    /// Cuts (`false`) or restores (`true`) the network between clients and the brokers:
+    /// open connections are closed and new ones refused while cut. Only brokers started
+    /// with a `listen` address have relays to cut; this is for failure tests.
+    pub fn set_reachable(&self, reachable: bool) {
+        for relay in &self.relays {
+            relay.set_reachable(reachable);
+        }
+    }
+
+    /// Creates a topic (the mock cluster has no `CreateTopics` request). Creating a topic
     /// that exists is not an error.
     pub fn create_topic(&self, topic: &str, partitions: i32) -> KafkaResult<()> {
         let name = CString::new(topic)
@@ -126,39 +140,83 @@ impl Drop for EmbeddedBroker {
     }
 }
 
+/// One relay's switch and open connections (at most [`RELAY_CONNECTIONS_MAX`]).
+#[derive(Default)]
+struct Relay {
+    unreachable: AtomicBool,
+    next_id: AtomicUsize,
+    open: Mutex<HashMap<usize, (TcpStream, TcpStream)>>,
+}
+
+impl Relay {
+    fn close(&self, id: usize) {
+        let removed = self.open.lock().ok().and_then(|mut open| open.remove(&id));
+        if let Some((a, b)) = removed {
+            let _ = a.shutdown(Shutdown::Both);
+            let _ = b.shutdown(Shutdown::Both);
+        }
+    }
+
+    fn set_reachable(&self, reachable: bool) {
+        self.unreachable.store(!reachable, Ordering::SeqCst);
+        if !reachable {
+            let ids: Vec<usize> = self
+                .open
+                .lock()
+                .map(|o| o.keys().copied().collect())
+                .unwrap_or_default();
+            for id in ids {
+                self.close(id);
+            }
+        }
+    }
+}
+
 /// Accepts on `addr` and pipes each connection to `target`, both ways.
-fn start_relay(addr: SocketAddr, target: String) -> io::Result<()> {
+fn start_relay(addr: SocketAddr, target: String) -> io::Result<Arc<Relay>> {
     let listener = TcpListener::bind(addr)?;
-    let open = Arc::new(AtomicUsize::new(0));
+    let relay = Arc::new(Relay::default());
+    let state = relay.clone();
     thread::Builder::new()
         .name(format!("relay-{}", addr.port()))
         .spawn(move || {
             for client in listener.incoming().flatten() {
-                if open.load(Ordering::Relaxed) >= RELAY_CONNECTIONS_MAX {
+                let full = state
+                    .open
+                    .lock()
+                    .map_or(true, |o| o.len() >= RELAY_CONNECTIONS_MAX);
+                if full || state.unreachable.load(Ordering::SeqCst) {
                     let _ = client.shutdown(Shutdown::Both);
                     continue;
                 }
                 let Ok(server) = TcpStream::connect(&target) else {
+                    let _ = client.shutdown(Shutdown::Both);
                     continue;
                 };
                 let _ = client.set_nodelay(true);
                 let _ = server.set_nodelay(true);
-                open.fetch_add(2, Ordering::Relaxed);
+                let id = state.next_id.fetch_add(1, Ordering::Relaxed);
+                let (Ok(c), Ok(s)) = (client.try_clone(), server.try_clone()) else {
+                    continue;
+                };
+                if let Ok(mut open) = state.open.lock() {
+                    open.insert(id, (c, s));
+                }
                 for (from, to) in [(&client, &server), (&server, &client)] {
                     let (Ok(from), Ok(to)) = (from.try_clone(), to.try_clone()) else {
                         continue;
                     };
-                    let open = open.clone();
+                    let state = state.clone();
                     let _ = thread::Builder::new()
                         .name("relay-pipe".into())
                         .spawn(move || {
                             pipe(from, to);
-                            open.fetch_sub(1, Ordering::Relaxed);
+                            state.close(id);
                         });
                 }
             }
         })?;
-    Ok(())
+    Ok(relay)
 }
 
 fn pipe(mut from: TcpStream, mut to: TcpStream) {

@@ -76,16 +76,16 @@ impl ClientContext for LogContext {
             | RDKafkaLogLevel::Alert
             | RDKafkaLogLevel::Critical
             | RDKafkaLogLevel::Error => {
-                tracing::error!(connector = %name, "kafka {fac}: {log_message}")
+                tracing::error!(connector = %name, "kafka {fac}: {log_message}");
             }
             RDKafkaLogLevel::Warning => {
-                tracing::warn!(connector = %name, "kafka {fac}: {log_message}")
+                tracing::warn!(connector = %name, "kafka {fac}: {log_message}");
             }
             RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
                 tracing::info!(connector = %name, "kafka {fac}: {log_message}");
             }
             RDKafkaLogLevel::Debug => {
-                tracing::debug!(connector = %name, "kafka {fac}: {log_message}")
+                tracing::debug!(connector = %name, "kafka {fac}: {log_message}");
             }
         }
     }
