@@ -16,7 +16,9 @@
 //! ```
 //!
 //! - [`config`]: the pipeline file's model and loader (`laminar validate`).
-//! - [`sql`]: planning and compiling queries (`laminar explain`).
+//! - [`sql`]: planning and compiling queries (`laminar explain`), windows and EMIT.
+//! - [`operator`]: what compiled queries run: stateless steps, windowed aggregation,
+//!   accumulators, watermarks.
 //! - [`engine`]: running a pipeline (`laminar run`).
 //! - [`bench`]: the built-in benchmark (`laminar bench`).
 //! - `laminar_connectors` (crate `connectors/`): sources, sinks, formats, the embedded broker.
@@ -24,6 +26,7 @@
 pub mod bench;
 pub mod config;
 pub mod engine;
+pub mod operator;
 pub mod sql;
 
 /// Exit codes, as documented in the README.

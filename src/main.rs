@@ -141,7 +141,7 @@ fn explain(file: &str) -> u8 {
             SourceConnector::Kafka {
                 topic, group_id, ..
             } => format!("kafka topic {topic}, group {group_id}"),
-            SourceConnector::File { path } => format!("file {path} (bounded)"),
+            SourceConnector::File { path, .. } => format!("file {path} (bounded)"),
             SourceConnector::Datagen { table, events, .. } => {
                 let table = format!("{table:?}").to_lowercase();
                 let count =
@@ -288,6 +288,7 @@ fn run(
                 records_in = summary.records_in,
                 records_out = summary.records_out,
                 records_rejected = summary.records_rejected,
+                records_late = summary.records_late,
                 epochs = summary.epochs,
                 "pipeline stopped cleanly"
             );

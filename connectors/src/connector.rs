@@ -63,6 +63,8 @@ pub struct SourceBatch {
     /// Rows in the source's schema; may have zero rows when every record was rejected.
     pub batch: RecordBatch,
     pub rejected: Vec<Rejected>,
+    /// The partition of each row, for per-partition watermarks; `None`: all partition 0.
+    pub row_partitions: Option<Vec<i32>>,
 }
 
 /// The outcome of one [`Source::poll`].

@@ -90,6 +90,9 @@ pub enum SourceConnector {
     File {
         /// `path`: a JSON-lines file, read once.
         path: String,
+        /// `batch_rows`: rows per batch (default and most 4096). The watermark moves after
+        /// each batch: small batches give finer event-time steps, large ones speed.
+        batch_rows: usize,
     },
     Datagen {
         /// `table`: `bid` (default), `auction` or `person`.
@@ -245,6 +248,7 @@ const SOURCE_KEYS: &[&str] = &[
     "seed",
     "table",
     "auctions",
+    "batch_rows",
 ];
 const QUERY_KEYS: &[&str] = &[
     "name",
@@ -497,7 +501,15 @@ fn decode_source(r: &mut Reader, node: &Node, pipeline: &str) -> Option<SourceCo
         Some("kafka") => {
             only_for(
                 r,
-                &["path", "events", "rate_per_s", "seed", "table", "auctions"],
+                &[
+                    "path",
+                    "events",
+                    "rate_per_s",
+                    "seed",
+                    "table",
+                    "auctions",
+                    "batch_rows",
+                ],
                 "kafka",
             );
             let topic = r
@@ -556,7 +568,27 @@ fn decode_source(r: &mut Reader, node: &Node, pipeline: &str) -> Option<SourceCo
             let path = r
                 .required(&f, "path", &what)
                 .and_then(|n| r.string(n, "`path`"));
-            path.map(|path| SourceConnector::File { path })
+            let batch_rows = match f.get("batch_rows") {
+                None => Some(laminar_connectors::BATCH_ROWS_MAX),
+                Some(n) => match r.u64(n, "`batch_rows`") {
+                    Some(b) if (1..=laminar_connectors::BATCH_ROWS_MAX as u64).contains(&b) => {
+                        Some(b as usize)
+                    }
+                    Some(_) => {
+                        r.error(
+                            pos(n),
+                            format!(
+                                "`batch_rows` must be between 1 and {}",
+                                laminar_connectors::BATCH_ROWS_MAX
+                            ),
+                        );
+                        None
+                    }
+                    None => None,
+                },
+            };
+            path.zip(batch_rows)
+                .map(|(path, batch_rows)| SourceConnector::File { path, batch_rows })
         }
         Some("datagen") => {
             only_for(
@@ -569,6 +601,7 @@ fn decode_source(r: &mut Reader, node: &Node, pipeline: &str) -> Option<SourceCo
                     "path",
                     "schema",
                     "format",
+                    "batch_rows",
                 ],
                 "datagen",
             );

@@ -16,7 +16,9 @@ use laminar_connectors::{
 };
 
 use crate::config::{PipelineConfig, SinkConnector, SourceConnector};
-use crate::sql::{CompiledQuery, PlannedPipeline};
+use crate::operator::watermark::WatermarkTracker;
+use crate::operator::{LateRows, Operator};
+use crate::sql::PlannedPipeline;
 
 /// How long one poll of one source may block when nothing arrives.
 const POLL_TIMEOUT: Duration = Duration::from_millis(50);
@@ -58,6 +60,8 @@ pub struct RunSummary {
     pub records_in: u64,
     pub records_rejected: u64,
     pub records_out: u64,
+    /// Records that arrived after their window closed (dropped or side-output).
+    pub records_late: u64,
     pub epochs: u64,
 }
 
@@ -68,6 +72,11 @@ struct SourceSlot {
     /// Index into `Pipeline::dead_letters`.
     dead_letter: Option<usize>,
     finished: bool,
+    /// Event-time column and watermark, when the source declares `event_time`.
+    event_time: Option<(usize, WatermarkTracker)>,
+    /// Whether a stateful query reads it: its offsets are then not committed until the
+    /// state is durable (a restart re-reads instead of losing window contents).
+    feeds_state: bool,
 }
 
 struct SinkSlot {
@@ -78,7 +87,9 @@ struct SinkSlot {
 
 pub struct Pipeline {
     sources: Vec<SourceSlot>,
-    queries: Vec<CompiledQuery>,
+    queries: Vec<Box<dyn Operator>>,
+    /// Per query, the Kafka sink of its `late_data_topic`.
+    late_sinks: Vec<Option<KafkaSink>>,
     sinks: Vec<SinkSlot>,
     dead_letters: Vec<SinkSlot>,
     epoch_interval: Duration,
@@ -128,12 +139,13 @@ impl Pipeline {
                     })
                     .map_err(source_error)?,
                 ),
-                SourceConnector::File { path } => Box::new(
+                SourceConnector::File { path, batch_rows } => Box::new(
                     FileSource::new(FileSourceOptions {
                         name: s.name.clone(),
                         path: path.clone(),
                         columns: s.columns.clone(),
                         on_decode_error: s.on_decode_error,
+                        batch_rows: *batch_rows,
                     })
                     .map_err(source_error)?,
                 ),
@@ -180,6 +192,14 @@ impl Pipeline {
                 policy: s.on_decode_error,
                 dead_letter,
                 finished: false,
+                event_time: s.event_time.as_ref().and_then(|et| {
+                    let column = planned.schemas.get(&s.name)?.index_of(&et.column).ok()?;
+                    Some((
+                        column,
+                        WatermarkTracker::new(et.watermark_delay_ms, et.idle_timeout_ms),
+                    ))
+                }),
+                feeds_state: feeds_state(&planned, &s.name),
             });
         }
         let mut sinks = Vec::new();
@@ -221,8 +241,43 @@ impl Pipeline {
                 sink,
             });
         }
+        let mut late_sinks = Vec::new();
+        for (q, operator) in config.queries.iter().zip(&planned.queries) {
+            late_sinks.push(match &q.late_data_topic {
+                Some(topic) if operator.is_stateful() => {
+                    let name = format!("{}.late_data", q.name);
+                    Some(
+                        KafkaSink::new(KafkaSinkOptions {
+                            name: name.clone(),
+                            client: kafka.clone(),
+                            topic: topic.clone(),
+                            key_columns: Vec::new(),
+                        })
+                        .map_err(|source| RunError::Sink { name, source })?,
+                    )
+                }
+                _ => None,
+            });
+        }
+        if sources.iter().any(|s| {
+            s.feeds_state
+                && matches!(
+                    config
+                        .sources
+                        .iter()
+                        .find(|c| c.name == s.name)
+                        .map(|c| &c.connector),
+                    Some(SourceConnector::Kafka { .. })
+                )
+        }) {
+            tracing::warn!(
+                "windowed state is not durable yet: offsets of Kafka sources feeding windows are not committed, \
+                 so a restart re-reads them (from start_from) rather than lose open windows"
+            );
+        }
         Ok(Self {
             sources,
+            late_sinks,
             queries: planned.queries,
             sinks,
             dead_letters,
@@ -237,9 +292,14 @@ impl Pipeline {
     /// then closes a last epoch.
     pub fn run(mut self, stop: &AtomicBool) -> Result<RunSummary, RunError> {
         let mut epoch_started = Instant::now();
-        let poll_timeout = POLL_TIMEOUT / u32::try_from(self.sources.len().max(1)).unwrap_or(1);
+        // Idle sources share one POLL_TIMEOUT per round; while any source has data, nobody
+        // waits, so a busy source is never slowed down by a quiet one.
+        let idle_timeout = POLL_TIMEOUT / u32::try_from(self.sources.len().max(1)).unwrap_or(1);
+        let mut busy = false;
         while !stop.load(Ordering::Relaxed) {
             let mut live = 0;
+            let poll_timeout = if busy { Duration::ZERO } else { idle_timeout };
+            busy = false;
             for i in 0..self.sources.len() {
                 if self.sources[i].finished {
                     continue;
@@ -251,14 +311,21 @@ impl Pipeline {
                     source: Box::new(source),
                 })?;
                 match polled {
-                    SourcePoll::Batch(batch) => self.process(i, batch)?,
+                    SourcePoll::Batch(batch) => {
+                        busy = true;
+                        self.process(i, batch)?;
+                    }
                     SourcePoll::Idle => {}
                     SourcePoll::Finished => {
                         tracing::info!(source = %self.sources[i].name, "source drained");
                         self.sources[i].finished = true;
+                        if let Some((_, tracker)) = &mut self.sources[i].event_time {
+                            tracker.finish();
+                        }
                     }
                 }
             }
+            self.advance_time(Instant::now())?;
             if live == 0
                 || self
                     .records_max
@@ -276,7 +343,11 @@ impl Pipeline {
     }
 
     fn process(&mut self, source: usize, input: SourceBatch) -> Result<(), RunError> {
-        let SourceBatch { batch, rejected } = input;
+        let SourceBatch {
+            batch,
+            rejected,
+            row_partitions,
+        } = input;
         self.summary.records_in += (batch.num_rows() + rejected.len()) as u64;
         if !rejected.is_empty() {
             self.reject(source, &rejected)?;
@@ -284,35 +355,114 @@ impl Pipeline {
         if batch.num_rows() == 0 {
             return Ok(());
         }
-        // Named outputs of this batch: the source's, then each query that (transitively) reads it.
-        let mut outputs: Vec<(&str, RecordBatch)> =
-            vec![(self.sources[source].name.as_str(), batch)];
-        for query in &self.queries {
-            let Some(input) = outputs
-                .iter()
-                .find(|(n, _)| *n == query.input)
-                .map(|(_, b)| b)
-            else {
-                continue;
-            };
-            let out = query.process(input).map_err(|e| RunError::Query {
-                name: query.name.clone(),
-                message: e.strip_backtrace(),
-            })?;
-            outputs.push((query.name.as_str(), out));
+        if let Some((column, tracker)) = &mut self.sources[source].event_time {
+            observe_event_times(tracker, &batch, *column, row_partitions.as_deref());
+        }
+        let name = self.sources[source].name.clone();
+        self.deliver(&name, &[batch])
+    }
+
+    /// Hands `batches` from `origin` to every query and sink that reads it, and what those
+    /// queries emit to their readers in turn (queries only read earlier ones: no cycles).
+    fn deliver(&mut self, origin: &str, batches: &[RecordBatch]) -> Result<(), RunError> {
+        if batches.is_empty() {
+            return Ok(());
         }
         for sink in &mut self.sinks {
-            let Some((_, out)) = outputs.iter().find(|(n, _)| *n == sink.from) else {
-                continue;
-            };
-            if out.num_rows() == 0 {
+            if sink.from != origin {
                 continue;
             }
-            self.summary.records_out += out.num_rows() as u64;
-            sink.sink.write(out).map_err(|source| RunError::Sink {
-                name: sink.name.clone(),
-                source,
-            })?;
+            for out in batches {
+                if out.num_rows() == 0 {
+                    continue;
+                }
+                self.summary.records_out += out.num_rows() as u64;
+                sink.sink.write(out).map_err(|source| RunError::Sink {
+                    name: sink.name.clone(),
+                    source,
+                })?;
+            }
+        }
+        for q in 0..self.queries.len() {
+            if self.queries[q].input() != origin {
+                continue;
+            }
+            let (mut out, mut late) = (Vec::new(), Vec::new());
+            for batch in batches {
+                let query = &mut self.queries[q];
+                query
+                    .process_batch(batch, &mut out, &mut late)
+                    .map_err(|e| RunError::Query {
+                        name: query.name().to_owned(),
+                        message: e.strip_backtrace(),
+                    })?;
+            }
+            self.late(q, late)?;
+            let name = self.queries[q].name().to_owned();
+            self.deliver(&name, &out)?;
+        }
+        Ok(())
+    }
+
+    /// Moves watermarks forward and lets operators act on time (window close, periodic emit).
+    fn advance_time(&mut self, now: Instant) -> Result<(), RunError> {
+        for i in 0..self.sources.len() {
+            let Some((_, tracker)) = &mut self.sources[i].event_time else {
+                continue;
+            };
+            let before = tracker.current();
+            let watermark = tracker.advance(now);
+            if watermark > before {
+                let name = self.sources[i].name.clone();
+                self.deliver_watermark(&name, watermark)?;
+            }
+        }
+        for q in 0..self.queries.len() {
+            let mut out = Vec::new();
+            let query = &mut self.queries[q];
+            query
+                .handle_tick(now, &mut out)
+                .map_err(|e| RunError::Query {
+                    name: query.name().to_owned(),
+                    message: e.strip_backtrace(),
+                })?;
+            let name = query.name().to_owned();
+            self.deliver(&name, &out)?;
+        }
+        Ok(())
+    }
+
+    fn deliver_watermark(&mut self, origin: &str, watermark: i64) -> Result<(), RunError> {
+        for q in 0..self.queries.len() {
+            if self.queries[q].input() != origin {
+                continue;
+            }
+            let mut out = Vec::new();
+            let query = &mut self.queries[q];
+            query
+                .handle_watermark(watermark, &mut out)
+                .map_err(|e| RunError::Query {
+                    name: query.name().to_owned(),
+                    message: e.strip_backtrace(),
+                })?;
+            let name = query.name().to_owned();
+            self.deliver(&name, &out)?;
+            self.deliver_watermark(&name, watermark)?;
+        }
+        Ok(())
+    }
+
+    /// Counts late rows and writes them to the query's late-data topic, if it has one.
+    fn late(&mut self, query: usize, late: Vec<LateRows>) -> Result<(), RunError> {
+        for rows in late {
+            self.summary.records_late += rows.rows.num_rows() as u64;
+            if let Some(sink) = &mut self.late_sinks[query] {
+                sink.write_with_headers(&rows.rows, &[("laminar.late", rows.reason.as_str())])
+                    .map_err(|source| RunError::Sink {
+                        name: format!("{}.late_data", self.queries[query].name()),
+                        source,
+                    })?;
+            }
         }
         Ok(())
     }
@@ -373,7 +523,18 @@ impl Pipeline {
                 }
             }
         }
+        for sink in self.late_sinks.iter_mut().flatten() {
+            while let FlushOutcome::Pending { .. } =
+                sink.flush(FLUSH_STEP).map_err(|source| RunError::Sink {
+                    name: "late_data".to_owned(),
+                    source,
+                })?
+            {}
+        }
         for (slot, positions) in self.sources.iter_mut().zip(&positions) {
+            if slot.feeds_state && !slot.finished {
+                continue;
+            }
             slot.source
                 .commit(positions, last)
                 .map_err(|source| RunError::Source {
@@ -383,5 +544,53 @@ impl Pipeline {
         }
         self.summary.epochs += 1;
         Ok(())
+    }
+}
+
+/// Whether any stateful query reads `source`, directly or through other queries.
+fn feeds_state(planned: &PlannedPipeline, source: &str) -> bool {
+    let mut reached = vec![source.to_owned()];
+    for q in &planned.queries {
+        if reached.iter().any(|r| r == q.input()) {
+            if q.is_stateful() {
+                return true;
+            }
+            reached.push(q.name().to_owned());
+        }
+    }
+    false
+}
+
+/// Feeds each row's event time to the watermark tracker, per partition.
+fn observe_event_times(
+    tracker: &mut WatermarkTracker,
+    batch: &RecordBatch,
+    column: usize,
+    partitions: Option<&[i32]>,
+) {
+    let Ok(times) = arrow::compute::cast(batch.column(column), &arrow::datatypes::DataType::Int64)
+    else {
+        return;
+    };
+    let times = arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(&times);
+    let now = Instant::now();
+    match partitions {
+        None => {
+            if let Some(max) = arrow::compute::max(times) {
+                tracker.observe(0, max, now);
+            }
+        }
+        Some(partitions) => {
+            let mut max: std::collections::BTreeMap<i32, i64> = std::collections::BTreeMap::new();
+            for (t, &p) in times.iter().zip(partitions) {
+                if let Some(t) = t {
+                    let m = max.entry(p).or_insert(t);
+                    *m = (*m).max(t);
+                }
+            }
+            for (p, t) in max {
+                tracker.observe(p, t, now);
+            }
+        }
     }
 }

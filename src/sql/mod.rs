@@ -11,135 +11,38 @@
 //! Errors carry positions: `DataFusion`'s diagnostics (spans into the SQL) are mapped
 //! through the query's [`SqlOrigin`] to `FILE:LINE:COL`.
 
+pub mod window;
+
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
-use arrow::array::{AsArray, RecordBatch};
-use arrow::compute::filter_record_batch;
-use arrow::datatypes::{Schema, SchemaRef};
+use arrow::datatypes::{DataType, Schema, SchemaRef};
 use datafusion::common::DFSchema;
 use datafusion::datasource::empty::EmptyTable;
 use datafusion::error::DataFusionError;
 use datafusion::logical_expr::execution_props::ExecutionProps;
 use datafusion::logical_expr::physical_planning_context::PhysicalPlanningContext;
-use datafusion::logical_expr::{Expr, LogicalPlan};
+use datafusion::logical_expr::{Aggregate, Expr, LogicalPlan};
 use datafusion::physical_expr::{PhysicalExpr, create_physical_expr};
 use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::config::{
-    Diagnostic, Diagnostics, PipelineConfig, Pos, QueryConfig, SourceConfig, SourceConnector, hint,
+    Diagnostic, Diagnostics, EmitPolicy, PipelineConfig, Pos, QueryConfig, SourceConfig,
+    SourceConnector, hint,
 };
-
-/// One step of a compiled query, applied in order to each batch.
-#[derive(Debug)]
-pub enum Step {
-    /// Keep these columns of the input, in this order.
-    Select(Vec<usize>),
-    /// Keep the rows for which the predicate is true.
-    Filter(Arc<dyn PhysicalExpr>),
-    /// Compute the output columns.
-    Project {
-        exprs: Vec<Arc<dyn PhysicalExpr>>,
-        schema: SchemaRef,
-    },
-}
-
-/// A query lowered to per-batch steps.
-#[derive(Debug)]
-pub struct CompiledQuery {
-    pub name: String,
-    /// The source or earlier query it reads.
-    pub input: String,
-    pub steps: Vec<Step>,
-    /// The schema of its input batches.
-    pub input_schema: SchemaRef,
-    /// The schema of its output batches.
-    pub schema: SchemaRef,
-}
-
-impl CompiledQuery {
-    /// Runs the query on one input batch.
-    pub fn process(&self, batch: &RecordBatch) -> Result<RecordBatch, DataFusionError> {
-        let mut batch = batch.clone();
-        for step in &self.steps {
-            batch = match step {
-                Step::Select(columns) => batch.project(columns)?,
-                Step::Filter(predicate) => {
-                    let mask = predicate.evaluate(&batch)?.into_array(batch.num_rows())?;
-                    filter_record_batch(&batch, mask.as_boolean())?
-                }
-                Step::Project { exprs, schema } => {
-                    let columns = exprs
-                        .iter()
-                        .map(|e| e.evaluate(&batch)?.into_array(batch.num_rows()))
-                        .collect::<Result<Vec<_>, _>>()?;
-                    RecordBatch::try_new_with_options(
-                        schema.clone(),
-                        columns,
-                        &arrow::array::RecordBatchOptions::new()
-                            .with_row_count(Some(batch.num_rows())),
-                    )?
-                }
-            };
-        }
-        Ok(batch)
-    }
-
-    /// The streaming plan, one operator a line (for `laminar explain`).
-    #[must_use]
-    pub fn explain(&self) -> String {
-        let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "query {} (stateless, emits each input batch's rows as they arrive)",
-            self.name
-        );
-        for step in self.steps.iter().rev() {
-            let _ = match step {
-                Step::Project { exprs, schema } => {
-                    let cols: Vec<String> = exprs
-                        .iter()
-                        .zip(schema.fields())
-                        .map(|(e, f)| format!("{e} AS {}", f.name()))
-                        .collect();
-                    writeln!(out, "  Project: {}", cols.join(", "))
-                }
-                Step::Filter(p) => writeln!(out, "  Filter: {p}"),
-                Step::Select(c) => {
-                    let names: Vec<&str> = c
-                        .iter()
-                        .filter_map(|&i| {
-                            self.input_schema.fields().get(i).map(|f| f.name().as_str())
-                        })
-                        .collect();
-                    writeln!(
-                        out,
-                        "  Scan: {} columns [{}] (no state)",
-                        self.input,
-                        names.join(", ")
-                    )
-                }
-            };
-        }
-        if !self.steps.iter().any(|s| matches!(s, Step::Select(_))) {
-            let _ = writeln!(out, "  Scan: {} (no state)", self.input);
-        }
-        let fields: Vec<String> = self
-            .schema
-            .fields()
-            .iter()
-            .map(|f| format!("{} {}", f.name(), f.data_type()))
-            .collect();
-        let _ = writeln!(out, "  Output: {}", fields.join(", "));
-        out
-    }
-}
+use crate::operator::accumulator::{AggregateFunction, AggregateSpec, ValueKind};
+use crate::operator::stateless::StatelessOperator;
+use crate::operator::window_aggregate::{
+    GroupColumn, WindowAggregateOperator, WindowAggregatePlan,
+};
+use crate::operator::{Operator, Step};
+use laminar_connectors::format::ColumnType;
 
 /// Every query of a pipeline, compiled, and the schema of every named relation.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct PlannedPipeline {
-    pub queries: Vec<CompiledQuery>,
+    pub queries: Vec<Box<dyn Operator>>,
     pub schemas: HashMap<String, SchemaRef>,
 }
 
@@ -180,12 +83,12 @@ pub fn plan(config: &PipelineConfig) -> Result<PlannedPipeline, Diagnostics> {
         planned.schemas.insert(source.name.clone(), schema);
     }
     for query in &config.queries {
-        match compile(&ctx, query, &planned) {
+        match compile(&ctx, config, query, &planned) {
             Ok(compiled) => {
-                register(&ctx, &query.name, compiled.schema.clone());
+                register(&ctx, &query.name, compiled.schema());
                 planned
                     .schemas
-                    .insert(query.name.clone(), compiled.schema.clone());
+                    .insert(query.name.clone(), compiled.schema());
                 planned.queries.push(compiled);
             }
             Err((pos, message)) => diagnostics.push(Diagnostic {
@@ -238,41 +141,384 @@ type PlanError = (Pos, String);
 
 fn compile(
     ctx: &SessionContext,
+    config: &PipelineConfig,
     query: &QueryConfig,
     planned: &PlannedPipeline,
-) -> Result<CompiledQuery, PlanError> {
+) -> Result<Box<dyn Operator>, PlanError> {
     let origin = &query.sql_origin;
     let at_start = origin.map(1, 1);
     let state = ctx.state();
-    let logical = futures::executor::block_on(state.create_logical_plan(&query.sql))
-        .and_then(|p| state.optimize(&p))
+    let (sql, emit_clause) = window::take_emit(&query.sql)
+        .map_err(|m| (find_keyword(query, "EMIT").unwrap_or(at_start), m))?;
+    let emit = emit_clause.unwrap_or(query.emit);
+    let dialect = state.config().options().sql_parser.dialect;
+    let mut statement = state
+        .sql_to_statement(&sql, &dialect)
         .map_err(|e| describe(&e, query, planned))?;
-    let mut steps = Vec::new();
-    let mut input = None;
-    lower(&logical, &mut steps, &mut input).map_err(|construct| {
+    let calls =
+        window::rewrite_windows(&mut statement, &|e| window::interval_ms(ctx, e)).map_err(|m| {
+            let at = ["TUMBLE", "HOP", "SESSION"]
+                .iter()
+                .find_map(|k| find_keyword(query, k))
+                .unwrap_or(at_start);
+            (at, m)
+        })?;
+    for call in &calls {
+        let Some(input_schema) = planned.schemas.get(&call.input) else {
+            let h = hint(&call.input, planned.schemas.keys().map(String::as_str));
+            return Err((
+                find_keyword(query, &call.input).unwrap_or(at_start),
+                format!("`{}` is no source or query{h}", call.input),
+            ));
+        };
+        let mut fields: Vec<_> = input_schema.fields().iter().cloned().collect();
+        fields.push(Arc::new(
+            ColumnType::TimestampMs.field("window_start", false),
+        ));
+        fields.push(Arc::new(ColumnType::TimestampMs.field("window_end", false)));
+        register(ctx, &call.table, Arc::new(Schema::new(fields)));
+    }
+    let logical = futures::executor::block_on(state.statement_to_plan(statement))
+        .and_then(|p| state.optimize(&p));
+    for call in &calls {
+        let _ = ctx.deregister_table(call.table.as_str());
+    }
+    let logical = logical.map_err(|e| describe(&e, query, planned))?;
+    let unsupported_at = |construct: Unsupported| {
         let pos = find_keyword(query, construct.keyword).unwrap_or(at_start);
         (
             pos,
-            format!(
-                "{} is not supported in a stateless query{}",
-                construct.name, construct.note
-            ),
+            format!("{} is not supported{}", construct.name, construct.note),
         )
-    })?;
-    let input = input.ok_or_else(|| (at_start, "the query reads no source or query".to_owned()))?;
+    };
     let schema = Arc::new(logical.schema().as_arrow().clone());
+    let mut post_steps = Vec::new();
+    let aggregate = find_aggregate(&logical, &mut post_steps).map_err(unsupported_at)?;
+    let Some(aggregate) = aggregate else {
+        if !calls.is_empty() {
+            return Err((
+                find_keyword(query, "FROM").unwrap_or(at_start),
+                "a window (TUMBLE, HOP, SESSION) needs GROUP BY window_start, window_end"
+                    .to_owned(),
+            ));
+        }
+        let mut steps = Vec::new();
+        let mut input = None;
+        lower(&logical, &mut steps, &mut input).map_err(unsupported_at)?;
+        let input =
+            input.ok_or_else(|| (at_start, "the query reads no source or query".to_owned()))?;
+        let input_schema = planned
+            .schemas
+            .get(&input)
+            .cloned()
+            .ok_or_else(|| (at_start, format!("`{input}` is no source or query")))?;
+        return Ok(Box::new(StatelessOperator {
+            name: query.name.clone(),
+            input,
+            steps,
+            input_schema,
+            schema,
+        }));
+    };
+    let mut pre_steps = Vec::new();
+    let mut table = None;
+    lower(&aggregate.input, &mut pre_steps, &mut table).map_err(unsupported_at)?;
+    let Some(call) = table.and_then(|t| calls.iter().find(|c| c.table == t)) else {
+        return Err((
+            find_keyword(query, "GROUP BY").unwrap_or(at_start),
+            "aggregation needs a window: FROM TUMBLE(source, time_column, size), HOP(...) or SESSION(...) and GROUP BY window_start, window_end".to_owned(),
+        ));
+    };
+    let plan = window_plan(
+        config, query, planned, call, aggregate, pre_steps, post_steps, schema, emit,
+    )?;
+    WindowAggregateOperator::new(plan)
+        .map(|o| Box::new(o) as Box<dyn Operator>)
+        .map_err(|e| (at_start, e.strip_backtrace()))
+}
+
+/// Walks down from the top of a plan through projections and filters (collected as
+/// steps, innermost first) to an Aggregate, if there is one.
+fn find_aggregate<'a>(
+    plan: &'a LogicalPlan,
+    steps: &mut Vec<Step>,
+) -> Result<Option<&'a Aggregate>, Unsupported> {
+    let found = match plan {
+        LogicalPlan::Aggregate(a) => return Ok(Some(a)),
+        LogicalPlan::Projection(p) => find_aggregate(&p.input, steps)?,
+        LogicalPlan::Filter(f) => find_aggregate(&f.input, steps)?,
+        LogicalPlan::SubqueryAlias(a) => find_aggregate(&a.input, steps)?,
+        _ => return Ok(None),
+    };
+    if found.is_some() {
+        match plan {
+            LogicalPlan::Projection(p) => {
+                let exprs = p
+                    .expr
+                    .iter()
+                    .map(|e| physical(e, p.input.schema()))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|_| Unsupported {
+                        name: "this SELECT list".into(),
+                        keyword: "SELECT",
+                        note: "",
+                    })?;
+                steps.push(Step::Project {
+                    exprs,
+                    schema: Arc::new(p.schema.as_arrow().clone()),
+                });
+            }
+            LogicalPlan::Filter(f) => {
+                let predicate =
+                    physical(&f.predicate, f.input.schema()).map_err(|_| Unsupported {
+                        name: "this HAVING clause".into(),
+                        keyword: "HAVING",
+                        note: "",
+                    })?;
+                steps.push(Step::Filter(predicate));
+            }
+            _ => {}
+        }
+    }
+    Ok(found)
+}
+
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call site; the pieces of one plan"
+)]
+fn window_plan(
+    config: &PipelineConfig,
+    query: &QueryConfig,
+    planned: &PlannedPipeline,
+    call: &window::WindowCall,
+    aggregate: &Aggregate,
+    pre_steps: Vec<Step>,
+    post_steps: Vec<Step>,
+    schema: SchemaRef,
+    emit: EmitPolicy,
+) -> Result<WindowAggregatePlan, PlanError> {
+    let at_start = query.sql_origin.map(1, 1);
+    let at_window = ["TUMBLE", "HOP", "SESSION"]
+        .iter()
+        .find_map(|k| find_keyword(query, k))
+        .unwrap_or(at_start);
+    let at_group = find_keyword(query, "GROUP BY").unwrap_or(at_start);
     let input_schema = planned
         .schemas
-        .get(&input)
+        .get(&call.input)
         .cloned()
-        .ok_or_else(|| (at_start, format!("`{input}` is no source or query")))?;
-    Ok(CompiledQuery {
+        .ok_or_else(|| (at_window, format!("`{}` is no source", call.input)))?;
+    let Some(source) = config.sources.iter().find(|s| s.name == call.input) else {
+        return Err((
+            at_window,
+            format!(
+                "windows read a source directly for now; `{}` is a query",
+                call.input
+            ),
+        ));
+    };
+    let Some(event_time) = &source.event_time else {
+        return Err((
+            at_window,
+            format!(
+                "source `{}` has no `event_time`: a window needs its watermark (add event_time: {{ column: {} }})",
+                source.name, call.time_column
+            ),
+        ));
+    };
+    if event_time.column != call.time_column {
+        return Err((
+            at_window,
+            format!(
+                "the window is on `{}` but the watermark of `{}` is on `{}`",
+                call.time_column, source.name, event_time.column
+            ),
+        ));
+    }
+    let time_column = input_schema.index_of(&call.time_column).map_err(|_| {
+        let h = hint(
+            &call.time_column,
+            input_schema.fields().iter().map(|f| f.name().as_str()),
+        );
+        (
+            at_window,
+            format!("no column `{}` in `{}`{h}", call.time_column, call.input),
+        )
+    })?;
+    if !matches!(
+        input_schema.field(time_column).data_type(),
+        DataType::Timestamp(..) | DataType::Int64
+    ) {
+        return Err((
+            at_window,
+            format!(
+                "the time column `{}` must be TIMESTAMP or BIGINT",
+                call.time_column
+            ),
+        ));
+    }
+    let agg_input = aggregate.input.schema();
+    let agg_input_arrow = agg_input.as_arrow();
+    let mut keys = Vec::new();
+    let mut key_types = Vec::new();
+    let mut group_layout = Vec::new();
+    for expr in &aggregate.group_expr {
+        match expr {
+            Expr::Column(c) if c.name == "window_start" => {
+                group_layout.push(GroupColumn::WindowStart);
+            }
+            Expr::Column(c) if c.name == "window_end" => group_layout.push(GroupColumn::WindowEnd),
+            Expr::GroupingSet(_) => {
+                return Err((
+                    at_group,
+                    "GROUPING SETS, CUBE and ROLLUP are not supported".to_owned(),
+                ));
+            }
+            other => {
+                let physical =
+                    physical(other, agg_input).map_err(|e| (at_group, e.strip_backtrace()))?;
+                let t = physical
+                    .data_type(agg_input_arrow)
+                    .map_err(|e| (at_group, e.strip_backtrace()))?;
+                group_layout.push(GroupColumn::Key(keys.len()));
+                keys.push(physical);
+                key_types.push(t);
+            }
+        }
+    }
+    if !group_layout
+        .iter()
+        .any(|g| matches!(g, GroupColumn::WindowStart | GroupColumn::WindowEnd))
+    {
+        return Err((
+            at_group,
+            "a windowed aggregation must GROUP BY window_start (and window_end)".to_owned(),
+        ));
+    }
+    let window_start_column = agg_input_arrow.index_of("window_start").ok();
+    let window_end_column = agg_input_arrow.index_of("window_end").ok();
+    let aggregate_schema = Arc::new(aggregate.schema.as_arrow().clone());
+    let mut args = Vec::new();
+    let mut aggregates = Vec::new();
+    let mut aggregate_names = Vec::new();
+    for (i, expr) in aggregate.aggr_expr.iter().enumerate() {
+        let (spec, arg) = aggregate_spec(
+            expr,
+            agg_input,
+            aggregate_schema
+                .field(aggregate.group_expr.len() + i)
+                .data_type(),
+        )
+        .map_err(|m| {
+            (
+                find_keyword(query, &expr.schema_name().to_string()).unwrap_or(at_start),
+                m,
+            )
+        })?;
+        aggregate_names.push(expr.schema_name().to_string());
+        aggregates.push(spec);
+        args.push(arg);
+    }
+    let window_schema = {
+        let mut fields: Vec<_> = input_schema.fields().iter().cloned().collect();
+        fields.push(Arc::new(
+            ColumnType::TimestampMs.field("window_start", false),
+        ));
+        fields.push(Arc::new(ColumnType::TimestampMs.field("window_end", false)));
+        Arc::new(Schema::new(fields))
+    };
+    Ok(WindowAggregatePlan {
         name: query.name.clone(),
-        input,
-        steps,
+        input: call.input.clone(),
         input_schema,
+        kind: call.kind,
+        time_column,
+        time_column_name: call.time_column.clone(),
+        window_schema,
+        pre_steps,
+        window_start_column,
+        window_end_column,
+        keys,
+        key_types,
+        group_layout,
+        args,
+        aggregates,
+        aggregate_names,
+        aggregate_schema,
+        post_steps,
         schema,
+        emit,
+        allowed_lateness_ms: i64::try_from(query.allowed_lateness_ms).unwrap_or(i64::MAX),
+        watermark_source: source.name.clone(),
+        watermark_delay_ms: event_time.watermark_delay_ms,
     })
+}
+
+/// Maps one `DataFusion` aggregate call to an incremental aggregate and its argument.
+fn aggregate_spec(
+    expr: &Expr,
+    input: &DFSchema,
+    output_type: &DataType,
+) -> Result<(AggregateSpec, Option<Arc<dyn PhysicalExpr>>), String> {
+    let expr = match expr {
+        Expr::Alias(a) => a.expr.as_ref(),
+        e => e,
+    };
+    let Expr::AggregateFunction(call) = expr else {
+        return Err(format!("`{expr}` is not an aggregate function"));
+    };
+    let params = &call.params;
+    if params.filter.is_some() || !params.order_by.is_empty() {
+        return Err("FILTER and ORDER BY inside aggregates are not supported".to_owned());
+    }
+    let name = call.func.name().to_ascii_lowercase();
+    let arg = params.args.first();
+    let star = matches!(arg, None | Some(Expr::Literal(..)));
+    let function = match (name.as_str(), params.distinct) {
+        ("count", false) if star => AggregateFunction::CountStar,
+        ("count", false) => AggregateFunction::Count,
+        ("count", true) => AggregateFunction::CountDistinct,
+        ("sum", false) => AggregateFunction::Sum,
+        ("min", _) => AggregateFunction::Min,
+        ("max", _) => AggregateFunction::Max,
+        ("avg" | "mean", false) => AggregateFunction::Avg,
+        (other, distinct) => {
+            return Err(format!(
+                "aggregate `{other}{}` cannot be computed incrementally; supported: COUNT, COUNT(DISTINCT), SUM, MIN, MAX, AVG",
+                if distinct { " DISTINCT" } else { "" }
+            ));
+        }
+    };
+    let (physical_arg, input_type) = match (function, arg) {
+        (AggregateFunction::CountStar, _) | (_, None) => (None, DataType::Null),
+        (_, Some(a)) => {
+            let p = physical(a, input).map_err(|e| e.strip_backtrace())?;
+            let t = p
+                .data_type(input.as_arrow())
+                .map_err(|e| e.strip_backtrace())?;
+            (Some(p), t)
+        }
+    };
+    let kind = match function {
+        AggregateFunction::CountStar => ValueKind::Int,
+        _ => ValueKind::of(&input_type)
+            .ok_or_else(|| format!("`{name}` over {input_type} is not supported"))?,
+    };
+    if matches!(function, AggregateFunction::Sum | AggregateFunction::Avg)
+        && kind == ValueKind::Text
+    {
+        return Err(format!("`{name}` needs numbers, not {input_type}"));
+    }
+    Ok((
+        AggregateSpec {
+            function,
+            kind,
+            input_type,
+            output_type: output_type.clone(),
+        },
+        physical_arg,
+    ))
 }
 
 struct Unsupported {
@@ -342,7 +588,7 @@ fn lower(
         LogicalPlan::SubqueryAlias(alias) => lower(&alias.input, steps, input),
         LogicalPlan::Aggregate(_) => Err(unsupported(
             "GROUP BY",
-            " (windowed aggregations with TUMBLE/HOP/SESSION come with the windowing engine)",
+            " below another aggregation or a join",
         )),
         LogicalPlan::Join(_) => Err(unsupported("JOIN", "")),
         LogicalPlan::Sort(_) => Err(unsupported("ORDER BY", " (a stream has no end to sort by)")),

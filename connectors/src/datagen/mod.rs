@@ -99,6 +99,7 @@ impl Source for DatagenSource {
         Ok(SourcePoll::Batch(SourceBatch {
             batch,
             rejected: Vec::new(),
+            row_partitions: None,
         }))
     }
 

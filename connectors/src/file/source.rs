@@ -23,6 +23,8 @@ pub struct FileSourceOptions {
     pub path: String,
     pub columns: Vec<DecodeColumn>,
     pub on_decode_error: DecodeErrorPolicy,
+    /// Rows per batch, at most [`BATCH_ROWS_MAX`].
+    pub batch_rows: usize,
 }
 
 pub struct FileSource {
@@ -69,7 +71,7 @@ impl Source for FileSource {
         }
         let mut rejected = Vec::new();
         let mut records = 0;
-        while records < BATCH_ROWS_MAX {
+        while records < self.options.batch_rows.clamp(1, BATCH_ROWS_MAX) {
             self.line.clear();
             let n = self
                 .reader
@@ -126,7 +128,11 @@ impl Source for FileSource {
                     message: e.to_string(),
                 }
             })?;
-        Ok(SourcePoll::Batch(SourceBatch { batch, rejected }))
+        Ok(SourcePoll::Batch(SourceBatch {
+            batch,
+            rejected,
+            row_partitions: None,
+        }))
     }
 
     fn positions(&self) -> Vec<SourcePosition> {

@@ -168,8 +168,13 @@ impl KafkaSink {
     }
 }
 
-impl Sink for KafkaSink {
-    fn write(&mut self, batch: &RecordBatch) -> Result<(), SinkError> {
+impl KafkaSink {
+    /// Writes rows as JSON values, each with the same `headers` (`key`, `value`).
+    pub fn write_with_headers(
+        &mut self,
+        batch: &RecordBatch,
+        headers: &[(&str, &str)],
+    ) -> Result<(), SinkError> {
         self.check_failures()?;
         self.values.clear();
         self.value_ends.clear();
@@ -204,10 +209,24 @@ impl Sink for KafkaSink {
                 key_start = key_end;
                 k
             });
-            self.send(key, &self.values[start..end], None)?;
+            let owned = (!headers.is_empty()).then(|| {
+                headers.iter().fold(OwnedHeaders::new(), |h, (k, v)| {
+                    h.insert(Header {
+                        key: k,
+                        value: Some(v.as_bytes()),
+                    })
+                })
+            });
+            self.send(key, &self.values[start..end], owned)?;
             start = end;
         }
         Ok(())
+    }
+}
+
+impl Sink for KafkaSink {
+    fn write(&mut self, batch: &RecordBatch) -> Result<(), SinkError> {
+        self.write_with_headers(batch, &[])
     }
 
     fn write_rejected(&mut self, rejected: &[Rejected]) -> Result<(), SinkError> {

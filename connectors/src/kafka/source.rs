@@ -120,6 +120,8 @@ pub struct KafkaSource {
     meta: MetaBuilders,
     /// Next offset to read per partition, for what `poll` has returned.
     positions: BTreeMap<i32, i64>,
+    /// Partition of each decoded row of the batch being built.
+    row_partitions: Vec<i32>,
 }
 
 struct MetaBuilders {
@@ -162,6 +164,7 @@ impl KafkaSource {
             consumer,
             options,
             positions: BTreeMap::new(),
+            row_partitions: Vec::new(),
         })
     }
 
@@ -205,7 +208,11 @@ impl KafkaSource {
                 context: format!("source {}", self.options.name),
                 message: e.to_string(),
             })?;
-        Ok(SourceBatch { batch, rejected })
+        Ok(SourceBatch {
+            batch,
+            rejected,
+            row_partitions: Some(std::mem::take(&mut self.row_partitions)),
+        })
     }
 }
 
@@ -240,6 +247,7 @@ impl Source for KafkaSource {
             };
             match decoded {
                 Ok(()) => {
+                    self.row_partitions.push(partition);
                     let m = self.options.metadata;
                     if m.key {
                         match message.key() {

@@ -1,0 +1,142 @@
+//! Operators: what a compiled query runs, one per file.
+//!
+//! Every operator has the whole lifecycle in one trait: [`Operator::process_batch`] for
+//! input rows, [`Operator::handle_watermark`] when event time advances, and
+//! [`Operator::handle_tick`] for wall-clock work (periodic emission). Each call appends
+//! the batches it emits to `out`; rows too late for their window go to `late`.
+
+pub mod accumulator;
+pub mod stateless;
+pub mod watermark;
+pub mod window;
+pub mod window_aggregate;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use arrow::array::{AsArray, RecordBatch, RecordBatchOptions};
+use arrow::compute::filter_record_batch;
+use arrow::datatypes::SchemaRef;
+use datafusion::error::DataFusionError;
+use datafusion::physical_expr::PhysicalExpr;
+
+/// Rows that arrived after their window closed, with the reason.
+#[derive(Debug, Clone)]
+pub struct LateRows {
+    pub rows: RecordBatch,
+    pub reason: String,
+}
+
+pub trait Operator: Send {
+    /// The query's name.
+    fn name(&self) -> &str;
+    /// The source or query it reads.
+    fn input(&self) -> &str;
+    /// The schema of the batches it emits.
+    fn schema(&self) -> SchemaRef;
+    /// Takes one input batch.
+    fn process_batch(
+        &mut self,
+        batch: &RecordBatch,
+        out: &mut Vec<RecordBatch>,
+        late: &mut Vec<LateRows>,
+    ) -> Result<(), DataFusionError>;
+    /// Event time reached `watermark` (milliseconds; `i64::MAX` at the end of input).
+    fn handle_watermark(
+        &mut self,
+        _watermark: i64,
+        _out: &mut Vec<RecordBatch>,
+    ) -> Result<(), DataFusionError> {
+        Ok(())
+    }
+    /// Wall-clock time passed.
+    fn handle_tick(
+        &mut self,
+        _now: Instant,
+        _out: &mut Vec<RecordBatch>,
+    ) -> Result<(), DataFusionError> {
+        Ok(())
+    }
+    /// Whether it keeps state across batches (and so needs watermarks).
+    fn is_stateful(&self) -> bool {
+        false
+    }
+    /// The streaming plan, one operator a line.
+    fn explain(&self) -> String;
+}
+
+/// One stateless step, applied in order to each batch.
+#[derive(Debug)]
+pub enum Step {
+    /// Keep these columns of the input, in this order.
+    Select(Vec<usize>),
+    /// Keep the rows for which the predicate is true.
+    Filter(Arc<dyn PhysicalExpr>),
+    /// Compute the output columns.
+    Project {
+        exprs: Vec<Arc<dyn PhysicalExpr>>,
+        schema: SchemaRef,
+    },
+}
+
+/// Runs `steps` over `batch`.
+pub fn run_steps(steps: &[Step], batch: &RecordBatch) -> Result<RecordBatch, DataFusionError> {
+    let mut batch = batch.clone();
+    for step in steps {
+        batch = match step {
+            Step::Select(columns) => batch.project(columns)?,
+            Step::Filter(predicate) => {
+                let mask = predicate.evaluate(&batch)?.into_array(batch.num_rows())?;
+                filter_record_batch(&batch, mask.as_boolean())?
+            }
+            Step::Project { exprs, schema } => {
+                let columns = exprs
+                    .iter()
+                    .map(|e| e.evaluate(&batch)?.into_array(batch.num_rows()))
+                    .collect::<Result<Vec<_>, _>>()?;
+                RecordBatch::try_new_with_options(
+                    schema.clone(),
+                    columns,
+                    &RecordBatchOptions::new().with_row_count(Some(batch.num_rows())),
+                )?
+            }
+        };
+    }
+    Ok(batch)
+}
+
+/// Describes `steps` for `explain`, innermost last, each line indented by `indent`.
+#[must_use]
+pub fn explain_steps(
+    steps: &[Step],
+    input_schema: &SchemaRef,
+    input: &str,
+    indent: &str,
+) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    for step in steps.iter().rev() {
+        let _ = match step {
+            Step::Project { exprs, schema } => {
+                let cols: Vec<String> = exprs
+                    .iter()
+                    .zip(schema.fields())
+                    .map(|(e, f)| format!("{e} AS {}", f.name()))
+                    .collect();
+                writeln!(out, "{indent}Project: {}", cols.join(", "))
+            }
+            Step::Filter(p) => writeln!(out, "{indent}Filter: {p}"),
+            Step::Select(c) => {
+                let names: Vec<&str> = c
+                    .iter()
+                    .filter_map(|&i| input_schema.fields().get(i).map(|f| f.name().as_str()))
+                    .collect();
+                writeln!(out, "{indent}Scan: {input} columns [{}]", names.join(", "))
+            }
+        };
+    }
+    if !steps.iter().any(|s| matches!(s, Step::Select(_))) {
+        let _ = writeln!(out, "{indent}Scan: {input}");
+    }
+    out
+}

@@ -1,0 +1,130 @@
+//! Watermarks: per partition `max event time seen - watermark_delay_ms`, combined as the
+//! minimum over the partitions that are not idle.
+//!
+//! A partition silent for `idle_timeout_ms` (wall clock) stops holding the watermark back
+//! and holds it again as soon as it produces. When every partition is idle the watermark
+//! is the largest of theirs. A drained bounded source's watermark is `i64::MAX`, which
+//! closes every window. Watermarks never go backwards.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// No watermark yet (nothing seen).
+pub const WATERMARK_NONE: i64 = i64::MIN;
+
+#[derive(Debug, Clone, Copy)]
+struct PartitionTime {
+    max_event_ms: i64,
+    last_seen: Instant,
+}
+
+#[derive(Debug, Clone)]
+pub struct WatermarkTracker {
+    delay_ms: i64,
+    idle_timeout: Option<Duration>,
+    partitions: BTreeMap<i32, PartitionTime>,
+    current: i64,
+    finished: bool,
+}
+
+impl WatermarkTracker {
+    #[must_use]
+    pub fn new(delay_ms: u64, idle_timeout_ms: Option<u64>) -> Self {
+        Self {
+            delay_ms: i64::try_from(delay_ms).unwrap_or(i64::MAX),
+            idle_timeout: idle_timeout_ms.map(Duration::from_millis),
+            partitions: BTreeMap::new(),
+            current: WATERMARK_NONE,
+            finished: false,
+        }
+    }
+
+    /// Records that `partition` produced an event at `event_ms` (observed at `now`).
+    pub fn observe(&mut self, partition: i32, event_ms: i64, now: Instant) {
+        let p = self.partitions.entry(partition).or_insert(PartitionTime {
+            max_event_ms: i64::MIN,
+            last_seen: now,
+        });
+        p.max_event_ms = p.max_event_ms.max(event_ms);
+        p.last_seen = now;
+    }
+
+    /// The source has handed out its last record: every window may close.
+    pub fn finish(&mut self) {
+        self.finished = true;
+    }
+
+    /// Recomputes the watermark at `now`; returns it (monotonic).
+    pub fn advance(&mut self, now: Instant) -> i64 {
+        if self.finished {
+            self.current = i64::MAX;
+            return self.current;
+        }
+        let partition_wm = |p: &PartitionTime| p.max_event_ms.saturating_sub(self.delay_ms);
+        let active = self
+            .partitions
+            .values()
+            .filter(|p| {
+                self.idle_timeout
+                    .is_none_or(|t| now.duration_since(p.last_seen) < t)
+            })
+            .map(partition_wm)
+            .min();
+        let candidate = active.or_else(|| self.partitions.values().map(partition_wm).max());
+        if let Some(c) = candidate {
+            self.current = self.current.max(c);
+        }
+        self.current
+    }
+
+    #[must_use]
+    pub fn current(&self) -> i64 {
+        self.current
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watermark_is_min_over_partitions_minus_delay_and_monotonic() {
+        let t0 = Instant::now();
+        let mut w = WatermarkTracker::new(100, None);
+        assert_eq!(w.advance(t0), WATERMARK_NONE);
+        w.observe(0, 1000, t0);
+        w.observe(1, 500, t0);
+        assert_eq!(w.advance(t0), 400);
+        w.observe(1, 300, t0);
+        assert_eq!(
+            w.advance(t0),
+            400,
+            "out-of-order records never move it back"
+        );
+        w.observe(1, 2000, t0);
+        assert_eq!(w.advance(t0), 900);
+        w.finish();
+        assert_eq!(w.advance(t0), i64::MAX);
+    }
+
+    #[test]
+    fn watermark_idle_partition_stops_holding_back_until_it_wakes() {
+        let t0 = Instant::now();
+        let mut w = WatermarkTracker::new(0, Some(1000));
+        w.observe(0, 100, t0);
+        w.observe(1, 5000, t0);
+        assert_eq!(w.advance(t0), 100);
+        let later = t0 + Duration::from_millis(1500);
+        w.observe(1, 6000, later);
+        assert_eq!(w.advance(later), 6000, "partition 0 is idle");
+        w.observe(0, 200, later);
+        assert_eq!(
+            w.advance(later),
+            6000,
+            "it holds again but never moves the watermark back"
+        );
+        w.observe(0, 7000, later);
+        w.observe(1, 8000, later);
+        assert_eq!(w.advance(later), 7000);
+    }
+}

@@ -1,0 +1,648 @@
+//! The windowed aggregation: `GROUP BY window_start, window_end, keys...` over TUMBLE,
+//! HOP or SESSION windows, with incremental aggregates and an EMIT policy.
+//!
+//! Per input batch: each row is assigned its windows (one for TUMBLE, `size / slide` for
+//! HOP, its own `[t, t + gap)` for SESSION, merged per key with every session it touches),
+//! the query's WHERE runs on the assigned rows, and each (window, key) group's
+//! accumulators are updated in place. Rows whose window has already closed (its end plus
+//! `allowed_lateness_ms` is at or below the watermark) are late: counted and handed back.
+//!
+//! Emission: `on_window_close` emits each group once, when the watermark passes its end
+//! plus the allowed lateness; `on_update` emits the current row of every group a batch
+//! changed (an upsert stream keyed by the group); `every_ms` emits changed groups
+//! periodically and once more at close. A closed window's state is dropped at once, so
+//! state holds only open windows.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, TimestampMillisecondArray, UInt32Array};
+use arrow::compute::{cast, take};
+use arrow::datatypes::{DataType, Int64Type, SchemaRef};
+use arrow::row::{RowConverter, Rows};
+use datafusion::error::DataFusionError;
+use datafusion::physical_expr::PhysicalExpr;
+use rustc_hash::FxHashMap;
+
+use super::accumulator::{Acc, AggregateSpec, ArgValues};
+use super::window::WindowKind;
+use super::{LateRows, Operator, Step, explain_steps, run_steps};
+use crate::config::EmitPolicy;
+use laminar_connectors::format::types::TIMESTAMP_TZ;
+
+/// Where each column of the aggregate's output comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupColumn {
+    WindowStart,
+    WindowEnd,
+    Key(usize),
+}
+
+/// Everything the planner decided for one windowed aggregation.
+pub struct WindowAggregatePlan {
+    pub name: String,
+    pub input: String,
+    pub input_schema: SchemaRef,
+    pub kind: WindowKind,
+    /// Index of the event-time column in the input batches.
+    pub time_column: usize,
+    pub time_column_name: String,
+    /// The input plus `window_start`, `window_end`.
+    pub window_schema: SchemaRef,
+    /// Steps from the windowed rows to the aggregate's input (WHERE, projections).
+    pub pre_steps: Vec<Step>,
+    /// Where `window_start` / `window_end` are in the aggregate's input.
+    pub window_start_column: Option<usize>,
+    pub window_end_column: Option<usize>,
+    pub keys: Vec<Arc<dyn PhysicalExpr>>,
+    pub key_types: Vec<DataType>,
+    pub group_layout: Vec<GroupColumn>,
+    pub args: Vec<Option<Arc<dyn PhysicalExpr>>>,
+    pub aggregates: Vec<AggregateSpec>,
+    pub aggregate_names: Vec<String>,
+    /// The schema of the grouped rows (group columns, then aggregates).
+    pub aggregate_schema: SchemaRef,
+    /// Steps from grouped rows to the output (HAVING, SELECT list).
+    pub post_steps: Vec<Step>,
+    pub schema: SchemaRef,
+    pub emit: EmitPolicy,
+    pub allowed_lateness_ms: i64,
+    /// The source whose watermark drives it, and that watermark's delay.
+    pub watermark_source: String,
+    pub watermark_delay_ms: u64,
+}
+
+/// The groups of one fixed window, in arrival order.
+#[derive(Default)]
+struct Groups {
+    index: FxHashMap<Box<[u8]>, u32>,
+    keys: Vec<Box<[u8]>>,
+    accs: Vec<Acc>,
+    dirty: Vec<bool>,
+}
+
+struct Session {
+    start: i64,
+    last: i64,
+    accs: Vec<Acc>,
+    dirty: bool,
+}
+
+pub struct WindowAggregateOperator {
+    plan: WindowAggregatePlan,
+    key_converter: RowConverter,
+    distinct_converters: Vec<Option<RowConverter>>,
+    fixed: BTreeMap<i64, Groups>,
+    sessions: FxHashMap<Box<[u8]>, Vec<Session>>,
+    /// Session ends to check at each watermark (entries may be stale after merges).
+    session_ends: BTreeMap<i64, Vec<Box<[u8]>>>,
+    watermark: i64,
+    last_periodic_emit: Instant,
+}
+
+/// A group ready to emit.
+struct Emitted<'a> {
+    start: i64,
+    end: i64,
+    key: &'a [u8],
+    accs: &'a [Acc],
+}
+
+impl WindowAggregateOperator {
+    pub fn new(plan: WindowAggregatePlan) -> Result<Self, DataFusionError> {
+        let key_converter = RowConverter::new(
+            plan.key_types
+                .iter()
+                .map(|t| arrow::row::SortField::new(t.clone()))
+                .collect(),
+        )?;
+        let distinct_converters = plan
+            .aggregates
+            .iter()
+            .map(|a| {
+                (a.function == super::accumulator::AggregateFunction::CountDistinct)
+                    .then(|| super::accumulator::distinct_converter(&a.input_type))
+                    .transpose()
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            plan,
+            key_converter,
+            distinct_converters,
+            fixed: BTreeMap::new(),
+            sessions: FxHashMap::default(),
+            session_ends: BTreeMap::new(),
+            watermark: i64::MIN,
+            last_periodic_emit: Instant::now(),
+        })
+    }
+
+    /// Groups held now (open windows x keys), for metrics and tests.
+    #[must_use]
+    pub fn live_groups(&self) -> usize {
+        self.fixed.values().map(|g| g.keys.len()).sum::<usize>()
+            + self.sessions.values().map(Vec::len).sum::<usize>()
+    }
+
+    fn closes(&self, end: i64, watermark: i64) -> bool {
+        end.saturating_add(self.plan.allowed_lateness_ms) <= watermark
+    }
+
+    /// The input rows, once per window they fall in, with `window_start`/`window_end`.
+    fn assign(&self, batch: &RecordBatch) -> Result<RecordBatch, DataFusionError> {
+        let times = cast(batch.column(self.plan.time_column), &DataType::Int64)?;
+        let times = times.as_primitive::<Int64Type>();
+        let kind = self.plan.kind;
+        let mut indices: Vec<u32> = Vec::with_capacity(batch.num_rows());
+        let mut starts: Vec<i64> = Vec::with_capacity(batch.num_rows());
+        for (row, t) in times.iter().enumerate() {
+            // A record without event time cannot be placed in a window; the schema makes
+            // event-time columns NOT NULL, so this is only reachable through SQL nulls.
+            let Some(t) = t else { continue };
+            match kind {
+                WindowKind::Session { .. } => {
+                    indices.push(row as u32);
+                    starts.push(t);
+                }
+                _ => kind.assign(t, |s| {
+                    indices.push(row as u32);
+                    starts.push(s);
+                }),
+            }
+        }
+        let identity = indices.len() == batch.num_rows()
+            && indices.iter().enumerate().all(|(i, &r)| i as u32 == r);
+        let mut columns: Vec<ArrayRef> = if identity {
+            batch.columns().to_vec()
+        } else {
+            let idx = UInt32Array::from(indices);
+            batch
+                .columns()
+                .iter()
+                .map(|c| take(c, &idx, None))
+                .collect::<Result<_, _>>()?
+        };
+        let ends: Vec<i64> = starts.iter().map(|&s| kind.end(s)).collect();
+        columns.push(Arc::new(
+            TimestampMillisecondArray::from(starts).with_timezone(TIMESTAMP_TZ),
+        ));
+        columns.push(Arc::new(
+            TimestampMillisecondArray::from(ends).with_timezone(TIMESTAMP_TZ),
+        ));
+        Ok(RecordBatch::try_new(
+            self.plan.window_schema.clone(),
+            columns,
+        )?)
+    }
+
+    /// Each row's window start in the aggregate's input.
+    fn row_starts(&self, input: &RecordBatch) -> Result<Vec<i64>, DataFusionError> {
+        let (column, shift) = match (self.plan.window_start_column, self.plan.window_end_column) {
+            (Some(c), _) => (c, 0),
+            (None, Some(c)) => (c, self.plan.kind.end(0)),
+            (None, None) => {
+                return Err(DataFusionError::Internal(
+                    "no window column in the aggregate input".into(),
+                ));
+            }
+        };
+        let values = cast(input.column(column), &DataType::Int64)?;
+        Ok(values
+            .as_primitive::<Int64Type>()
+            .values()
+            .iter()
+            .map(|v| v - shift)
+            .collect())
+    }
+
+    fn emit_rows(
+        &self,
+        rows: &[Emitted<'_>],
+        out: &mut Vec<RecordBatch>,
+    ) -> Result<(), DataFusionError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<ArrayRef> = if self.plan.keys.is_empty() {
+            Vec::new()
+        } else {
+            let parser = self.key_converter.parser();
+            let parsed = rows.iter().map(|r| parser.parse(r.key));
+            self.key_converter.convert_rows(parsed)?
+        };
+        let mut columns: Vec<ArrayRef> =
+            Vec::with_capacity(self.plan.aggregate_schema.fields().len());
+        for g in &self.plan.group_layout {
+            columns.push(match g {
+                GroupColumn::WindowStart => Arc::new(
+                    TimestampMillisecondArray::from_iter_values(rows.iter().map(|r| r.start))
+                        .with_timezone(TIMESTAMP_TZ),
+                ),
+                GroupColumn::WindowEnd => Arc::new(
+                    TimestampMillisecondArray::from_iter_values(rows.iter().map(|r| r.end))
+                        .with_timezone(TIMESTAMP_TZ),
+                ),
+                GroupColumn::Key(i) => keys[*i].clone(),
+            });
+        }
+        for (a, spec) in self.plan.aggregates.iter().enumerate() {
+            columns.push(spec.finish(rows.iter().map(|r| &r.accs[a]))?);
+        }
+        let schema = &self.plan.aggregate_schema;
+        let columns = columns
+            .into_iter()
+            .zip(schema.fields())
+            .map(|(c, f)| {
+                if c.data_type() == f.data_type() {
+                    Ok(c)
+                } else {
+                    cast(&c, f.data_type())
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let grouped = RecordBatch::try_new(schema.clone(), columns)?;
+        let result = run_steps(&self.plan.post_steps, &grouped)?;
+        if result.num_rows() > 0 {
+            out.push(result);
+        }
+        Ok(())
+    }
+
+    /// Emits every changed group (`on_update`, `every_ms`) and marks them clean.
+    fn emit_dirty(&mut self, out: &mut Vec<RecordBatch>) -> Result<(), DataFusionError> {
+        let n = self.plan.aggregates.len();
+        let mut rows = Vec::new();
+        for (&start, g) in &self.fixed {
+            for (slot, dirty) in g.dirty.iter().enumerate() {
+                if *dirty {
+                    rows.push(Emitted {
+                        start,
+                        end: self.plan.kind.end(start),
+                        key: &g.keys[slot],
+                        accs: &g.accs[slot * n..(slot + 1) * n],
+                    });
+                }
+            }
+        }
+        for (key, sessions) in &self.sessions {
+            for s in sessions.iter().filter(|s| s.dirty) {
+                rows.push(Emitted {
+                    start: s.start,
+                    end: self.plan.kind.end(s.last),
+                    key,
+                    accs: &s.accs,
+                });
+            }
+        }
+        rows.sort_by_key(|r| (r.start, r.end));
+        self.emit_rows(&rows, out)?;
+        for g in self.fixed.values_mut() {
+            g.dirty.fill(false);
+        }
+        for s in self.sessions.values_mut().flatten() {
+            s.dirty = false;
+        }
+        Ok(())
+    }
+
+    fn update_fixed(
+        &mut self,
+        starts: &[i64],
+        keys: Option<&Rows>,
+        args: &[ArgValues],
+        late: &mut Vec<u32>,
+    ) {
+        let n = self.plan.aggregates.len();
+        for (row, &start) in starts.iter().enumerate() {
+            let end = self.plan.kind.end(start);
+            if self.closes(end, self.watermark) {
+                late.push(row as u32);
+                continue;
+            }
+            let key: &[u8] = keys.map_or(&[], |k| k.row(row).data());
+            let groups = self.fixed.entry(start).or_default();
+            let slot = if let Some(&slot) = groups.index.get(key) {
+                slot as usize
+            } else {
+                let slot = groups.keys.len();
+                groups.index.insert(key.into(), slot as u32);
+                groups.keys.push(key.into());
+                groups
+                    .accs
+                    .extend(self.plan.aggregates.iter().map(AggregateSpec::new_acc));
+                groups.dirty.push(false);
+                slot
+            };
+            groups.dirty[slot] = true;
+            for (a, spec) in self.plan.aggregates.iter().enumerate() {
+                spec.update(&mut groups.accs[slot * n + a], &args[a], row);
+            }
+        }
+    }
+
+    fn update_sessions(
+        &mut self,
+        times: &[i64],
+        keys: Option<&Rows>,
+        args: &[ArgValues],
+        late: &mut Vec<u32>,
+    ) {
+        let WindowKind::Session { gap_ms } = self.plan.kind else {
+            return;
+        };
+        for (row, &t) in times.iter().enumerate() {
+            let key: &[u8] = keys.map_or(&[], |k| k.row(row).data());
+            let sessions = self.sessions.entry(key.into()).or_default();
+            // Every open session this record touches: it is at most `gap` from them.
+            let touching: Vec<usize> = sessions
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| {
+                    t <= s.last.saturating_add(gap_ms) && s.start <= t.saturating_add(gap_ms)
+                })
+                .map(|(i, _)| i)
+                .collect();
+            if touching.is_empty()
+                && t.saturating_add(gap_ms)
+                    .saturating_add(self.plan.allowed_lateness_ms)
+                    <= self.watermark
+            {
+                late.push(row as u32);
+                if sessions.is_empty() {
+                    self.sessions.remove(key);
+                }
+                continue;
+            }
+            let target = if let Some((&first, rest)) = touching.split_first() {
+                for &i in rest.iter().rev() {
+                    let other = sessions.remove(i);
+                    let s = &mut sessions[first];
+                    s.start = s.start.min(other.start);
+                    s.last = s.last.max(other.last);
+                    for ((spec, acc), o) in self
+                        .plan
+                        .aggregates
+                        .iter()
+                        .zip(s.accs.iter_mut())
+                        .zip(other.accs)
+                    {
+                        spec.merge(acc, o);
+                    }
+                }
+                first
+            } else {
+                sessions.push(Session {
+                    start: t,
+                    last: t,
+                    accs: self
+                        .plan
+                        .aggregates
+                        .iter()
+                        .map(AggregateSpec::new_acc)
+                        .collect(),
+                    dirty: false,
+                });
+                sessions.len() - 1
+            };
+            let s = &mut sessions[target];
+            s.start = s.start.min(t);
+            s.last = s.last.max(t);
+            s.dirty = true;
+            for (a, spec) in self.plan.aggregates.iter().enumerate() {
+                spec.update(&mut s.accs[a], &args[a], row);
+            }
+            let end = s.last.saturating_add(gap_ms);
+            self.session_ends.entry(end).or_default().push(key.into());
+        }
+    }
+}
+
+impl Operator for WindowAggregateOperator {
+    fn name(&self) -> &str {
+        &self.plan.name
+    }
+    fn input(&self) -> &str {
+        &self.plan.input
+    }
+    fn schema(&self) -> SchemaRef {
+        self.plan.schema.clone()
+    }
+    fn is_stateful(&self) -> bool {
+        true
+    }
+
+    fn process_batch(
+        &mut self,
+        batch: &RecordBatch,
+        out: &mut Vec<RecordBatch>,
+        late: &mut Vec<LateRows>,
+    ) -> Result<(), DataFusionError> {
+        let windowed = self.assign(batch)?;
+        let input = run_steps(&self.plan.pre_steps, &windowed)?;
+        if input.num_rows() == 0 {
+            return Ok(());
+        }
+        let starts = self.row_starts(&input)?;
+        let keys = if self.plan.keys.is_empty() {
+            None
+        } else {
+            let arrays = self
+                .plan
+                .keys
+                .iter()
+                .map(|k| k.evaluate(&input)?.into_array(input.num_rows()))
+                .collect::<Result<Vec<_>, _>>()?;
+            Some(self.key_converter.convert_columns(&arrays)?)
+        };
+        let mut args = Vec::with_capacity(self.plan.args.len());
+        for ((arg, spec), converter) in self
+            .plan
+            .args
+            .iter()
+            .zip(&self.plan.aggregates)
+            .zip(&self.distinct_converters)
+        {
+            let values = arg
+                .as_ref()
+                .map(|e| e.evaluate(&input)?.into_array(input.num_rows()))
+                .transpose()?;
+            args.push(spec.prepare(values.as_ref(), converter.as_ref())?);
+        }
+        let mut late_rows = Vec::new();
+        if matches!(self.plan.kind, WindowKind::Session { .. }) {
+            self.update_sessions(&starts, keys.as_ref(), &args, &mut late_rows);
+        } else {
+            self.update_fixed(&starts, keys.as_ref(), &args, &mut late_rows);
+        }
+        if !late_rows.is_empty() {
+            let rows = arrow::compute::take_record_batch(&input, &UInt32Array::from(late_rows))?;
+            late.push(LateRows {
+                rows,
+                reason: format!(
+                    "late: its window closed at watermark {} (allowed_lateness_ms {})",
+                    self.watermark, self.plan.allowed_lateness_ms
+                ),
+            });
+        }
+        if self.plan.emit == EmitPolicy::OnUpdate {
+            self.emit_dirty(out)?;
+        }
+        Ok(())
+    }
+
+    fn handle_watermark(
+        &mut self,
+        watermark: i64,
+        out: &mut Vec<RecordBatch>,
+    ) -> Result<(), DataFusionError> {
+        if watermark <= self.watermark {
+            return Ok(());
+        }
+        self.watermark = watermark;
+        let n = self.plan.aggregates.len();
+        let emit_all = self.plan.emit == EmitPolicy::OnWindowClose;
+        let emit_dirty = matches!(self.plan.emit, EmitPolicy::EveryMs(_));
+        // Fixed windows close in start order (equal sizes: end order too).
+        let closing: Vec<i64> = self
+            .fixed
+            .keys()
+            .copied()
+            .take_while(|&s| self.closes(self.plan.kind.end(s), watermark))
+            .collect();
+        for start in closing {
+            let Some(groups) = self.fixed.remove(&start) else {
+                continue;
+            };
+            if emit_all || emit_dirty {
+                let end = self.plan.kind.end(start);
+                let rows: Vec<Emitted<'_>> = (0..groups.keys.len())
+                    .filter(|&slot| emit_all || groups.dirty[slot])
+                    .map(|slot| Emitted {
+                        start,
+                        end,
+                        key: &groups.keys[slot],
+                        accs: &groups.accs[slot * n..(slot + 1) * n],
+                    })
+                    .collect();
+                self.emit_rows(&rows, out)?;
+            }
+        }
+        // Sessions whose end passed; entries are checked against the live sessions.
+        let WindowKind::Session { gap_ms } = self.plan.kind else {
+            return Ok(());
+        };
+        let due: Vec<i64> = self
+            .session_ends
+            .keys()
+            .copied()
+            .take_while(|&e| self.closes(e, watermark))
+            .collect();
+        let mut closed: Vec<(Box<[u8]>, Session)> = Vec::new();
+        for end in due {
+            for key in self.session_ends.remove(&end).unwrap_or_default() {
+                let Some(sessions) = self.sessions.get_mut(&key) else {
+                    continue;
+                };
+                let mut i = 0;
+                while i < sessions.len() {
+                    if self
+                        .plan
+                        .allowed_lateness_ms
+                        .saturating_add(sessions[i].last.saturating_add(gap_ms))
+                        <= watermark
+                    {
+                        closed.push((key.clone(), sessions.remove(i)));
+                    } else {
+                        i += 1;
+                    }
+                }
+                if sessions.is_empty() {
+                    self.sessions.remove(&key);
+                }
+            }
+        }
+        if emit_all || emit_dirty {
+            let rows: Vec<Emitted<'_>> = closed
+                .iter()
+                .filter(|(_, s)| emit_all || s.dirty)
+                .map(|(k, s)| Emitted {
+                    start: s.start,
+                    end: s.last.saturating_add(gap_ms),
+                    key: k,
+                    accs: &s.accs,
+                })
+                .collect();
+            self.emit_rows(&rows, out)?;
+        }
+        Ok(())
+    }
+
+    fn handle_tick(
+        &mut self,
+        now: Instant,
+        out: &mut Vec<RecordBatch>,
+    ) -> Result<(), DataFusionError> {
+        if let EmitPolicy::EveryMs(ms) = self.plan.emit
+            && now.duration_since(self.last_periodic_emit) >= Duration::from_millis(ms)
+        {
+            self.last_periodic_emit = now;
+            self.emit_dirty(out)?;
+        }
+        Ok(())
+    }
+
+    fn explain(&self) -> String {
+        let p = &self.plan;
+        let mut out = String::new();
+        let emit = match p.emit {
+            EmitPolicy::OnWindowClose => "on_window_close (each window and key once, when the watermark passes window_end + allowed lateness)".to_owned(),
+            EmitPolicy::OnUpdate => "on_update (upsert stream: the current row of each changed window and key, per batch)".to_owned(),
+            EmitPolicy::EveryMs(ms) => format!("every {ms} ms (changed windows and keys), and at window close"),
+        };
+        let _ = writeln!(out, "query {} (windowed aggregation)", p.name);
+        let _ = writeln!(out, "  Emit: {emit}");
+        if !p.post_steps.is_empty() {
+            out.push_str(&explain_steps(
+                &p.post_steps,
+                &p.aggregate_schema,
+                "grouped rows",
+                "  ",
+            ));
+        }
+        let keys: Vec<String> = p.keys.iter().map(ToString::to_string).collect();
+        let _ = writeln!(
+            out,
+            "  WindowAggregate: {} on {}, keys [{}], aggregates [{}], allowed lateness {} ms",
+            p.kind,
+            p.time_column_name,
+            keys.join(", "),
+            p.aggregate_names.join(", "),
+            p.allowed_lateness_ms
+        );
+        let _ = writeln!(
+            out,
+            "    state: per open window and key, one accumulator per aggregate (freed when the window closes)"
+        );
+        let _ = writeln!(
+            out,
+            "    watermark: source {} column {}, max event time - {} ms per partition, min over partitions",
+            p.watermark_source, p.time_column_name, p.watermark_delay_ms
+        );
+        out.push_str(&explain_steps(
+            &p.pre_steps,
+            &p.window_schema,
+            &p.input,
+            "  ",
+        ));
+        let fields: Vec<String> = p
+            .schema
+            .fields()
+            .iter()
+            .map(|f| format!("{} {}", f.name(), f.data_type()))
+            .collect();
+        let _ = writeln!(out, "  Output: {}", fields.join(", "));
+        out
+    }
+}
