@@ -326,3 +326,96 @@ fn kafka_roundtrip_on_tansu_when_installed() {
     assert_eq!(out.len(), 1);
     assert_eq!(json(&out[0])["doubled"], 6);
 }
+
+fn window_pipeline(dir: &TempDir, source: &str) -> String {
+    let text = format!(
+        r"pipeline: kafka-windows
+kafka:
+  bootstrap_servers: ${{KAFKA_BOOTSTRAP:-127.0.0.1:9}}
+sources:
+  - name: clicks
+{source}
+    schema: {{ user_id: BIGINT, ts: BIGINT }}
+    event_time: {{ column: ts, idle_timeout_ms: 1000 }}
+queries:
+  - name: per_user
+    sql: |
+      SELECT user_id, window_start, window_end, COUNT(*) AS clicks, MAX(ts) AS last_ts
+      FROM TUMBLE(clicks, ts, INTERVAL '1' SECOND)
+      GROUP BY user_id, window_start, window_end
+sinks:
+  - {{ name: out, from: per_user, connector: stdout }}
+state:
+  checkpoint_interval_ms: 200
+"
+    );
+    dir.write(&format!("windows-{}.yaml", text.len()), &text)
+        .to_string_lossy()
+        .into_owned()
+}
+
+#[test]
+fn kafka_windows_over_partitions_match_the_file_source_and_idle_partitions_release() {
+    let broker = Broker::in_process().unwrap();
+    broker.create_topic("clicks", 3).unwrap();
+    // 600 clicks of 12 users over 3 partitions (user % 3), in time order per partition.
+    let mut lines = Vec::new();
+    let mut records = Vec::new();
+    for i in 0..600_i64 {
+        let user = i % 12;
+        let value = format!(
+            r#"{{"user_id": {user}, "ts": {}}}"#,
+            1_700_000_000_000 + i * 17
+        );
+        records.push((Some((user % 3) as i32), None, value.clone()));
+        lines.push(value);
+    }
+    // Then partitions 0 and 1 move far ahead; partition 2 falls silent. Only the idle
+    // timeout lets the watermark pass partition 2 and close the windows.
+    for (p, user) in [(0, 0_i64), (1, 1)] {
+        let value = format!(r#"{{"user_id": {user}, "ts": {}}}"#, 1_700_000_100_000_i64);
+        records.push((Some(p), None, value.clone()));
+        lines.push(value);
+    }
+    let refs: Vec<_> = records
+        .iter()
+        .map(|(p, k, v)| (*p, *k, v.as_str()))
+        .collect();
+    produce(broker.bootstrap(), "clicks", &refs).unwrap();
+
+    let dir = TempDir::new("windows");
+    let input = dir.write("clicks.jsonl", &(lines.join("\n") + "\n"));
+    let file_pipeline = window_pipeline(
+        &dir,
+        &format!("    connector: file\n    path: {}", input.display()),
+    );
+    let (code, file_out, stderr) = support::laminar(&["run", &file_pipeline], &[]);
+    assert_eq!(code, 0, "{stderr}");
+    // The file run closes every window at the end; the Kafka run closes those the
+    // watermark passed: all but the two far-future ones.
+    let mut expected: Vec<&str> = file_out
+        .lines()
+        .filter(|l| !l.contains("1700000100000"))
+        .collect();
+    expected.sort_unstable();
+    assert!(expected.len() > 100, "{file_out}");
+
+    let kafka_pipeline = window_pipeline(
+        &dir,
+        "    connector: kafka\n    topic: clicks\n    group_id: windows\n    start_from: earliest",
+    );
+    let mut laminar = Running::start(
+        &["run", &kafka_pipeline],
+        &[("KAFKA_BOOTSTRAP", broker.bootstrap())],
+        &dir,
+    );
+    let mut got = laminar.read_lines(expected.len(), TIMEOUT);
+    laminar.signal("TERM");
+    assert!(
+        laminar.wait(Duration::from_secs(30)).success(),
+        "{}",
+        laminar.stderr()
+    );
+    got.sort_unstable();
+    assert_eq!(got, expected, "{}", laminar.stderr());
+}

@@ -124,6 +124,12 @@ pub trait Source: Send {
     /// Returns the next batch of at most [`BATCH_ROWS_MAX`] rows.
     fn poll(&mut self, timeout: Duration) -> Result<SourcePoll, SourceError>;
 
+    /// The partitions this source reads now, when it has several (Kafka): each holds the
+    /// watermark back until it produces or goes idle. `None`: one partition, 0.
+    fn assigned_partitions(&self) -> Option<Vec<i32>> {
+        None
+    }
+
     /// Positions after the last record returned by `poll` (for the epoch that is closing).
     fn positions(&self) -> Vec<SourcePosition>;
 

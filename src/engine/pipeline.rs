@@ -407,9 +407,13 @@ impl Pipeline {
     /// Moves watermarks forward and lets operators act on time (window close, periodic emit).
     fn advance_time(&mut self, now: Instant) -> Result<(), RunError> {
         for i in 0..self.sources.len() {
+            let assigned = self.sources[i].source.assigned_partitions();
             let Some((_, tracker)) = &mut self.sources[i].event_time else {
                 continue;
             };
+            if let Some(partitions) = assigned {
+                tracker.set_partitions(&partitions, now);
+            }
             let before = tracker.current();
             let watermark = tracker.advance(now);
             if watermark > before {

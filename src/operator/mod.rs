@@ -61,6 +61,10 @@ pub trait Operator: Send {
     fn is_stateful(&self) -> bool {
         false
     }
+    /// Groups (window x key) held in state now; 0 for stateless operators.
+    fn state_groups(&self) -> usize {
+        0
+    }
     /// The streaming plan, one operator a line.
     fn explain(&self) -> String;
 }

@@ -49,6 +49,19 @@ impl WatermarkTracker {
         p.last_seen = now;
     }
 
+    /// The partitions the source reads now. A partition assigned but silent holds the
+    /// watermark back (it may still bring old records) until it has been idle for
+    /// `idle_timeout_ms`; partitions no longer assigned stop counting.
+    pub fn set_partitions(&mut self, partitions: &[i32], now: Instant) {
+        self.partitions.retain(|p, _| partitions.contains(p));
+        for &p in partitions {
+            self.partitions.entry(p).or_insert(PartitionTime {
+                max_event_ms: i64::MIN,
+                last_seen: now,
+            });
+        }
+    }
+
     /// The source has handed out its last record: every window may close.
     pub fn finish(&mut self) {
         self.finished = true;
@@ -60,7 +73,13 @@ impl WatermarkTracker {
             self.current = i64::MAX;
             return self.current;
         }
-        let partition_wm = |p: &PartitionTime| p.max_event_ms.saturating_sub(self.delay_ms);
+        let partition_wm = |p: &PartitionTime| {
+            if p.max_event_ms == i64::MIN {
+                WATERMARK_NONE
+            } else {
+                p.max_event_ms.saturating_sub(self.delay_ms)
+            }
+        };
         let active = self
             .partitions
             .values()
@@ -71,7 +90,7 @@ impl WatermarkTracker {
             .map(partition_wm)
             .min();
         let candidate = active.or_else(|| self.partitions.values().map(partition_wm).max());
-        if let Some(c) = candidate {
+        if let Some(c) = candidate.filter(|&c| c != WATERMARK_NONE) {
             self.current = self.current.max(c);
         }
         self.current
@@ -126,5 +145,23 @@ mod tests {
         w.observe(0, 7000, later);
         w.observe(1, 8000, later);
         assert_eq!(w.advance(later), 7000);
+    }
+
+    #[test]
+    fn watermark_assigned_silent_partition_holds_back_until_idle() {
+        let t0 = Instant::now();
+        let mut w = WatermarkTracker::new(0, Some(1000));
+        w.set_partitions(&[0, 1], t0);
+        w.observe(0, 5000, t0);
+        assert_eq!(
+            w.advance(t0),
+            WATERMARK_NONE,
+            "partition 1 may still bring old records"
+        );
+        let later = t0 + Duration::from_millis(1500);
+        w.observe(0, 6000, later);
+        assert_eq!(w.advance(later), 6000, "partition 1 is idle now");
+        w.set_partitions(&[0], later);
+        assert_eq!(w.advance(later), 6000);
     }
 }

@@ -146,8 +146,16 @@ impl WindowAggregateOperator {
             + self.sessions.values().map(Vec::len).sum::<usize>()
     }
 
+    /// A fixed window `[start, end)` can take no more records once the watermark (the
+    /// smallest event time still to come) reaches its end plus the allowed lateness.
     fn closes(&self, end: i64, watermark: i64) -> bool {
         end.saturating_add(self.plan.allowed_lateness_ms) <= watermark
+    }
+
+    /// A session ending at `end` (last record + gap) still takes a record at `end` itself
+    /// ("at most gap after"), so it closes only once the watermark is past it.
+    fn session_closes(&self, end: i64, watermark: i64) -> bool {
+        end.saturating_add(self.plan.allowed_lateness_ms) < watermark
     }
 
     /// The input rows, once per window they fall in, with `window_start`/`window_end`.
@@ -367,7 +375,7 @@ impl WindowAggregateOperator {
             if touching.is_empty()
                 && t.saturating_add(gap_ms)
                     .saturating_add(self.plan.allowed_lateness_ms)
-                    <= self.watermark
+                    < self.watermark
             {
                 late.push(row as u32);
                 if sessions.is_empty() {
@@ -431,6 +439,9 @@ impl Operator for WindowAggregateOperator {
     }
     fn is_stateful(&self) -> bool {
         true
+    }
+    fn state_groups(&self) -> usize {
+        self.live_groups()
     }
 
     fn process_batch(
@@ -537,7 +548,7 @@ impl Operator for WindowAggregateOperator {
             .session_ends
             .keys()
             .copied()
-            .take_while(|&e| self.closes(e, watermark))
+            .take_while(|&e| self.session_closes(e, watermark))
             .collect();
         let mut closed: Vec<(Box<[u8]>, Session)> = Vec::new();
         for end in due {
@@ -551,7 +562,7 @@ impl Operator for WindowAggregateOperator {
                         .plan
                         .allowed_lateness_ms
                         .saturating_add(sessions[i].last.saturating_add(gap_ms))
-                        <= watermark
+                        < watermark
                     {
                         closed.push((key.clone(), sessions.remove(i)));
                     } else {

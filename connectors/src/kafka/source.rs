@@ -295,6 +295,18 @@ impl Source for KafkaSource {
         self.batch(rejected).map(SourcePoll::Batch)
     }
 
+    fn assigned_partitions(&self) -> Option<Vec<i32>> {
+        let assignment = self.consumer.assignment().ok()?;
+        Some(
+            assignment
+                .elements()
+                .iter()
+                .filter(|e| e.topic() == self.options.topic)
+                .map(rdkafka::topic_partition_list::TopicPartitionListElem::partition)
+                .collect(),
+        )
+    }
+
     fn positions(&self) -> Vec<SourcePosition> {
         self.positions
             .iter()
