@@ -419,3 +419,74 @@ fn kafka_windows_over_partitions_match_the_file_source_and_idle_partitions_relea
     got.sort_unstable();
     assert_eq!(got, expected, "{}", laminar.stderr());
 }
+
+#[test]
+fn kafka_late_records_go_to_the_late_data_topic() {
+    let broker = Broker::in_process().unwrap();
+    for topic in ["events", "counts", "late"] {
+        broker.create_topic(topic, 1).unwrap();
+    }
+    let dir = TempDir::new("late");
+    let file = dir.write(
+        "late.yaml",
+        &format!(
+            r"pipeline: late-test
+kafka: {{ bootstrap_servers: {} }}
+sources:
+  - name: events
+    connector: kafka
+    topic: events
+    schema: {{ id: BIGINT, ts: BIGINT }}
+    event_time: {{ column: ts }}
+queries:
+  - name: counts
+    sql: SELECT window_start, COUNT(*) AS n FROM TUMBLE(events, ts, INTERVAL '1' SECOND) GROUP BY window_start
+    late_data_topic: late
+sinks:
+  - {{ name: out, from: counts, connector: kafka, topic: counts }}
+",
+            broker.bootstrap()
+        ),
+    );
+    let mut laminar = Running::start(&["run", &file.to_string_lossy()], &[], &dir);
+    produce(
+        broker.bootstrap(),
+        "events",
+        &[
+            (None, None, r#"{"id": 1, "ts": 100}"#),
+            (None, None, r#"{"id": 2, "ts": 5000}"#),
+        ],
+    )
+    .unwrap();
+    // Window [0, 1 s) closes once ts 5000 is seen: then ts 200 is late.
+    let counts = consume(broker.bootstrap(), "counts", 1, Duration::ZERO, TIMEOUT).unwrap();
+    assert_eq!(json(&counts[0])["n"], 1);
+    produce(
+        broker.bootstrap(),
+        "events",
+        &[(None, None, r#"{"id": 3, "ts": 200}"#)],
+    )
+    .unwrap();
+    let late = consume(broker.bootstrap(), "late", 1, QUIET, TIMEOUT).unwrap();
+    laminar.signal("TERM");
+    assert!(
+        laminar.wait(Duration::from_secs(30)).success(),
+        "{}",
+        laminar.stderr()
+    );
+    assert_eq!(late.len(), 1, "{}", laminar.stderr());
+    assert_eq!(json(&late[0])["id"], 3);
+    assert!(
+        late[0]
+            .headers
+            .iter()
+            .any(|(k, v)| k == "laminar.late" && v.contains("window closed")),
+        "{:?}",
+        late[0].headers
+    );
+    assert!(
+        laminar.stderr().contains("records_late=1"),
+        "{}",
+        laminar.stderr()
+    );
+}

@@ -18,9 +18,11 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, TimestampMillisecondArray, UInt32Array};
-use arrow::compute::{cast, take};
-use arrow::datatypes::{DataType, Int64Type, SchemaRef};
+use arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, RecordBatch, TimestampMillisecondArray, UInt32Array,
+};
+use arrow::compute::{cast, filter_record_batch, take};
+use arrow::datatypes::{DataType, Int64Type, SchemaRef, TimestampMillisecondType};
 use arrow::row::{RowConverter, Rows};
 use datafusion::error::DataFusionError;
 use datafusion::physical_expr::PhysicalExpr;
@@ -202,6 +204,41 @@ impl WindowAggregateOperator {
         Ok(RecordBatch::try_new(
             self.plan.window_schema.clone(),
             columns,
+        )?)
+    }
+
+    /// Moves rows whose fixed window has closed to `late`, whole (every input column and
+    /// its window), and returns the rest.
+    fn split_late(
+        &self,
+        windowed: RecordBatch,
+        late: &mut Vec<LateRows>,
+    ) -> Result<RecordBatch, DataFusionError> {
+        let ends = windowed
+            .column(windowed.num_columns() - 1)
+            .as_primitive::<TimestampMillisecondType>();
+        if !ends
+            .values()
+            .iter()
+            .any(|&end| self.closes(end, self.watermark))
+        {
+            return Ok(windowed);
+        }
+        let is_late: BooleanArray = ends
+            .values()
+            .iter()
+            .map(|&end| Some(self.closes(end, self.watermark)))
+            .collect();
+        late.push(LateRows {
+            rows: filter_record_batch(&windowed, &is_late)?,
+            reason: format!(
+                "late: its window closed at watermark {} (allowed_lateness_ms {})",
+                self.watermark, self.plan.allowed_lateness_ms
+            ),
+        });
+        Ok(filter_record_batch(
+            &windowed,
+            &arrow::compute::not(&is_late)?,
         )?)
     }
 
@@ -450,7 +487,10 @@ impl Operator for WindowAggregateOperator {
         out: &mut Vec<RecordBatch>,
         late: &mut Vec<LateRows>,
     ) -> Result<(), DataFusionError> {
-        let windowed = self.assign(batch)?;
+        let mut windowed = self.assign(batch)?;
+        if !matches!(self.plan.kind, WindowKind::Session { .. }) {
+            windowed = self.split_late(windowed, late)?;
+        }
         let input = run_steps(&self.plan.pre_steps, &windowed)?;
         if input.num_rows() == 0 {
             return Ok(());
