@@ -88,6 +88,8 @@ struct SinkSlot {
 pub struct Pipeline {
     sources: Vec<SourceSlot>,
     queries: Vec<Box<dyn Operator>>,
+    /// What `CURRENT_WATERMARK()` reads.
+    watermark: crate::sql::current_watermark::WatermarkCell,
     /// Per query, the Kafka sink of its `late_data_topic`.
     late_sinks: Vec<Option<KafkaSink>>,
     sinks: Vec<SinkSlot>,
@@ -278,6 +280,7 @@ impl Pipeline {
         Ok(Self {
             sources,
             late_sinks,
+            watermark: planned.watermark,
             queries: planned.queries,
             sinks,
             dead_letters,
@@ -420,6 +423,14 @@ impl Pipeline {
                 let name = self.sources[i].name.clone();
                 self.deliver_watermark(&name, watermark)?;
             }
+        }
+        let pipeline_watermark = self
+            .sources
+            .iter()
+            .filter_map(|s| s.event_time.as_ref().map(|(_, t)| t.current()))
+            .min();
+        if let Some(w) = pipeline_watermark {
+            self.watermark.store(w, Ordering::Relaxed);
         }
         for q in 0..self.queries.len() {
             let mut out = Vec::new();

@@ -11,6 +11,7 @@
 //! Errors carry positions: `DataFusion`'s diagnostics (spans into the SQL) are mapped
 //! through the query's [`SqlOrigin`] to `FILE:LINE:COL`.
 
+pub mod current_watermark;
 pub mod window;
 
 use std::collections::HashMap;
@@ -44,6 +45,8 @@ use laminar_connectors::format::ColumnType;
 pub struct PlannedPipeline {
     pub queries: Vec<Box<dyn Operator>>,
     pub schemas: HashMap<String, SchemaRef>,
+    /// What `CURRENT_WATERMARK()` reads; the engine keeps it current.
+    pub watermark: current_watermark::WatermarkCell,
 }
 
 /// The schema a source's batches have.
@@ -76,6 +79,11 @@ pub fn plan(config: &PipelineConfig) -> Result<PlannedPipeline, Diagnostics> {
     session.options_mut().sql_parser.collect_spans = true;
     let ctx = SessionContext::new_with_config(session);
     let mut planned = PlannedPipeline::default();
+    planned.watermark.store(
+        crate::operator::watermark::WATERMARK_NONE,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    ctx.register_udf(current_watermark::udf(planned.watermark.clone()));
     let mut diagnostics = Vec::new();
     for source in &config.sources {
         let schema = Arc::new(source_schema(source));
