@@ -132,6 +132,7 @@ fn rewrite_set_expr(
 ) -> Result<(), String> {
     match body {
         SetExpr::Select(select) => {
+            rewrite_group_by_window(select, interval_ms, calls)?;
             for from in &mut select.from {
                 rewrite_factor(&mut from.relation, interval_ms, calls)?;
                 for join in &mut from.joins {
@@ -234,6 +235,105 @@ fn rewrite_factor(
         }
         _ => Ok(()),
     }
+}
+
+/// The seed's form, `FROM src ... GROUP BY key, TUMBLE(ts, size)` (also HOP(ts, slide,
+/// size) and SESSION(ts, gap)): the same as `FROM TUMBLE(src, ts, size) ... GROUP BY key,
+/// window_start, window_end`.
+fn rewrite_group_by_window(
+    select: &mut ast::Select,
+    interval_ms: &dyn Fn(&ast::Expr) -> Result<i64, String>,
+    calls: &mut Vec<WindowCall>,
+) -> Result<(), String> {
+    let ast::GroupByExpr::Expressions(exprs, _) = &mut select.group_by else {
+        return Ok(());
+    };
+    let found = exprs.iter().enumerate().find_map(|(i, e)| match e {
+        ast::Expr::Function(f) => {
+            let name = f.name.to_string().to_ascii_lowercase();
+            matches!(name.as_str(), "tumble" | "hop" | "session").then(|| (i, name, f.clone()))
+        }
+        _ => None,
+    });
+    let Some((at, function, call)) = found else {
+        return Ok(());
+    };
+    let usage = match function.as_str() {
+        "tumble" => "GROUP BY ..., TUMBLE(time_column, size)",
+        "hop" => "GROUP BY ..., HOP(time_column, slide, size)",
+        _ => "GROUP BY ..., SESSION(time_column, gap)",
+    };
+    let ast::FunctionArguments::List(list) = &call.args else {
+        return Err(format!("expected {usage}"));
+    };
+    let args: Vec<&ast::Expr> = list
+        .args
+        .iter()
+        .map(|a| match a {
+            FunctionArg::Unnamed(FunctionArgExpr::Expr(e)) => Ok(e),
+            _ => Err(format!("expected {usage}")),
+        })
+        .collect::<Result<_, _>>()?;
+    let expected = if function == "hop" { 3 } else { 2 };
+    if args.len() != expected {
+        return Err(format!("expected {usage}"));
+    }
+    let ast::Expr::Identifier(time_column) = args[0] else {
+        return Err(format!("{usage}: the time column must be a column name"));
+    };
+    let [from] = select.from.as_mut_slice() else {
+        return Err(format!("{usage} needs exactly one source or query in FROM"));
+    };
+    if !from.joins.is_empty() {
+        return Err(format!("{usage} cannot be used with a JOIN"));
+    }
+    let TableFactor::Table {
+        name,
+        alias,
+        args: None,
+        ..
+    } = &mut from.relation
+    else {
+        return Err(format!("{usage} needs a source or query name in FROM"));
+    };
+    let input = name.to_string();
+    let kind = match function.as_str() {
+        "tumble" => WindowKind::Tumble {
+            size_ms: interval_ms(args[1])?,
+        },
+        "hop" => WindowKind::Hop {
+            slide_ms: interval_ms(args[1])?,
+            size_ms: interval_ms(args[2])?,
+        },
+        _ => WindowKind::Session {
+            gap_ms: interval_ms(args[1])?,
+        },
+    };
+    kind.validate()?;
+    let table = format!("__window_{}", calls.len());
+    *name = ObjectName(vec![ObjectNamePart::Identifier(Ident::new(&table))]);
+    if alias.is_none() {
+        *alias = Some(TableAlias {
+            explicit: true,
+            name: Ident::new(&input),
+            columns: Vec::new(),
+            at: None,
+        });
+    }
+    exprs.splice(
+        at..=at,
+        [
+            ast::Expr::Identifier(Ident::new("window_start")),
+            ast::Expr::Identifier(Ident::new("window_end")),
+        ],
+    );
+    calls.push(WindowCall {
+        table,
+        input,
+        time_column: time_column.value.clone(),
+        kind,
+    });
+    Ok(())
 }
 
 /// Plans `SELECT <expr>` to read an interval literal as milliseconds.
