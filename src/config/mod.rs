@@ -652,7 +652,9 @@ fn decode_source(r: &mut Reader, node: &Node, pipeline: &str) -> Option<SourceCo
             .map(|field| DecodeColumn {
                 name: field.name().clone(),
                 ty: match field.data_type() {
-                    arrow::datatypes::DataType::Timestamp(..) => ColumnType::TimestampMs,
+                    arrow::datatypes::DataType::Timestamp(..) => {
+                        ColumnType::Timestamp(laminar_connectors::format::types::EpochUnit::Millis)
+                    }
                     arrow::datatypes::DataType::Int64 => ColumnType::Int64,
                     _ => ColumnType::Utf8,
                 },
@@ -760,7 +762,7 @@ fn decode_event_time(
                 format!("event time column `{column}` is not in the schema of {what}{h}"),
             );
         }
-        Some(c) if !matches!(c.ty, ColumnType::TimestampMs | ColumnType::Int64) => {
+        Some(c) if !matches!(c.ty, ColumnType::Timestamp(_) | ColumnType::Int64) => {
             r.error(pos(column_node), format!("event time column `{column}` is {}; it must be TIMESTAMP or BIGINT (epoch milliseconds)", c.ty.sql_name()));
         }
         _ => {}

@@ -39,6 +39,7 @@ use crate::operator::window_aggregate::{
 };
 use crate::operator::{Operator, Step};
 use laminar_connectors::format::ColumnType;
+use laminar_connectors::format::types::EpochUnit;
 
 /// Every query of a pipeline, compiled, and the schema of every named relation.
 #[derive(Default)]
@@ -181,9 +182,11 @@ fn compile(
         };
         let mut fields: Vec<_> = input_schema.fields().iter().cloned().collect();
         fields.push(Arc::new(
-            ColumnType::TimestampMs.field("window_start", false),
+            ColumnType::Timestamp(EpochUnit::Millis).field("window_start", false),
         ));
-        fields.push(Arc::new(ColumnType::TimestampMs.field("window_end", false)));
+        fields.push(Arc::new(
+            ColumnType::Timestamp(EpochUnit::Millis).field("window_end", false),
+        ));
         register(ctx, &call.table, Arc::new(Schema::new(fields)));
     }
     let logical = futures::executor::block_on(state.statement_to_plan(statement))
@@ -431,9 +434,11 @@ fn window_plan(
     let window_schema = {
         let mut fields: Vec<_> = input_schema.fields().iter().cloned().collect();
         fields.push(Arc::new(
-            ColumnType::TimestampMs.field("window_start", false),
+            ColumnType::Timestamp(EpochUnit::Millis).field("window_start", false),
         ));
-        fields.push(Arc::new(ColumnType::TimestampMs.field("window_end", false)));
+        fields.push(Arc::new(
+            ColumnType::Timestamp(EpochUnit::Millis).field("window_end", false),
+        ));
         Arc::new(Schema::new(fields))
     };
     Ok(WindowAggregatePlan {

@@ -45,13 +45,22 @@ impl Broker {
     /// The mock cluster in this process, served through a relay on a free loopback port
     /// whose network can be cut with [`Broker::set_reachable`].
     pub fn in_process_with_relay() -> Result<Self, Error> {
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()?));
-        let embedded = EmbeddedBroker::start(1, Some(addr))?;
-        Ok(Self {
-            bootstrap: embedded.bootstrap_servers().to_owned(),
-            embedded: Some(embedded),
-            child: None,
-        })
+        // A free port can be taken by someone else before the relay binds it: try again.
+        let mut last_error: Option<Error> = None;
+        for _ in 0..5 {
+            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()?));
+            match EmbeddedBroker::start(1, Some(addr)) {
+                Ok(embedded) => {
+                    return Ok(Self {
+                        bootstrap: embedded.bootstrap_servers().to_owned(),
+                        embedded: Some(embedded),
+                        child: None,
+                    });
+                }
+                Err(e) => last_error = Some(e.into()),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| "no free port".into()))
     }
 
     /// Cuts or restores the network to an in-process broker started with a relay.

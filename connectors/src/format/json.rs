@@ -71,7 +71,7 @@ impl Builder {
             ColumnType::Float32 => Self::Float32(Float32Builder::with_capacity(capacity)),
             ColumnType::Float64 => Self::Float64(Float64Builder::with_capacity(capacity)),
             ColumnType::Utf8 => Self::Utf8(StringBuilder::with_capacity(capacity, capacity * 16)),
-            ColumnType::TimestampMs => Self::TimestampMs(
+            ColumnType::Timestamp(_) => Self::TimestampMs(
                 TimestampMillisecondBuilder::with_capacity(capacity).with_timezone(TIMESTAMP_TZ),
             ),
             ColumnType::Date32 => Self::Date32(Date32Builder::with_capacity(capacity)),
@@ -310,7 +310,7 @@ impl CellSeed<'_> {
             }
             ColumnType::Float32 | ColumnType::Float64 => "a number",
             ColumnType::Utf8 => "a string",
-            ColumnType::TimestampMs => "epoch milliseconds or an RFC 3339 string",
+            ColumnType::Timestamp(unit) => unit.expected(),
             ColumnType::Date32 => "a YYYY-MM-DD string",
         };
         *self.failure = Some(DecodeError::WrongType {
@@ -326,7 +326,7 @@ impl CellSeed<'_> {
             ColumnType::Int8 => (i128::from(i8::MIN), i128::from(i8::MAX)),
             ColumnType::Int16 => (i128::from(i16::MIN), i128::from(i16::MAX)),
             ColumnType::Int32 => (i128::from(i32::MIN), i128::from(i32::MAX)),
-            ColumnType::Int64 | ColumnType::TimestampMs => {
+            ColumnType::Int64 | ColumnType::Timestamp(_) => {
                 (i128::from(i64::MIN), i128::from(i64::MAX))
             }
             ColumnType::Float32 | ColumnType::Float64 => return Ok(Cell::Float(v as f64)),
@@ -335,7 +335,13 @@ impl CellSeed<'_> {
         if v < min || v > max {
             return self.wrong(format!("{v}, which is out of range"));
         }
-        Ok(Cell::Int(v as i64))
+        match self.column.ty {
+            ColumnType::Timestamp(unit) => match unit.to_ms(v as i64) {
+                Some(ms) => Ok(Cell::Int(ms)),
+                None => self.wrong(format!("{v}, which is out of range")),
+            },
+            _ => Ok(Cell::Int(v as i64)),
+        }
     }
 }
 
@@ -380,7 +386,7 @@ impl<'de> Visitor<'de> for CellSeed<'_> {
                 self.text.push_str(v);
                 Ok(Cell::Str)
             }
-            ColumnType::TimestampMs => match chrono::DateTime::parse_from_rfc3339(v) {
+            ColumnType::Timestamp(_) => match chrono::DateTime::parse_from_rfc3339(v) {
                 Ok(t) => Ok(Cell::Int(t.timestamp_millis())),
                 Err(_) => self.wrong(format!("the string {v:?}")),
             },
@@ -686,7 +692,7 @@ mod tests {
             },
             DecodeColumn {
                 name: "ts".into(),
-                ty: ColumnType::TimestampMs,
+                ty: ColumnType::Timestamp(crate::format::types::EpochUnit::Millis),
                 nullable: false,
             },
         ]
@@ -735,6 +741,41 @@ mod tests {
                 .value(1),
             1_700_000_000_500
         );
+    }
+
+    #[test]
+    fn decode_reads_epoch_units_into_milliseconds() {
+        use crate::format::types::EpochUnit;
+        let column = |name: &str, unit| DecodeColumn {
+            name: name.into(),
+            ty: ColumnType::Timestamp(unit),
+            nullable: false,
+        };
+        let mut d = JsonDecoder::new(vec![
+            column("s", EpochUnit::Seconds),
+            column("ms", EpochUnit::Millis),
+            column("us", EpochUnit::Micros),
+            column("ns", EpochUnit::Nanos),
+        ]);
+        d.decode(br#"{"s":1700000000,"ms":1700000000001,"us":1700000000002999,"ns":1700000000003999999}"#).unwrap();
+        let arrays = d.finish();
+        let ms: Vec<i64> = arrays
+            .iter()
+            .map(|a| a.as_primitive::<TimestampMillisecondType>().value(0))
+            .collect();
+        assert_eq!(
+            ms,
+            vec![
+                1_700_000_000_000,
+                1_700_000_000_001,
+                1_700_000_000_002,
+                1_700_000_000_003
+            ]
+        );
+        assert!(matches!(
+            d.decode(br#"{"s":9223372036854775807,"ms":1,"us":1,"ns":1}"#),
+            Err(DecodeError::WrongType { .. })
+        ));
     }
 
     #[test]

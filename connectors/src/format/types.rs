@@ -11,7 +11,7 @@ use arrow::datatypes::{DataType, Field, TimeUnit};
 pub const TIMESTAMP_TZ: &str = "UTC";
 
 /// The spellings accepted in `schema:` (upper or lower case).
-pub const COLUMN_TYPE_NAMES: [&str; 14] = [
+pub const COLUMN_TYPE_NAMES: [&str; 17] = [
     "BOOLEAN",
     "TINYINT",
     "SMALLINT",
@@ -25,8 +25,43 @@ pub const COLUMN_TYPE_NAMES: [&str; 14] = [
     "STRING",
     "TEXT",
     "TIMESTAMP",
+    "TIMESTAMP(0)",
+    "TIMESTAMP(6)",
+    "TIMESTAMP(9)",
     "DATE",
 ];
+
+/// The unit of an integer event time in JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EpochUnit {
+    Seconds,
+    Millis,
+    Micros,
+    Nanos,
+}
+
+impl EpochUnit {
+    /// `v` units since the epoch as milliseconds (floor), or `None` when out of range.
+    #[must_use]
+    pub fn to_ms(self, v: i64) -> Option<i64> {
+        match self {
+            Self::Seconds => v.checked_mul(1000),
+            Self::Millis => Some(v),
+            Self::Micros => Some(v.div_euclid(1000)),
+            Self::Nanos => Some(v.div_euclid(1_000_000)),
+        }
+    }
+
+    #[must_use]
+    pub fn expected(self) -> &'static str {
+        match self {
+            Self::Seconds => "epoch seconds or an RFC 3339 string",
+            Self::Millis => "epoch milliseconds or an RFC 3339 string",
+            Self::Micros => "epoch microseconds or an RFC 3339 string",
+            Self::Nanos => "epoch nanoseconds or an RFC 3339 string",
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ColumnType {
@@ -38,8 +73,10 @@ pub enum ColumnType {
     Float32,
     Float64,
     Utf8,
-    /// Milliseconds since the epoch, UTC. JSON: integer epoch millis or an RFC 3339 string.
-    TimestampMs,
+    /// An instant, held as milliseconds since the epoch, UTC. JSON: an RFC 3339 string,
+    /// or an integer count of the unit since the epoch (`TIMESTAMP` = milliseconds,
+    /// `TIMESTAMP(0)` seconds, `TIMESTAMP(6)` microseconds, `TIMESTAMP(9)` nanoseconds).
+    Timestamp(EpochUnit),
     /// Days since the epoch. JSON: `YYYY-MM-DD`.
     Date32,
 }
@@ -56,7 +93,7 @@ impl ColumnType {
             Self::Float32 => DataType::Float32,
             Self::Float64 => DataType::Float64,
             Self::Utf8 => DataType::Utf8,
-            Self::TimestampMs => timestamp_ms_type(),
+            Self::Timestamp(_) => timestamp_ms_type(),
             Self::Date32 => DataType::Date32,
         }
     }
@@ -72,7 +109,10 @@ impl ColumnType {
             Self::Float32 => "FLOAT",
             Self::Float64 => "DOUBLE",
             Self::Utf8 => "VARCHAR",
-            Self::TimestampMs => "TIMESTAMP",
+            Self::Timestamp(EpochUnit::Seconds) => "TIMESTAMP(0)",
+            Self::Timestamp(EpochUnit::Millis) => "TIMESTAMP",
+            Self::Timestamp(EpochUnit::Micros) => "TIMESTAMP(6)",
+            Self::Timestamp(EpochUnit::Nanos) => "TIMESTAMP(9)",
             Self::Date32 => "DATE",
         }
     }
@@ -108,7 +148,10 @@ pub fn parse_column_type(text: &str) -> Option<(ColumnType, bool)> {
         "FLOAT" | "REAL" => ColumnType::Float32,
         "DOUBLE" => ColumnType::Float64,
         "VARCHAR" | "STRING" | "TEXT" => ColumnType::Utf8,
-        "TIMESTAMP" => ColumnType::TimestampMs,
+        "TIMESTAMP" | "TIMESTAMP(3)" => ColumnType::Timestamp(EpochUnit::Millis),
+        "TIMESTAMP(0)" => ColumnType::Timestamp(EpochUnit::Seconds),
+        "TIMESTAMP(6)" => ColumnType::Timestamp(EpochUnit::Micros),
+        "TIMESTAMP(9)" => ColumnType::Timestamp(EpochUnit::Nanos),
         "DATE" => ColumnType::Date32,
         _ => return None,
     };
@@ -131,7 +174,7 @@ mod tests {
         );
         assert_eq!(
             parse_column_type("timestamp not null"),
-            Some((ColumnType::TimestampMs, false))
+            Some((ColumnType::Timestamp(EpochUnit::Millis), false))
         );
         assert_eq!(parse_column_type("BIGINTEGER"), None);
         assert_eq!(parse_column_type("INT NULL NULL"), None);
