@@ -71,12 +71,23 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let mut table = String::new();
     writeln!(
         table,
-        "{:<34} {:>12} {:>14} {:>10}",
-        "benchmark", "events", "events/s", "seconds"
+        "{:<40} {:>10} {:>12} {:>8} {:>10} {:>8}",
+        "benchmark", "events", "events/s", "seconds", "live keys", "B/key"
     )?;
     for (name, query) in QUERIES {
-        let (events, elapsed) = engine_only(query, args.events)?;
-        row(&mut table, &format!("engine {name}"), events, elapsed)?;
+        let run = engine_only(query, args.events)?;
+        let rate = run.events as f64 / run.elapsed.as_secs_f64();
+        let bytes = run
+            .state_bytes_per_group
+            .map_or_else(|| "-".to_owned(), |b| b.to_string());
+        writeln!(
+            table,
+            "{:<40} {:>10} {rate:>12.0} {:>8.3} {:>10} {bytes:>8}",
+            format!("engine {name}"),
+            run.events,
+            run.elapsed.as_secs_f64(),
+            run.groups_max
+        )?;
     }
     if !args.engine_only {
         kafka(args.kafka_events, &mut table)?;
@@ -92,7 +103,7 @@ fn row(table: &mut String, name: &str, events: u64, elapsed: Duration) -> anyhow
     let rate = events as f64 / elapsed.as_secs_f64();
     writeln!(
         table,
-        "{name:<34} {events:>12} {rate:>14.0} {:>10.3}",
+        "{name:<40} {events:>10} {rate:>12.0} {:>8.3}",
         elapsed.as_secs_f64()
     )?;
     Ok(())
@@ -106,7 +117,7 @@ fn pipeline_yaml(source: &str, query: &str, sink: &str) -> String {
 
 /// datagen -> query -> JSON encode -> discard, on this thread. Returns events, elapsed,
 /// rows out and the largest number of live window groups seen.
-fn engine_only(query: &str, events: u64) -> anyhow::Result<(u64, Duration)> {
+fn engine_only(query: &str, events: u64) -> anyhow::Result<EngineRun> {
     let yaml = pipeline_yaml(
         &format!(
             "  - {{ name: bids, connector: datagen, events: 1, auctions: {BENCH_AUCTIONS}, event_time: {{ column: date_time }} }}"
@@ -130,12 +141,19 @@ fn engine_only(query: &str, events: u64) -> anyhow::Result<(u64, Duration)> {
     let mut encoder = JsonEncoder::default();
     let (mut results, mut late) = (Vec::new(), Vec::new());
     let (mut out, mut ends) = (Vec::new(), Vec::new());
+    let rss_before = resident_bytes();
+    let (mut groups_max, mut rss_at_max) = (0, rss_before);
     let started = Instant::now();
     let mut rows_out = 0;
     loop {
         match source.poll(Duration::ZERO)? {
             SourcePoll::Batch(b) => {
                 operator.process_batch(&b.batch, &mut results, &mut late)?;
+                let groups = operator.state_groups();
+                if groups > groups_max {
+                    groups_max = groups;
+                    rss_at_max = resident_bytes();
+                }
                 if stateful {
                     // Generated events are in order: the watermark is the batch's last time.
                     let times = b
@@ -167,7 +185,36 @@ fn engine_only(query: &str, events: u64) -> anyhow::Result<(u64, Duration)> {
     }
     let elapsed = started.elapsed();
     std::hint::black_box(rows_out);
-    Ok((events, elapsed))
+    let state_bytes_per_group =
+        (groups_max > 0).then(|| rss_at_max.saturating_sub(rss_before) / groups_max as u64);
+    Ok(EngineRun {
+        events,
+        elapsed,
+        groups_max,
+        state_bytes_per_group,
+    })
+}
+
+struct EngineRun {
+    events: u64,
+    elapsed: Duration,
+    /// Most (window, key) groups held at once.
+    groups_max: usize,
+    /// Resident memory growth at that moment, per group (an estimate: it includes the
+    /// allocator's slack and the batches in flight).
+    state_bytes_per_group: Option<u64>,
+}
+
+/// Resident set size of this process, from /proc (0 where there is none).
+fn resident_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|p| p.parse::<u64>().ok())
+        })
+        .map_or(0, |pages| pages * 4096)
 }
 
 fn kafka(events: u64, table: &mut String) -> anyhow::Result<()> {

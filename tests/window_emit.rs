@@ -153,3 +153,22 @@ fn emit_on_update_reemits_each_change_and_nothing_at_close() {
     assert!(out.is_empty(), "the last update was already final");
     assert_eq!(op.state_groups(), 0);
 }
+
+#[test]
+fn window_state_over_memory_bytes_max_is_a_clear_error() {
+    let yaml = "pipeline: cap\nsources:\n  - name: events\n    connector: file\n    path: unused\n    schema: { key: BIGINT, ts: TIMESTAMP }\n    event_time: { column: ts }\nqueries:\n  - name: q\n    sql: SELECT key, window_start, COUNT(*) AS n FROM TUMBLE(events, ts, INTERVAL '10' SECOND) GROUP BY key, window_start\nsinks:\n  - { name: out, from: q, connector: stdout }\nstate:\n  memory_bytes_max: 100000\n";
+    let config = config::parse("cap.yaml", yaml, &|_| None).unwrap();
+    let mut op = sql::plan(&config).unwrap().queries.remove(0);
+    let (mut out, mut late) = (Vec::new(), Vec::new());
+    let few: Vec<(i64, i64)> = (0..100).map(|k| (k, 1000)).collect();
+    op.process_batch(&batch(&few), &mut out, &mut late).unwrap();
+    let many: Vec<(i64, i64)> = (0..10_000).map(|k| (k, 1000)).collect();
+    let error = op
+        .process_batch(&batch(&many), &mut out, &mut late)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("over state.memory_bytes_max (100000)"),
+        "{error}"
+    );
+}

@@ -74,7 +74,14 @@ pub struct WindowAggregatePlan {
     /// The source whose watermark drives it, and that watermark's delay.
     pub watermark_source: String,
     pub watermark_delay_ms: u64,
+    /// `state.memory_bytes_max`: the estimated state beyond which the query fails with a
+    /// clear error instead of growing until the process is killed.
+    pub state_bytes_max: u64,
 }
+
+/// Estimated bytes of one group besides its key and accumulators: hash entry, key box,
+/// vector slots.
+const GROUP_OVERHEAD_BYTES: usize = 64;
 
 /// The groups of one fixed window, in arrival order.
 #[derive(Default)]
@@ -102,6 +109,9 @@ pub struct WindowAggregateOperator {
     session_ends: BTreeMap<i64, Vec<Box<[u8]>>>,
     watermark: i64,
     last_periodic_emit: Instant,
+    /// Groups held now, and the bytes of their keys (kept as they change).
+    groups: usize,
+    key_bytes: usize,
 }
 
 /// A group ready to emit.
@@ -138,6 +148,8 @@ impl WindowAggregateOperator {
             session_ends: BTreeMap::new(),
             watermark: i64::MIN,
             last_periodic_emit: Instant::now(),
+            groups: 0,
+            key_bytes: 0,
         })
     }
 
@@ -240,6 +252,35 @@ impl WindowAggregateOperator {
             &windowed,
             &arrow::compute::not(&is_late)?,
         )?)
+    }
+
+    /// Drops a closed fixed window from state.
+    fn remove_window(&mut self, start: i64) -> Option<Groups> {
+        let groups = self.fixed.remove(&start)?;
+        self.groups -= groups.keys.len();
+        self.key_bytes -= groups.keys.iter().map(|k| k.len()).sum::<usize>();
+        Some(groups)
+    }
+
+    /// Estimated bytes of state: every group's accumulators, key (held twice for fixed
+    /// windows: index and list) and overhead. COUNT(DISTINCT) sets are bounded apart.
+    #[must_use]
+    pub fn state_bytes(&self) -> usize {
+        let per_group =
+            GROUP_OVERHEAD_BYTES + self.plan.aggregates.len() * std::mem::size_of::<Acc>();
+        self.groups * per_group + 2 * self.key_bytes
+    }
+
+    fn check_state_size(&self) -> Result<(), DataFusionError> {
+        let bytes = self.state_bytes() as u64;
+        if bytes > self.plan.state_bytes_max {
+            return Err(DataFusionError::ResourcesExhausted(format!(
+                "window state of query `{}` is about {bytes} bytes ({} open windows x keys), over state.memory_bytes_max ({}); \
+                 raise it, shorten the windows or lower the key cardinality",
+                self.plan.name, self.groups, self.plan.state_bytes_max
+            )));
+        }
+        Ok(())
     }
 
     /// Each row's window start in the aggregate's input.
@@ -374,6 +415,8 @@ impl WindowAggregateOperator {
                 let slot = groups.keys.len();
                 groups.index.insert(key.into(), slot as u32);
                 groups.keys.push(key.into());
+                self.groups += 1;
+                self.key_bytes += key.len();
                 groups
                     .accs
                     .extend(self.plan.aggregates.iter().map(AggregateSpec::new_acc));
@@ -423,6 +466,8 @@ impl WindowAggregateOperator {
             let target = if let Some((&first, rest)) = touching.split_first() {
                 for &i in rest.iter().rev() {
                     let other = sessions.remove(i);
+                    self.groups -= 1;
+                    self.key_bytes -= key.len();
                     let s = &mut sessions[first];
                     s.start = s.start.min(other.start);
                     s.last = s.last.max(other.last);
@@ -438,6 +483,8 @@ impl WindowAggregateOperator {
                 }
                 first
             } else {
+                self.groups += 1;
+                self.key_bytes += key.len();
                 sessions.push(Session {
                     start: t,
                     last: t,
@@ -478,7 +525,8 @@ impl Operator for WindowAggregateOperator {
         true
     }
     fn state_groups(&self) -> usize {
-        self.live_groups()
+        debug_assert_eq!(self.groups, self.live_groups(), "group count drifted");
+        self.groups
     }
 
     fn process_batch(
@@ -537,6 +585,7 @@ impl Operator for WindowAggregateOperator {
                 ),
             });
         }
+        self.check_state_size()?;
         if self.plan.emit == EmitPolicy::OnUpdate {
             self.emit_dirty(out)?;
         }
@@ -563,7 +612,7 @@ impl Operator for WindowAggregateOperator {
             .take_while(|&s| self.closes(self.plan.kind.end(s), watermark))
             .collect();
         for start in closing {
-            let Some(groups) = self.fixed.remove(&start) else {
+            let Some(groups) = self.remove_window(start) else {
                 continue;
             };
             if emit_all || emit_dirty {
@@ -605,6 +654,8 @@ impl Operator for WindowAggregateOperator {
                         < watermark
                     {
                         closed.push((key.clone(), sessions.remove(i)));
+                        self.groups -= 1;
+                        self.key_bytes -= key.len();
                     } else {
                         i += 1;
                     }

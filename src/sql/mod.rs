@@ -465,6 +465,7 @@ fn window_plan(
         allowed_lateness_ms: i64::try_from(query.allowed_lateness_ms).unwrap_or(i64::MAX),
         watermark_source: source.name.clone(),
         watermark_delay_ms: event_time.watermark_delay_ms,
+        state_bytes_max: config.state.memory_bytes_max,
     })
 }
 
