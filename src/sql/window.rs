@@ -198,30 +198,9 @@ fn rewrite_factor(
             };
             let input = ident(list[0], "source")?;
             let time_column = ident(list[1], "time column")?;
-            let kind = match function.as_str() {
-                "tumble" => WindowKind::Tumble {
-                    size_ms: interval_ms(list[2])?,
-                },
-                "hop" => WindowKind::Hop {
-                    slide_ms: interval_ms(list[2])?,
-                    size_ms: interval_ms(list[3])?,
-                },
-                _ => WindowKind::Session {
-                    gap_ms: interval_ms(list[2])?,
-                },
-            };
-            kind.validate()?;
-            let table = format!("__window_{}", calls.len());
-            *name = ObjectName(vec![ObjectNamePart::Identifier(Ident::new(&table))]);
+            let kind = window_kind(&function, &list[2..], interval_ms)?;
+            let table = rename_to_window_table(name, alias, &input, calls.len());
             *args = None;
-            if alias.is_none() {
-                *alias = Some(TableAlias {
-                    explicit: true,
-                    name: Ident::new(&input),
-                    columns: Vec::new(),
-                    at: None,
-                });
-            }
             calls.push(WindowCall {
                 table,
                 input,
@@ -297,29 +276,8 @@ fn rewrite_group_by_window(
         return Err(format!("{usage} needs a source or query name in FROM"));
     };
     let input = name.to_string();
-    let kind = match function.as_str() {
-        "tumble" => WindowKind::Tumble {
-            size_ms: interval_ms(args[1])?,
-        },
-        "hop" => WindowKind::Hop {
-            slide_ms: interval_ms(args[1])?,
-            size_ms: interval_ms(args[2])?,
-        },
-        _ => WindowKind::Session {
-            gap_ms: interval_ms(args[1])?,
-        },
-    };
-    kind.validate()?;
-    let table = format!("__window_{}", calls.len());
-    *name = ObjectName(vec![ObjectNamePart::Identifier(Ident::new(&table))]);
-    if alias.is_none() {
-        *alias = Some(TableAlias {
-            explicit: true,
-            name: Ident::new(&input),
-            columns: Vec::new(),
-            at: None,
-        });
-    }
+    let kind = window_kind(&function, &args[1..], interval_ms)?;
+    let table = rename_to_window_table(name, alias, &input, calls.len());
     exprs.splice(
         at..=at,
         [
@@ -334,6 +292,50 @@ fn rewrite_group_by_window(
         kind,
     });
     Ok(())
+}
+
+/// The window of `function` (`tumble`, `hop`, `session`) from its interval arguments
+/// (size; slide and size; gap), checked.
+fn window_kind(
+    function: &str,
+    intervals: &[&ast::Expr],
+    interval_ms: &dyn Fn(&ast::Expr) -> Result<i64, String>,
+) -> Result<WindowKind, String> {
+    let kind = match function {
+        "tumble" => WindowKind::Tumble {
+            size_ms: interval_ms(intervals[0])?,
+        },
+        "hop" => WindowKind::Hop {
+            slide_ms: interval_ms(intervals[0])?,
+            size_ms: interval_ms(intervals[1])?,
+        },
+        _ => WindowKind::Session {
+            gap_ms: interval_ms(intervals[0])?,
+        },
+    };
+    kind.validate()?;
+    Ok(kind)
+}
+
+/// Points a FROM entry at the `n`th window table, aliased as the input (when it has no
+/// alias) so that `input.column` still resolves; returns the table's name.
+fn rename_to_window_table(
+    name: &mut ObjectName,
+    alias: &mut Option<TableAlias>,
+    input: &str,
+    n: usize,
+) -> String {
+    let table = format!("__window_{n}");
+    *name = ObjectName(vec![ObjectNamePart::Identifier(Ident::new(&table))]);
+    if alias.is_none() {
+        *alias = Some(TableAlias {
+            explicit: true,
+            name: Ident::new(input),
+            columns: Vec::new(),
+            at: None,
+        });
+    }
+    table
 }
 
 /// Plans `SELECT <expr>` to read an interval literal as milliseconds.
