@@ -19,6 +19,7 @@
 //! - [`sql`]: planning and compiling queries (`laminar explain`), windows and EMIT.
 //! - [`operator`]: what compiled queries run: stateless steps, windowed aggregation,
 //!   accumulators, watermarks.
+//! - [`state`]: the state-store interface operators checkpoint into and restore from.
 //! - [`engine`]: running a pipeline (`laminar run`).
 //! - [`bench`]: the built-in benchmark (`laminar bench`).
 //! - `laminar_connectors` (crate `connectors/`): sources, sinks, formats, the embedded broker.
@@ -28,6 +29,7 @@ pub mod config;
 pub mod engine;
 pub mod operator;
 pub mod sql;
+pub mod state;
 
 /// Exit codes, as documented in the README.
 pub mod exit {

@@ -19,6 +19,7 @@ use crate::config::{PipelineConfig, SinkConnector, SourceConnector};
 use crate::operator::watermark::WatermarkTracker;
 use crate::operator::{LateRows, Operator};
 use crate::sql::PlannedPipeline;
+use crate::state::{MemoryStore, StateError, StateStore, StateView};
 
 /// How long one poll of one source may block when nothing arrives.
 const POLL_TIMEOUT: Duration = Duration::from_millis(50);
@@ -43,6 +44,12 @@ pub enum RunError {
     },
     #[error("query `{name}` failed on a batch: {message}")]
     Query { name: String, message: String },
+    #[error("query `{name}`: {source}")]
+    State {
+        name: String,
+        #[source]
+        source: StateError,
+    },
 }
 
 /// Settings that come from the command line rather than the file.
@@ -94,6 +101,8 @@ pub struct Pipeline {
     late_sinks: Vec<Option<KafkaSink>>,
     sinks: Vec<SinkSlot>,
     dead_letters: Vec<SinkSlot>,
+    /// Where operators write their state when an epoch closes.
+    state: Box<dyn StateStore>,
     epoch_interval: Duration,
     summary: RunSummary,
     records_max: Option<u64>,
@@ -277,11 +286,21 @@ impl Pipeline {
                  so a restart re-reads them (from start_from) rather than lose open windows"
             );
         }
+        let mut state: Box<dyn StateStore> =
+            Box::new(MemoryStore::with_limit(config.state.memory_bytes_max));
+        let mut queries = planned.queries;
+        for query in &mut queries {
+            let name = query.name().to_owned();
+            StateView::open(state.as_mut(), &name)
+                .and_then(|view| query.restore(&view))
+                .map_err(|source| RunError::State { name, source })?;
+        }
         Ok(Self {
             sources,
             late_sinks,
             watermark: planned.watermark,
-            queries: planned.queries,
+            queries,
+            state,
             sinks,
             dead_letters,
             epoch_interval: Duration::from_millis(config.state.checkpoint_interval_ms),
@@ -545,6 +564,14 @@ impl Pipeline {
                     source,
                 })?
             {}
+        }
+        for query in &mut self.queries {
+            StateView::open(self.state.as_mut(), query.name())
+                .and_then(|mut view| query.checkpoint(&mut view))
+                .map_err(|source| RunError::State {
+                    name: query.name().to_owned(),
+                    source,
+                })?;
         }
         for (slot, positions) in self.sources.iter_mut().zip(&positions) {
             if slot.feeds_state && !slot.finished {

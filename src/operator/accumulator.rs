@@ -15,6 +15,8 @@ use arrow::datatypes::{DataType, Float32Type, Float64Type, Int64Type};
 use arrow::error::ArrowError;
 use arrow::row::{RowConverter, SortField};
 
+use crate::state::codec::{CodecError, Reader, Writer};
+
 /// Most distinct values one COUNT(DISTINCT) keeps per window and key.
 pub const DISTINCT_VALUES_MAX: usize = 1_000_000;
 
@@ -331,4 +333,155 @@ impl AggregateSpec {
 /// A row converter for COUNT(DISTINCT) over values of `t`.
 pub fn distinct_converter(t: &DataType) -> Result<RowConverter, ArrowError> {
     RowConverter::new(vec![SortField::new(t.clone())])
+}
+
+impl Acc {
+    /// Appends this accumulator to a state value (tag byte, then its fields).
+    pub fn encode(&self, w: &mut Writer) {
+        fn opt<T>(w: &mut Writer, v: Option<T>, put: impl FnOnce(&mut Writer, T)) {
+            match v {
+                None => w.u8(0),
+                Some(v) => {
+                    w.u8(1);
+                    put(w, v);
+                }
+            }
+        }
+        match self {
+            Acc::Count(n) => {
+                w.u8(0);
+                w.i64(*n);
+            }
+            Acc::SumInt(v) => {
+                w.u8(1);
+                opt(w, *v, Writer::i64);
+            }
+            Acc::SumFloat(v) => {
+                w.u8(2);
+                opt(w, *v, Writer::f64);
+            }
+            Acc::MinMaxInt(v) => {
+                w.u8(3);
+                opt(w, *v, Writer::i64);
+            }
+            Acc::MinMaxFloat(v) => {
+                w.u8(4);
+                opt(w, *v, Writer::f64);
+            }
+            Acc::MinMaxText(v) => {
+                w.u8(5);
+                opt(w, v.as_deref(), |w, v| w.bytes(v.as_bytes()));
+            }
+            Acc::Avg { sum, count } => {
+                w.u8(6);
+                w.f64(*sum);
+                w.i64(*count);
+            }
+            Acc::Distinct(set) => {
+                w.u8(7);
+                assert!(set.len() <= DISTINCT_VALUES_MAX);
+                w.u32(set.len() as u32);
+                for v in set.iter() {
+                    w.bytes(v);
+                }
+            }
+        }
+    }
+
+    /// Reads an accumulator written by [`Acc::encode`].
+    pub fn decode(r: &mut Reader<'_>) -> Result<Self, CodecError> {
+        fn opt<'a, T>(
+            r: &mut Reader<'a>,
+            get: impl FnOnce(&mut Reader<'a>) -> Result<T, CodecError>,
+        ) -> Result<Option<T>, CodecError> {
+            match r.u8()? {
+                0 => Ok(None),
+                1 => get(r).map(Some),
+                f => Err(CodecError(format!("bad option flag {f}"))),
+            }
+        }
+        Ok(match r.u8()? {
+            0 => Acc::Count(r.i64()?),
+            1 => Acc::SumInt(opt(r, Reader::i64)?),
+            2 => Acc::SumFloat(opt(r, Reader::f64)?),
+            3 => Acc::MinMaxInt(opt(r, Reader::i64)?),
+            4 => Acc::MinMaxFloat(opt(r, Reader::f64)?),
+            5 => Acc::MinMaxText(opt(r, |r| {
+                let b = r.bytes()?;
+                std::str::from_utf8(b)
+                    .map(Into::into)
+                    .map_err(|e| CodecError(format!("text accumulator: {e}")))
+            })?),
+            6 => Acc::Avg {
+                sum: r.f64()?,
+                count: r.i64()?,
+            },
+            7 => {
+                let n = r.u32()? as usize;
+                if n > DISTINCT_VALUES_MAX {
+                    return Err(CodecError(format!(
+                        "{n} distinct values, over the bound {DISTINCT_VALUES_MAX}"
+                    )));
+                }
+                let mut set = HashSet::with_capacity(n);
+                for _ in 0..n {
+                    set.insert(r.bytes()?.into());
+                }
+                Acc::Distinct(Box::new(set))
+            }
+            t => return Err(CodecError(format!("unknown accumulator tag {t}"))),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accumulators_round_trip_through_their_encoding() {
+        let accs = [
+            Acc::Count(-3),
+            Acc::SumInt(None),
+            Acc::SumInt(Some(i64::MIN)),
+            Acc::SumFloat(Some(-0.5)),
+            Acc::MinMaxInt(Some(7)),
+            Acc::MinMaxFloat(None),
+            Acc::MinMaxText(Some("zürich".into())),
+            Acc::MinMaxText(None),
+            Acc::Avg {
+                sum: 1e300,
+                count: 2,
+            },
+            Acc::Distinct(Box::default()),
+            Acc::Distinct(Box::new(
+                [b"a".as_slice(), b"", b"\x00\xff"]
+                    .into_iter()
+                    .map(Into::into)
+                    .collect(),
+            )),
+        ];
+        let mut w = Writer::default();
+        for acc in &accs {
+            acc.encode(&mut w);
+        }
+        let mut r = Reader::new(&w.buf);
+        for acc in &accs {
+            assert_eq!(&Acc::decode(&mut r).unwrap(), acc);
+        }
+        r.finish().unwrap();
+        // Every strict prefix of an encoding is an error, never a wrong value.
+        for acc in &accs {
+            w.clear();
+            acc.encode(&mut w);
+            for len in 0..w.buf.len() {
+                let mut r = Reader::new(&w.buf[..len]);
+                assert!(
+                    Acc::decode(&mut r).and_then(|_| r.finish()).is_err(),
+                    "{acc:?} cut at {len}"
+                );
+            }
+        }
+        assert!(Acc::decode(&mut Reader::new(&[9])).is_err(), "unknown tag");
+    }
 }

@@ -20,6 +20,8 @@ use arrow::datatypes::SchemaRef;
 use datafusion::error::DataFusionError;
 use datafusion::physical_expr::PhysicalExpr;
 
+use crate::state::{StateError, StateView};
+
 /// Rows that arrived after their window closed, with the reason.
 #[derive(Debug, Clone)]
 pub struct LateRows {
@@ -64,6 +66,15 @@ pub trait Operator: Send {
     /// Groups (window x key) held in state now; 0 for stateless operators.
     fn state_groups(&self) -> usize {
         0
+    }
+    /// Writes what changed since the last checkpoint into `state` (the operator's own
+    /// namespace), so that `state` then holds everything the operator holds.
+    fn checkpoint(&mut self, _state: &mut StateView<'_>) -> Result<(), StateError> {
+        Ok(())
+    }
+    /// Replaces what the operator holds with what `state` holds.
+    fn restore(&mut self, _state: &StateView<'_>) -> Result<(), StateError> {
+        Ok(())
     }
     /// The streaming plan, one operator a line.
     fn explain(&self) -> String;

@@ -32,6 +32,8 @@ use super::accumulator::{Acc, AggregateSpec, ArgValues};
 use super::window::WindowKind;
 use super::{LateRows, Operator, Step, explain_steps, run_steps};
 use crate::config::EmitPolicy;
+use crate::state::codec::{CodecError, Reader, Writer, from_ordered_i64, ordered_i64};
+use crate::state::{StateError, StateView};
 use laminar_connectors::format::types::TIMESTAMP_TZ;
 
 /// Where each column of the aggregate's output comes from.
@@ -90,6 +92,8 @@ struct Groups {
     keys: Vec<Box<[u8]>>,
     accs: Vec<Acc>,
     dirty: Vec<bool>,
+    /// Changed since the last checkpoint.
+    unsaved: Vec<bool>,
 }
 
 struct Session {
@@ -97,6 +101,8 @@ struct Session {
     last: i64,
     accs: Vec<Acc>,
     dirty: bool,
+    /// Changed since the last checkpoint.
+    unsaved: bool,
 }
 
 pub struct WindowAggregateOperator {
@@ -112,6 +118,8 @@ pub struct WindowAggregateOperator {
     /// Groups held now, and the bytes of their keys (kept as they change).
     groups: usize,
     key_bytes: usize,
+    /// Keys that lost a session (closed) since the last checkpoint.
+    closed_session_keys: Vec<Box<[u8]>>,
 }
 
 /// A group ready to emit.
@@ -150,6 +158,7 @@ impl WindowAggregateOperator {
             last_periodic_emit: Instant::now(),
             groups: 0,
             key_bytes: 0,
+            closed_session_keys: Vec::new(),
         })
     }
 
@@ -384,11 +393,14 @@ impl WindowAggregateOperator {
         }
         rows.sort_by_key(|r| (r.start, r.end));
         self.emit_rows(&rows, out)?;
+        // A group that was dirty at the last checkpoint is stored dirty: it changes.
         for g in self.fixed.values_mut() {
-            g.dirty.fill(false);
+            for (dirty, unsaved) in g.dirty.iter_mut().zip(&mut g.unsaved) {
+                *unsaved |= std::mem::take(dirty);
+            }
         }
         for s in self.sessions.values_mut().flatten() {
-            s.dirty = false;
+            s.unsaved |= std::mem::take(&mut s.dirty);
         }
         Ok(())
     }
@@ -421,9 +433,11 @@ impl WindowAggregateOperator {
                     .accs
                     .extend(self.plan.aggregates.iter().map(AggregateSpec::new_acc));
                 groups.dirty.push(false);
+                groups.unsaved.push(false);
                 slot
             };
             groups.dirty[slot] = true;
+            groups.unsaved[slot] = true;
             for (a, spec) in self.plan.aggregates.iter().enumerate() {
                 spec.update(&mut groups.accs[slot * n + a], &args[a], row);
             }
@@ -495,6 +509,7 @@ impl WindowAggregateOperator {
                         .map(AggregateSpec::new_acc)
                         .collect(),
                     dirty: false,
+                    unsaved: false,
                 });
                 sessions.len() - 1
             };
@@ -502,12 +517,126 @@ impl WindowAggregateOperator {
             s.start = s.start.min(t);
             s.last = s.last.max(t);
             s.dirty = true;
+            s.unsaved = true;
             for (a, spec) in self.plan.aggregates.iter().enumerate() {
                 spec.update(&mut s.accs[a], &args[a], row);
             }
             let end = s.last.saturating_add(gap_ms);
             self.session_ends.entry(end).or_default().push(key.into());
         }
+    }
+}
+
+/// State layout, in the operator's namespace (integers in keys sort numerically):
+///
+/// | key | value |
+/// |---|---|
+/// | `m` | format version (u8), watermark (i64) |
+/// | `w` start (8 bytes) group key | dirty (u8), one accumulator per aggregate |
+/// | `s` group key | session count (u32), then per session start, last (i64), dirty (u8), accumulators |
+const STATE_META: &[u8] = b"m";
+const STATE_FIXED: u8 = b'w';
+const STATE_SESSIONS: u8 = b's';
+const STATE_VERSION: u8 = 1;
+
+fn fixed_state_key(buf: &mut Vec<u8>, start: i64, key: &[u8]) {
+    buf.clear();
+    buf.push(STATE_FIXED);
+    buf.extend_from_slice(&ordered_i64(start));
+    buf.extend_from_slice(key);
+}
+
+fn session_state_key(buf: &mut Vec<u8>, key: &[u8]) {
+    buf.clear();
+    buf.push(STATE_SESSIONS);
+    buf.extend_from_slice(key);
+}
+
+fn encode_sessions(w: &mut Writer, sessions: &[Session]) {
+    w.clear();
+    // Sessions per key are bounded by the state size limit, far below 2^32.
+    w.u32(sessions.len() as u32);
+    for s in sessions {
+        w.i64(s.start);
+        w.i64(s.last);
+        w.u8(u8::from(s.dirty));
+        for acc in &s.accs {
+            acc.encode(w);
+        }
+    }
+}
+
+impl WindowAggregateOperator {
+    fn decode_accs(&self, r: &mut Reader<'_>, into: &mut Vec<Acc>) -> Result<(), CodecError> {
+        for _ in 0..self.plan.aggregates.len() {
+            into.push(Acc::decode(r)?);
+        }
+        Ok(())
+    }
+
+    fn restore_fixed(&mut self, key: &[u8], value: &[u8]) -> Result<(), CodecError> {
+        let Some(start) = key.get(1..9).and_then(|s| <[u8; 8]>::try_from(s).ok()) else {
+            return Err(CodecError(format!("window key of {} bytes", key.len())));
+        };
+        let start = from_ordered_i64(start);
+        let group_key: Box<[u8]> = key[9..].into();
+        let mut r = Reader::new(value);
+        let dirty = r.u8()? != 0;
+        if self
+            .fixed
+            .get(&start)
+            .is_some_and(|g| g.index.contains_key(&group_key))
+        {
+            return Err(CodecError("a group is stored twice".into()));
+        }
+        let mut accs = Vec::with_capacity(self.plan.aggregates.len());
+        self.decode_accs(&mut r, &mut accs)?;
+        r.finish()?;
+        let groups = self.fixed.entry(start).or_default();
+        // Slots are u32 here as in `update_fixed`.
+        groups
+            .index
+            .insert(group_key.clone(), groups.keys.len() as u32);
+        self.key_bytes += group_key.len();
+        self.groups += 1;
+        groups.keys.push(group_key);
+        groups.accs.extend(accs);
+        groups.dirty.push(dirty);
+        groups.unsaved.push(false);
+        Ok(())
+    }
+
+    fn restore_sessions(&mut self, key: &[u8], value: &[u8]) -> Result<(), CodecError> {
+        let WindowKind::Session { gap_ms } = self.plan.kind else {
+            return Err(CodecError("session state in a fixed-window query".into()));
+        };
+        let group_key: Box<[u8]> = key[1..].into();
+        let mut r = Reader::new(value);
+        let n = r.u32()?;
+        let mut sessions = Vec::new();
+        for _ in 0..n {
+            let (start, last, dirty) = (r.i64()?, r.i64()?, r.u8()? != 0);
+            let mut accs = Vec::with_capacity(self.plan.aggregates.len());
+            self.decode_accs(&mut r, &mut accs)?;
+            self.session_ends
+                .entry(last.saturating_add(gap_ms))
+                .or_default()
+                .push(group_key.clone());
+            sessions.push(Session {
+                start,
+                last,
+                accs,
+                dirty,
+                unsaved: false,
+            });
+        }
+        r.finish()?;
+        self.groups += sessions.len();
+        self.key_bytes += sessions.len() * group_key.len();
+        if !sessions.is_empty() {
+            self.sessions.insert(group_key, sessions);
+        }
+        Ok(())
     }
 }
 
@@ -654,6 +783,7 @@ impl Operator for WindowAggregateOperator {
                         < watermark
                     {
                         closed.push((key.clone(), sessions.remove(i)));
+                        self.closed_session_keys.push(key.clone());
                         self.groups -= 1;
                         self.key_bytes -= key.len();
                     } else {
@@ -691,6 +821,85 @@ impl Operator for WindowAggregateOperator {
         {
             self.last_periodic_emit = now;
             self.emit_dirty(out)?;
+        }
+        Ok(())
+    }
+
+    fn checkpoint(&mut self, state: &mut StateView<'_>) -> Result<(), StateError> {
+        let mut w = Writer::default();
+        w.u8(STATE_VERSION);
+        w.i64(self.watermark);
+        state.put(STATE_META, &w.buf)?;
+        // Closed windows are every window below the first open one: one range delete.
+        let mut key = Vec::new();
+        match self.fixed.keys().next() {
+            Some(&first) => fixed_state_key(&mut key, first, &[]),
+            None => key.push(STATE_FIXED + 1),
+        }
+        state.delete_range(&[STATE_FIXED], Some(&key));
+        let n = self.plan.aggregates.len();
+        for (&start, groups) in &mut self.fixed {
+            for slot in 0..groups.keys.len() {
+                if !std::mem::take(&mut groups.unsaved[slot]) {
+                    continue;
+                }
+                fixed_state_key(&mut key, start, &groups.keys[slot]);
+                w.clear();
+                w.u8(u8::from(groups.dirty[slot]));
+                for acc in &groups.accs[slot * n..(slot + 1) * n] {
+                    acc.encode(&mut w);
+                }
+                state.put(&key, &w.buf)?;
+            }
+        }
+        for (group_key, sessions) in &mut self.sessions {
+            if sessions.iter().any(|s| s.unsaved) {
+                for s in sessions.iter_mut() {
+                    s.unsaved = false;
+                }
+                session_state_key(&mut key, group_key);
+                encode_sessions(&mut w, sessions);
+                state.put(&key, &w.buf)?;
+            }
+        }
+        for group_key in std::mem::take(&mut self.closed_session_keys) {
+            session_state_key(&mut key, &group_key);
+            match self.sessions.get(&group_key) {
+                Some(sessions) => {
+                    encode_sessions(&mut w, sessions);
+                    state.put(&key, &w.buf)?;
+                }
+                None => state.delete(&key),
+            }
+        }
+        Ok(())
+    }
+
+    fn restore(&mut self, state: &StateView<'_>) -> Result<(), StateError> {
+        self.fixed.clear();
+        self.sessions.clear();
+        self.session_ends.clear();
+        self.closed_session_keys.clear();
+        (self.groups, self.key_bytes) = (0, 0);
+        self.watermark = i64::MIN;
+        let Some(meta) = state.get(STATE_META) else {
+            return Ok(());
+        };
+        let mut r = Reader::new(meta);
+        let version = r.u8().map_err(|e| state.corrupt(e.0))?;
+        if version != STATE_VERSION {
+            return Err(state.corrupt(format!(
+                "window state format {version}, this build reads {STATE_VERSION}"
+            )));
+        }
+        self.watermark = r.i64().map_err(|e| state.corrupt(e.0))?;
+        for (key, value) in state.scan_prefix(&[STATE_FIXED]) {
+            self.restore_fixed(key, value)
+                .map_err(|e| state.corrupt(format!("window entry: {}", e.0)))?;
+        }
+        for (key, value) in state.scan_prefix(&[STATE_SESSIONS]) {
+            self.restore_sessions(key, value)
+                .map_err(|e| state.corrupt(format!("session entry: {}", e.0)))?;
         }
         Ok(())
     }

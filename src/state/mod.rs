@@ -1,0 +1,352 @@
+//! The state-store interface: what operators keep across epochs, by namespace.
+//!
+//! Operators work on their own in-memory structures (hash maps of accumulators, the
+//! fastest form for per-record updates) and write what changed into a [`StateStore`] when
+//! an epoch closes ([`crate::operator::Operator::checkpoint`]); on start they rebuild
+//! from it ([`crate::operator::Operator::restore`]). The store is a write-back target, as
+//! in a heap state backend: between two checkpoints the operator's memory is ahead of the
+//! store, and the source offsets recorded with the checkpoint replay that difference.
+//!
+//! Each operator sees only its own namespace, through a [`StateView`]; keys are byte
+//! strings ordered bytewise, so operators lay out keys for the prefix scans and range
+//! deletes they need (a window operator puts the window start first, big-endian, so that
+//! freeing every closed window is one range delete). [`MemoryStore`] is the in-memory
+//! implementation; the memory-mapped, checkpointed store implements the same trait.
+
+pub mod codec;
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+
+/// Longest namespace name (operators are named after their query).
+pub const NAMESPACE_NAME_MAX: usize = 255;
+
+/// A namespace handle, valid for the store that issued it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Namespace(u32);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state of `{namespace}` is corrupt: {message}")]
+    Corrupt { namespace: String, message: String },
+    #[error("state namespace name is empty or longer than {NAMESPACE_NAME_MAX} bytes: {0:?}")]
+    BadNamespace(String),
+    #[error("state store is full: {message}")]
+    Full { message: String },
+    #[error("state store I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Ordered key-value state, partitioned into namespaces.
+pub trait StateStore: Send {
+    /// Opens the namespace `name`, creating it if needed. The same name gives the same
+    /// namespace across restarts.
+    fn namespace(&mut self, name: &str) -> Result<Namespace, StateError>;
+
+    fn get(&self, ns: Namespace, key: &[u8]) -> Option<&[u8]>;
+
+    fn put(&mut self, ns: Namespace, key: &[u8], value: &[u8]) -> Result<(), StateError>;
+
+    fn delete(&mut self, ns: Namespace, key: &[u8]);
+
+    /// Deletes every key in `[start, end)` (none when `end <= start`); `end: None` means
+    /// to the end of the namespace.
+    fn delete_range(&mut self, ns: Namespace, start: &[u8], end: Option<&[u8]>);
+
+    /// Every entry whose key starts with `prefix`, in key order. Visits only those keys.
+    fn scan_prefix<'a>(
+        &'a self,
+        ns: Namespace,
+        prefix: &[u8],
+    ) -> Box<dyn Iterator<Item = (&'a [u8], &'a [u8])> + 'a>;
+
+    /// Bytes of keys and values held.
+    fn bytes(&self) -> u64;
+}
+
+/// One operator's view of the store: its namespace and nothing else.
+pub struct StateView<'a> {
+    store: &'a mut dyn StateStore,
+    ns: Namespace,
+    name: String,
+}
+
+impl<'a> StateView<'a> {
+    pub fn open(store: &'a mut dyn StateStore, name: &str) -> Result<Self, StateError> {
+        let ns = store.namespace(name)?;
+        Ok(Self {
+            store,
+            ns,
+            name: name.to_owned(),
+        })
+    }
+
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    #[must_use]
+    pub fn get(&self, key: &[u8]) -> Option<&[u8]> {
+        self.store.get(self.ns, key)
+    }
+
+    pub fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), StateError> {
+        self.store.put(self.ns, key, value)
+    }
+
+    pub fn delete(&mut self, key: &[u8]) {
+        self.store.delete(self.ns, key);
+    }
+
+    pub fn delete_range(&mut self, start: &[u8], end: Option<&[u8]>) {
+        self.store.delete_range(self.ns, start, end);
+    }
+
+    #[must_use]
+    pub fn scan_prefix<'b>(
+        &'b self,
+        prefix: &[u8],
+    ) -> Box<dyn Iterator<Item = (&'b [u8], &'b [u8])> + 'b> {
+        self.store.scan_prefix(self.ns, prefix)
+    }
+
+    /// A corruption error naming this namespace.
+    #[must_use]
+    pub fn corrupt(&self, message: impl Into<String>) -> StateError {
+        StateError::Corrupt {
+            namespace: self.name.clone(),
+            message: message.into(),
+        }
+    }
+}
+
+/// One namespace of a [`MemoryStore`].
+type Table = BTreeMap<Box<[u8]>, Box<[u8]>>;
+
+/// State in ordered in-memory maps, one per namespace.
+#[derive(Debug, Clone)]
+pub struct MemoryStore {
+    names: BTreeMap<String, Namespace>,
+    tables: Vec<Table>,
+    bytes: u64,
+    /// A put that would hold more key and value bytes than this fails with `Full`.
+    bytes_max: u64,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::with_limit(u64::MAX)
+    }
+}
+
+impl MemoryStore {
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A store that refuses to hold more than `bytes_max` bytes of keys and values.
+    #[must_use]
+    pub fn with_limit(bytes_max: u64) -> Self {
+        Self {
+            names: BTreeMap::new(),
+            tables: Vec::new(),
+            bytes: 0,
+            bytes_max,
+        }
+    }
+
+    fn table(&self, ns: Namespace) -> &Table {
+        &self.tables[ns.0 as usize]
+    }
+
+    /// Keys held in `ns`.
+    #[must_use]
+    pub fn len(&self, ns: Namespace) -> usize {
+        self.table(ns).len()
+    }
+}
+
+fn entry_bytes(key: &[u8], value: &[u8]) -> u64 {
+    (key.len() + value.len()) as u64
+}
+
+impl StateStore for MemoryStore {
+    fn namespace(&mut self, name: &str) -> Result<Namespace, StateError> {
+        if name.is_empty() || name.len() > NAMESPACE_NAME_MAX {
+            return Err(StateError::BadNamespace(name.to_owned()));
+        }
+        if let Some(&ns) = self.names.get(name) {
+            return Ok(ns);
+        }
+        assert!(self.tables.len() < u32::MAX as usize, "2^32 namespaces");
+        let ns = Namespace(self.tables.len() as u32);
+        self.tables.push(BTreeMap::new());
+        self.names.insert(name.to_owned(), ns);
+        Ok(ns)
+    }
+
+    fn get(&self, ns: Namespace, key: &[u8]) -> Option<&[u8]> {
+        self.table(ns).get(key).map(AsRef::as_ref)
+    }
+
+    fn put(&mut self, ns: Namespace, key: &[u8], value: &[u8]) -> Result<(), StateError> {
+        let table = &mut self.tables[ns.0 as usize];
+        let old = table.get(key).map_or(0, |old| entry_bytes(key, old));
+        let bytes = self.bytes - old + entry_bytes(key, value);
+        if bytes > self.bytes_max {
+            return Err(StateError::Full {
+                message: format!(
+                    "holding {} bytes, a write would take it past state.memory_bytes_max ({})",
+                    self.bytes, self.bytes_max
+                ),
+            });
+        }
+        table.insert(key.into(), value.into());
+        self.bytes = bytes;
+        Ok(())
+    }
+
+    fn delete(&mut self, ns: Namespace, key: &[u8]) {
+        if let Some(old) = self.tables[ns.0 as usize].remove(key) {
+            self.bytes -= entry_bytes(key, &old);
+        }
+    }
+
+    fn delete_range(&mut self, ns: Namespace, start: &[u8], end: Option<&[u8]>) {
+        if end.is_some_and(|end| end <= start) {
+            return;
+        }
+        let table = &mut self.tables[ns.0 as usize];
+        let doomed: Vec<Box<[u8]>> = table
+            .range::<[u8], _>((
+                Bound::Included(start),
+                end.map_or(Bound::Unbounded, Bound::Excluded),
+            ))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in doomed {
+            if let Some(v) = table.remove(&k) {
+                self.bytes -= entry_bytes(&k, &v);
+            }
+        }
+    }
+
+    fn scan_prefix<'a>(
+        &'a self,
+        ns: Namespace,
+        prefix: &[u8],
+    ) -> Box<dyn Iterator<Item = (&'a [u8], &'a [u8])> + 'a> {
+        let prefix: Box<[u8]> = prefix.into();
+        Box::new(
+            self.table(ns)
+                .range::<[u8], _>((Bound::Included(&*prefix), Bound::Unbounded))
+                .take_while(move |(k, _)| k.starts_with(&prefix))
+                .map(|(k, v)| (&**k, &**v)),
+        )
+    }
+
+    fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Put(Vec<u8>, Vec<u8>),
+        Delete(Vec<u8>),
+        DeleteRange(Vec<u8>, Option<Vec<u8>>),
+    }
+
+    fn key() -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(0u8..4, 0..4)
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (key(), proptest::collection::vec(any::<u8>(), 0..8)).prop_map(|(k, v)| Op::Put(k, v)),
+            key().prop_map(Op::Delete),
+            (key(), proptest::option::of(key())).prop_map(|(a, b)| Op::DeleteRange(a, b)),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn memory_store_matches_a_btreemap_per_namespace(
+            ops in proptest::collection::vec((0usize..2, op()), 0..200),
+            prefix in key(),
+        ) {
+            let mut store = MemoryStore::new();
+            let ns = [store.namespace("a").unwrap(), store.namespace("b").unwrap()];
+            let mut model: [BTreeMap<Vec<u8>, Vec<u8>>; 2] = Default::default();
+            for (n, op) in ops {
+                match op {
+                    Op::Put(k, v) => {
+                        store.put(ns[n], &k, &v).unwrap();
+                        model[n].insert(k, v);
+                    }
+                    Op::Delete(k) => {
+                        store.delete(ns[n], &k);
+                        model[n].remove(&k);
+                    }
+                    Op::DeleteRange(a, b) => {
+                        store.delete_range(ns[n], &a, b.as_deref());
+                        model[n].retain(|k, _| !(*k >= a && b.as_ref().is_none_or(|b| k < b)));
+                    }
+                }
+            }
+            let mut bytes = 0;
+            for n in 0..2 {
+                let got: Vec<(Vec<u8>, Vec<u8>)> = store
+                    .scan_prefix(ns[n], &prefix)
+                    .map(|(k, v)| (k.to_vec(), v.to_vec()))
+                    .collect();
+                let want: Vec<(Vec<u8>, Vec<u8>)> = model[n]
+                    .iter()
+                    .filter(|(k, _)| k.starts_with(&prefix))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                prop_assert_eq!(got, want);
+                for (k, v) in &model[n] {
+                    prop_assert_eq!(store.get(ns[n], k), Some(v.as_slice()));
+                    bytes += (k.len() + v.len()) as u64;
+                }
+            }
+            prop_assert_eq!(store.bytes(), bytes);
+            prop_assert_eq!(store.namespace("a").unwrap(), ns[0], "same name, same namespace");
+        }
+    }
+
+    #[test]
+    fn a_full_store_refuses_writes_and_keeps_what_it_has() {
+        let mut store = MemoryStore::with_limit(10);
+        let ns = store.namespace("q").unwrap();
+        store.put(ns, b"ab", b"cdefgh").unwrap();
+        assert!(matches!(
+            store.put(ns, b"x", b"yyyy"),
+            Err(StateError::Full { .. })
+        ));
+        assert_eq!(store.get(ns, b"ab"), Some(&b"cdefgh"[..]));
+        assert_eq!(store.bytes(), 8);
+        // Replacing a value with a smaller one fits.
+        store.put(ns, b"ab", b"c").unwrap();
+        assert_eq!(store.bytes(), 3);
+    }
+
+    #[test]
+    fn namespace_names_are_bounded() {
+        let mut store = MemoryStore::new();
+        assert!(store.namespace("").is_err());
+        assert!(
+            store
+                .namespace(&"x".repeat(NAMESPACE_NAME_MAX + 1))
+                .is_err()
+        );
+    }
+}
