@@ -290,6 +290,7 @@ fn run(
                 records_rejected = summary.records_rejected,
                 records_late = summary.records_late,
                 epochs = summary.epochs,
+                alignment_pauses = summary.alignment_pauses,
                 "pipeline stopped cleanly"
             );
             exit::OK

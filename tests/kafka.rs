@@ -490,3 +490,94 @@ sinks:
         laminar.stderr()
     );
 }
+
+#[test]
+fn kafka_alignment_pauses_a_partition_far_ahead_and_loses_nothing() {
+    let broker = Broker::in_process().unwrap();
+    broker.create_topic("skewed", 2).unwrap();
+    // Partition 1 starts 100 s ahead of partition 0; both end on a far-future record
+    // that closes every window before it.
+    let (t0, n) = (1_700_000_000_000_i64, 20_000_i64);
+    let mut records = Vec::new();
+    let mut lines: Vec<(i64, String)> = Vec::new();
+    for (partition, offset) in [(0, 0), (1, 100_000)] {
+        for i in 0..n {
+            let value = format!(r#"{{"user_id": {}, "ts": {}}}"#, i % 5, t0 + offset + i * 7);
+            records.push((Some(partition), None, value.clone()));
+            lines.push((t0 + offset + i * 7, value));
+        }
+    }
+    lines.sort_by_key(|(ts, _)| *ts);
+    let mut lines: Vec<String> = lines.into_iter().map(|(_, v)| v).collect();
+    for partition in [0, 1] {
+        let value = format!(r#"{{"user_id": 9, "ts": {}}}"#, t0 + 1_000_000);
+        records.push((Some(partition), None, value.clone()));
+        lines.push(value);
+    }
+    let refs: Vec<_> = records
+        .iter()
+        .map(|(p, k, v)| (*p, *k, v.as_str()))
+        .collect();
+    produce(broker.bootstrap(), "skewed", &refs).unwrap();
+
+    let dir = TempDir::new("alignment");
+    // The file holds the same records in event-time order: nothing is late there.
+    let input = dir.write("skewed.jsonl", &(lines.join("\n") + "\n"));
+    let file_pipeline = window_pipeline(
+        &dir,
+        &format!("    connector: file\n    path: {}", input.display()),
+    );
+    let (code, file_out, stderr) = support::laminar(&["run", &file_pipeline], &[]);
+    assert_eq!(code, 0, "{stderr}");
+    let mut expected: Vec<&str> = file_out
+        .lines()
+        .filter(|l| !l.contains(&(t0 + 1_000_000).to_string()))
+        .collect();
+    expected.sort_unstable();
+    assert!(expected.len() > 100, "{file_out}");
+
+    // Alignment on, and small fetches, so that the consumer reads both partitions a
+    // little at a time.
+    let kafka_pipeline = window_pipeline(
+        &dir,
+        "    connector: kafka\n    topic: skewed\n    group_id: aligned\n    start_from: earliest",
+    );
+    let text = std::fs::read_to_string(&kafka_pipeline)
+        .unwrap()
+        .replace(
+            "event_time: { column: ts, idle_timeout_ms: 1000 }",
+            "event_time: { column: ts, idle_timeout_ms: 1000, max_drift_ms: 5000 }",
+        )
+        .replace(
+            "kafka:\n",
+            "kafka:\n  properties:\n    max.partition.fetch.bytes: \"2048\"\n",
+        );
+    assert!(text.contains("max_drift_ms") && text.contains("max.partition.fetch.bytes"));
+    let kafka_pipeline = dir
+        .write("aligned.yaml", &text)
+        .to_string_lossy()
+        .into_owned();
+    let mut laminar = Running::start(
+        &["run", &kafka_pipeline],
+        &[("KAFKA_BOOTSTRAP", broker.bootstrap())],
+        &dir,
+    );
+    let mut got = laminar.read_lines(expected.len(), TIMEOUT);
+    laminar.signal("TERM");
+    assert!(
+        laminar.wait(Duration::from_secs(30)).success(),
+        "{}",
+        laminar.stderr()
+    );
+    let stderr = laminar.stderr();
+    got.sort_unstable();
+    assert_eq!(got, expected, "{stderr}");
+    let pauses: u64 = stderr
+        .split("alignment_pauses=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no alignment_pauses in {stderr}"));
+    eprintln!("alignment paused partitions {pauses} times");
+    assert!(pauses >= 1, "partition 1 was never paused: {stderr}");
+}

@@ -130,6 +130,16 @@ pub trait Source: Send {
         None
     }
 
+    /// Watermark alignment: stops fetching the partitions in `paused` and resumes every
+    /// other assigned one, while `poll` keeps serving the rest (and the consumer group's
+    /// heartbeat). Records already fetched from a paused partition may still arrive; none
+    /// is skipped. Returns `false` when the source cannot pause single partitions (it
+    /// has one): the caller then stops polling it while `paused` is not empty.
+    fn pause(&mut self, paused: &[i32]) -> Result<bool, SourceError> {
+        let _ = paused;
+        Ok(false)
+    }
+
     /// Positions after the last record returned by `poll` (for the epoch that is closing).
     fn positions(&self) -> Vec<SourcePosition>;
 

@@ -6,6 +6,7 @@
 //! exist). SQL is checked afterwards by `sql::plan`, which maps its errors back into the
 //! file through [`SqlOrigin`]. The docs on each field are the reference for its YAML key.
 
+pub mod ddl;
 pub mod diagnostic;
 mod interpolate;
 mod yaml;
@@ -119,6 +120,10 @@ pub struct EventTimeConfig {
     /// `idle_timeout_ms`: a partition silent this long stops holding the watermark back
     /// (absent: never).
     pub idle_timeout_ms: Option<u64>,
+    /// `max_drift_ms`: watermark alignment. A partition whose watermark is more than this
+    /// ahead of the slowest active partition of any source is paused until the others
+    /// catch up (absent: never paused).
+    pub max_drift_ms: Option<u64>,
 }
 
 /// Where a query's SQL text sits in the file, line by line, to map SQL errors back.
@@ -230,6 +235,13 @@ pub struct MetricsConfig {
 const TOP_KEYS: &[&str] = &[
     "pipeline", "kafka", "sources", "queries", "sinks", "state", "runtime", "metrics",
 ];
+const EVENT_TIME_KEYS: &[&str] = &[
+    "column",
+    "watermark_delay_ms",
+    "idle_timeout_ms",
+    "max_drift_ms",
+];
+
 const SOURCE_KEYS: &[&str] = &[
     "name",
     "connector",
@@ -237,6 +249,7 @@ const SOURCE_KEYS: &[&str] = &[
     "path",
     "format",
     "schema",
+    "sql",
     "event_time",
     "start_from",
     "group_id",
@@ -369,6 +382,7 @@ fn decode(r: &mut Reader, root: &Node, text: &str) -> Option<PipelineConfig> {
             }
         }
     }
+    apply_timestamp_by(r, &mut sources, &mut queries);
     let mut relations = declared(&top, "sources");
     relations.extend(declared(&top, "queries"));
     let mut sinks = Vec::new();
@@ -644,7 +658,42 @@ fn decode_source(r: &mut Reader, node: &Node, pipeline: &str) -> Option<SourceCo
     {
         r.error(pos(n), "format `avro` is not supported yet; use `json`");
     }
+    // `sql: CREATE SOURCE ...` declares the columns (and maybe the watermark) in SQL.
+    let sql_node = f.get("sql");
+    let ddl = sql_node.and_then(|n| {
+        let text = r.string(n, "`sql`")?;
+        match ddl::parse_source_ddl(&text) {
+            Ok(d) => {
+                if name.as_ref().is_some_and(|name| *name != d.name) {
+                    r.error(pos(n), format!("{what}: `CREATE SOURCE {}` names another source; use the source's name", d.name));
+                }
+                Some(d)
+            }
+            Err(e) => {
+                r.error(pos(n), format!("{what}: {e}"));
+                None
+            }
+        }
+    });
+    if sql_node.is_some()
+        && let Some(s) = f.get("schema")
+    {
+        r.error(
+            pos(s),
+            format!("{what} declares its columns twice, in `schema` and in `sql`; keep one"),
+        );
+    }
     let columns = match (&connector, f.get("schema")) {
+        (Some(SourceConnector::Datagen { .. }), _) if sql_node.is_some() => {
+            r.error(
+                pos(sql_node?),
+                "`sql` does not apply to a `datagen` source: its schema is the Nexmark table's",
+            );
+            Vec::new()
+        }
+        (_, None) if sql_node.is_some() => {
+            ddl.as_ref().map(|d| d.columns.clone()).unwrap_or_default()
+        }
         (Some(SourceConnector::Datagen { table, .. }), _) => table
             .schema()
             .fields()
@@ -671,9 +720,36 @@ fn decode_source(r: &mut Reader, node: &Node, pipeline: &str) -> Option<SourceCo
             Vec::new()
         }
     };
-    let event_time = f
-        .get("event_time")
-        .and_then(|n| decode_event_time(r, n, &what, &columns));
+    let event_time = match (ddl.as_ref().and_then(|d| d.watermark.clone()), sql_node) {
+        (Some((column, delay)), Some(sql_node)) => {
+            // The WATERMARK clause declares the column and delay; `event_time` may still
+            // set the idle timeout and alignment.
+            let extra = f
+                .get("event_time")
+                .and_then(|n| r.mapping(n, "`event_time`", EVENT_TIME_KEYS));
+            for key in ["column", "watermark_delay_ms"] {
+                if let Some(k) = extra.as_ref().and_then(|e| e.get(key)) {
+                    r.error(pos(k), format!("`event_time.{key}` is declared by the WATERMARK clause of `sql`; keep one"));
+                }
+            }
+            Some(EventTimeConfig {
+                column,
+                pos: pos(sql_node),
+                watermark_delay_ms: delay,
+                idle_timeout_ms: extra
+                    .as_ref()
+                    .and_then(|f| f.get("idle_timeout_ms"))
+                    .and_then(|n| r.u64(n, "`idle_timeout_ms`")),
+                max_drift_ms: extra
+                    .as_ref()
+                    .and_then(|f| f.get("max_drift_ms"))
+                    .and_then(|n| r.u64(n, "`max_drift_ms`")),
+            })
+        }
+        _ => f
+            .get("event_time")
+            .and_then(|n| decode_event_time(r, n, &what, &columns)),
+    };
     let dead_letter_topic = f
         .get("dead_letter_topic")
         .and_then(|n| r.string(n, "`dead_letter_topic`"));
@@ -747,11 +823,7 @@ fn decode_event_time(
     what: &str,
     columns: &[DecodeColumn],
 ) -> Option<EventTimeConfig> {
-    let f = r.mapping(
-        node,
-        "`event_time`",
-        &["column", "watermark_delay_ms", "idle_timeout_ms"],
-    )?;
+    let f = r.mapping(node, "`event_time`", EVENT_TIME_KEYS)?;
     let column_node = r.required(&f, "column", "`event_time`")?;
     let column = r.string(column_node, "`event_time.column`")?;
     match columns.iter().find(|c| c.name == column) {
@@ -777,7 +849,74 @@ fn decode_event_time(
         idle_timeout_ms: f
             .get("idle_timeout_ms")
             .and_then(|n| r.u64(n, "`idle_timeout_ms`")),
+        max_drift_ms: f
+            .get("max_drift_ms")
+            .and_then(|n| r.u64(n, "`max_drift_ms`")),
     })
+}
+
+/// The file position of byte `offset` of a query's SQL.
+fn sql_pos(q: &QueryConfig, offset: usize) -> Pos {
+    let before = &q.sql[..offset.min(q.sql.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    q.sql_origin.map(line as u64, column as u64)
+}
+
+/// Moves each query's `TIMESTAMP BY column` onto its source: it chooses the source's
+/// event-time column (watermark delay 0) when the source declares none, and must agree
+/// with it otherwise. The clause is blanked out of the SQL.
+fn apply_timestamp_by(r: &mut Reader, sources: &mut [SourceConfig], queries: &mut [QueryConfig]) {
+    for q in queries.iter_mut() {
+        let found = match ddl::take_timestamp_by(&mut q.sql) {
+            Ok(found) => found,
+            Err((offset, message)) => {
+                r.error(sql_pos(q, offset), format!("query `{}`: {message}", q.name));
+                continue;
+            }
+        };
+        for t in found {
+            let at = sql_pos(q, t.offset);
+            let Some(source) = sources.iter_mut().find(|s| s.name == t.relation) else {
+                r.error(at, format!("`TIMESTAMP BY` follows `{}`, which is not a source: event time is chosen where records enter", t.relation));
+                continue;
+            };
+            match &source.event_time {
+                Some(et) if et.column == t.column => {}
+                Some(et) => r.error(
+                    at,
+                    format!(
+                        "`TIMESTAMP BY {}` conflicts with the event time of source `{}`, which is `{}`",
+                        t.column, source.name, et.column
+                    ),
+                ),
+                None => match source.columns.iter().find(|c| c.name == t.column) {
+                    None => {
+                        let h = hint(&t.column, source.columns.iter().map(|c| c.name.as_str()));
+                        r.error(
+                            at,
+                            format!(
+                                "`TIMESTAMP BY {}`: source `{}` has no such column{h}",
+                                t.column, source.name
+                            ),
+                        );
+                    }
+                    Some(c) if !matches!(c.ty, ColumnType::Timestamp(_) | ColumnType::Int64) => {
+                        r.error(at, format!("`TIMESTAMP BY {}`: the column is {}; it must be TIMESTAMP or BIGINT (epoch milliseconds)", t.column, c.ty.sql_name()));
+                    }
+                    Some(_) => {
+                        source.event_time = Some(EventTimeConfig {
+                            column: t.column,
+                            pos: at,
+                            watermark_delay_ms: 0,
+                            idle_timeout_ms: None,
+                            max_drift_ms: None,
+                        });
+                    }
+                },
+            }
+        }
+    }
 }
 
 fn decode_query(r: &mut Reader, node: &Node, text: &str) -> Option<QueryConfig> {

@@ -70,6 +70,8 @@ pub struct RunSummary {
     /// Records that arrived after their window closed (dropped or side-output).
     pub records_late: u64,
     pub epochs: u64,
+    /// Times watermark alignment paused partitions of a source.
+    pub alignment_pauses: u64,
 }
 
 struct SourceSlot {
@@ -84,6 +86,13 @@ struct SourceSlot {
     /// Whether a stateful query reads it: its offsets are then not committed until the
     /// state is durable (a restart re-reads instead of losing window contents).
     feeds_state: bool,
+    /// `event_time.max_drift_ms`: watermark alignment.
+    max_drift_ms: Option<i64>,
+    /// Partitions paused by alignment, and the assignment they were paused under.
+    paused: Vec<i32>,
+    assigned: Option<Vec<i32>>,
+    /// Not polled: ahead of the others and unable to pause single partitions.
+    held: bool,
 }
 
 struct SinkSlot {
@@ -104,6 +113,9 @@ pub struct Pipeline {
     /// Where operators write their state when an epoch closes.
     state: Box<dyn StateStore>,
     epoch_interval: Duration,
+    /// Time spent blocked in sinks (writes, flushes): the idle-partition clock stops
+    /// while the pipeline cannot read, so backpressure never makes a partition "idle".
+    sink_time: Duration,
     summary: RunSummary,
     records_max: Option<u64>,
     last_skip_warning: Option<Instant>,
@@ -211,6 +223,14 @@ impl Pipeline {
                     ))
                 }),
                 feeds_state: feeds_state(&planned, &s.name),
+                max_drift_ms: s
+                    .event_time
+                    .as_ref()
+                    .and_then(|et| et.max_drift_ms)
+                    .map(|ms| i64::try_from(ms).unwrap_or(i64::MAX)),
+                paused: Vec::new(),
+                assigned: None,
+                held: false,
             });
         }
         let mut sinks = Vec::new();
@@ -304,6 +324,7 @@ impl Pipeline {
             sinks,
             dead_letters,
             epoch_interval: Duration::from_millis(config.state.checkpoint_interval_ms),
+            sink_time: Duration::ZERO,
             summary: RunSummary::default(),
             records_max: options.records_max,
             last_skip_warning: None,
@@ -327,6 +348,9 @@ impl Pipeline {
                     continue;
                 }
                 live += 1;
+                if self.sources[i].held {
+                    continue;
+                }
                 let polled = self.sources[i].source.poll(poll_timeout);
                 let polled = polled.map_err(|source| RunError::Source {
                     name: self.sources[i].name.clone(),
@@ -377,8 +401,9 @@ impl Pipeline {
         if batch.num_rows() == 0 {
             return Ok(());
         }
+        let clock = self.idle_clock();
         if let Some((column, tracker)) = &mut self.sources[source].event_time {
-            observe_event_times(tracker, &batch, *column, row_partitions.as_deref());
+            observe_event_times(tracker, &batch, *column, row_partitions.as_deref(), clock);
         }
         let name = self.sources[source].name.clone();
         self.deliver(&name, &[batch])
@@ -399,10 +424,12 @@ impl Pipeline {
                     continue;
                 }
                 self.summary.records_out += out.num_rows() as u64;
+                let started = Instant::now();
                 sink.sink.write(out).map_err(|source| RunError::Sink {
                     name: sink.name.clone(),
                     source,
                 })?;
+                self.sink_time += started.elapsed();
             }
         }
         for q in 0..self.queries.len() {
@@ -426,18 +453,31 @@ impl Pipeline {
         Ok(())
     }
 
+    /// The clock that decides when a partition is idle: wall-clock time minus the time
+    /// the pipeline spent blocked in sinks.
+    fn idle_clock(&self) -> Instant {
+        let now = Instant::now();
+        now.checked_sub(self.sink_time).unwrap_or(now)
+    }
+
     /// Moves watermarks forward and lets operators act on time (window close, periodic emit).
     fn advance_time(&mut self, now: Instant) -> Result<(), RunError> {
+        let clock = self.idle_clock();
         for i in 0..self.sources.len() {
             let assigned = self.sources[i].source.assigned_partitions();
+            if assigned != self.sources[i].assigned {
+                // A new assignment starts unpaused: alignment decides again below.
+                self.sources[i].assigned.clone_from(&assigned);
+                self.sources[i].paused.clear();
+            }
             let Some((_, tracker)) = &mut self.sources[i].event_time else {
                 continue;
             };
             if let Some(partitions) = assigned {
-                tracker.set_partitions(&partitions, now);
+                tracker.set_partitions(&partitions, clock);
             }
             let before = tracker.current();
-            let watermark = tracker.advance(now);
+            let watermark = tracker.advance(clock);
             if watermark > before {
                 let name = self.sources[i].name.clone();
                 self.deliver_watermark(&name, watermark)?;
@@ -451,6 +491,7 @@ impl Pipeline {
         if let Some(w) = pipeline_watermark {
             self.watermark.store(w, Ordering::Relaxed);
         }
+        self.align(clock)?;
         for q in 0..self.queries.len() {
             let mut out = Vec::new();
             let query = &mut self.queries[q];
@@ -462,6 +503,43 @@ impl Pipeline {
                 })?;
             let name = query.name().to_owned();
             self.deliver(&name, &out)?;
+        }
+        Ok(())
+    }
+
+    /// Watermark alignment: pauses the partitions of sources with `max_drift_ms` whose
+    /// watermark is that far ahead of the slowest producing partition of any source, and
+    /// resumes them once it caught up. The slowest partition is never paused.
+    fn align(&mut self, clock: Instant) -> Result<(), RunError> {
+        if self.sources.iter().all(|s| s.max_drift_ms.is_none()) {
+            return Ok(());
+        }
+        let slowest = self
+            .sources
+            .iter()
+            .filter_map(|s| s.event_time.as_ref()?.1.slowest(clock))
+            .min();
+        for slot in &mut self.sources {
+            let (Some(drift), Some((_, tracker))) = (slot.max_drift_ms, &slot.event_time) else {
+                continue;
+            };
+            let ahead =
+                slowest.map_or_else(Vec::new, |s| tracker.ahead_of(s.saturating_add(drift)));
+            if ahead == slot.paused {
+                continue;
+            }
+            tracing::debug!(source = %slot.name, paused = ?ahead, slowest_watermark = ?slowest,
+                "watermark alignment: pausing partitions more than {drift} ms ahead");
+            let partial = slot
+                .source
+                .pause(&ahead)
+                .map_err(|source| RunError::Source {
+                    name: slot.name.clone(),
+                    source: Box::new(source),
+                })?;
+            slot.held = !partial && !ahead.is_empty();
+            slot.paused = ahead;
+            self.summary.alignment_pauses += u64::from(!slot.paused.is_empty());
         }
         Ok(())
     }
@@ -488,6 +566,7 @@ impl Pipeline {
 
     /// Counts late rows and writes them to the query's late-data topic, if it has one.
     fn late(&mut self, query: usize, late: Vec<LateRows>) -> Result<(), RunError> {
+        let started = Instant::now();
         for rows in late {
             self.summary.records_late += rows.rows.num_rows() as u64;
             if let Some(sink) = &mut self.late_sinks[query] {
@@ -498,6 +577,7 @@ impl Pipeline {
                     })?;
             }
         }
+        self.sink_time += started.elapsed();
         Ok(())
     }
 
@@ -533,6 +613,7 @@ impl Pipeline {
 
     /// Flushes every sink until acknowledged, then commits every source's positions.
     fn close_epoch(&mut self, last: bool) -> Result<(), RunError> {
+        let flush_started = Instant::now();
         let positions: Vec<_> = self.sources.iter().map(|s| s.source.positions()).collect();
         for slot in self.sinks.iter_mut().chain(self.dead_letters.iter_mut()) {
             let started = Instant::now();
@@ -565,6 +646,7 @@ impl Pipeline {
                 })?
             {}
         }
+        self.sink_time += flush_started.elapsed();
         for query in &mut self.queries {
             StateView::open(self.state.as_mut(), query.name())
                 .and_then(|mut view| query.checkpoint(&mut view))
@@ -609,13 +691,13 @@ fn observe_event_times(
     batch: &RecordBatch,
     column: usize,
     partitions: Option<&[i32]>,
+    now: Instant,
 ) {
     let Ok(times) = arrow::compute::cast(batch.column(column), &arrow::datatypes::DataType::Int64)
     else {
         return;
     };
     let times = arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(&times);
-    let now = Instant::now();
     match partitions {
         None => {
             if let Some(max) = arrow::compute::max(times) {

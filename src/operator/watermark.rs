@@ -5,6 +5,13 @@
 //! and holds it again as soon as it produces. When every partition is idle the watermark
 //! is the largest of theirs. A drained bounded source's watermark is `i64::MAX`, which
 //! closes every window. Watermarks never go backwards.
+//!
+//! Alignment: [`WatermarkTracker::slowest`] is the smallest watermark of the partitions
+//! that are producing; partitions more than `max_drift_ms` ahead of the slowest one over
+//! every source ([`WatermarkTracker::ahead_of`]) are paused by the pipeline, so that a
+//! fast partition waits at the broker instead of filling window state with records the
+//! watermark cannot close yet. The slowest partition is never paused, so progress never
+//! stops; an idle partition does not count as slowest.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -67,29 +74,61 @@ impl WatermarkTracker {
         self.finished = true;
     }
 
+    fn partition_watermark(&self, p: &PartitionTime) -> i64 {
+        if p.max_event_ms == i64::MIN {
+            WATERMARK_NONE
+        } else {
+            p.max_event_ms.saturating_sub(self.delay_ms)
+        }
+    }
+
+    fn is_idle(&self, p: &PartitionTime, now: Instant) -> bool {
+        self.idle_timeout
+            .is_some_and(|t| now.duration_since(p.last_seen) >= t)
+    }
+
+    /// The smallest watermark of the partitions that have produced and are not idle;
+    /// `None` when there are none (or the source is drained).
+    #[must_use]
+    pub fn slowest(&self, now: Instant) -> Option<i64> {
+        if self.finished {
+            return None;
+        }
+        self.partitions
+            .values()
+            .filter(|p| p.max_event_ms != i64::MIN && !self.is_idle(p, now))
+            .map(|p| self.partition_watermark(p))
+            .min()
+    }
+
+    /// The partitions whose watermark is above `limit`.
+    #[must_use]
+    pub fn ahead_of(&self, limit: i64) -> Vec<i32> {
+        self.partitions
+            .iter()
+            .filter(|(_, p)| p.max_event_ms != i64::MIN && self.partition_watermark(p) > limit)
+            .map(|(&id, _)| id)
+            .collect()
+    }
+
     /// Recomputes the watermark at `now`; returns it (monotonic).
     pub fn advance(&mut self, now: Instant) -> i64 {
         if self.finished {
             self.current = i64::MAX;
             return self.current;
         }
-        let partition_wm = |p: &PartitionTime| {
-            if p.max_event_ms == i64::MIN {
-                WATERMARK_NONE
-            } else {
-                p.max_event_ms.saturating_sub(self.delay_ms)
-            }
-        };
         let active = self
             .partitions
             .values()
-            .filter(|p| {
-                self.idle_timeout
-                    .is_none_or(|t| now.duration_since(p.last_seen) < t)
-            })
-            .map(partition_wm)
+            .filter(|p| !self.is_idle(p, now))
+            .map(|p| self.partition_watermark(p))
             .min();
-        let candidate = active.or_else(|| self.partitions.values().map(partition_wm).max());
+        let candidate = active.or_else(|| {
+            self.partitions
+                .values()
+                .map(|p| self.partition_watermark(p))
+                .max()
+        });
         if let Some(c) = candidate.filter(|&c| c != WATERMARK_NONE) {
             self.current = self.current.max(c);
         }
@@ -145,6 +184,25 @@ mod tests {
         w.observe(0, 7000, later);
         w.observe(1, 8000, later);
         assert_eq!(w.advance(later), 7000);
+    }
+
+    #[test]
+    fn alignment_names_partitions_ahead_of_the_slowest_active_one() {
+        let t0 = Instant::now();
+        let mut w = WatermarkTracker::new(100, Some(1000));
+        w.set_partitions(&[0, 1, 2], t0);
+        assert_eq!(w.slowest(t0), None, "nothing produced yet");
+        w.observe(0, 1000, t0);
+        w.observe(1, 5000, t0);
+        assert_eq!(w.slowest(t0), Some(900), "partition 2 has no watermark");
+        assert_eq!(w.ahead_of(900 + 3000), vec![1]);
+        assert_eq!(w.ahead_of(900 + 5000), Vec::<i32>::new());
+        // Partition 0 goes quiet: the slowest producing one is now partition 1.
+        let later = t0 + Duration::from_millis(1500);
+        w.observe(1, 5100, later);
+        assert_eq!(w.slowest(later), Some(5000));
+        w.finish();
+        assert_eq!(w.slowest(later), None, "a drained source holds nobody back");
     }
 
     #[test]

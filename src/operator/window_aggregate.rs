@@ -76,6 +76,9 @@ pub struct WindowAggregatePlan {
     /// The source whose watermark drives it, and that watermark's delay.
     pub watermark_source: String,
     pub watermark_delay_ms: u64,
+    /// The source's `idle_timeout_ms` and `max_drift_ms`, for `explain`.
+    pub watermark_idle_timeout_ms: Option<u64>,
+    pub watermark_max_drift_ms: Option<u64>,
     /// `state.memory_bytes_max`: the estimated state beyond which the query fails with a
     /// clear error instead of growing until the process is killed.
     pub state_bytes_max: u64,
@@ -936,9 +939,17 @@ impl Operator for WindowAggregateOperator {
             out,
             "    state: per open window and key, one accumulator per aggregate (freed when the window closes)"
         );
+        let idle = p.watermark_idle_timeout_ms.map_or_else(
+            || "never idle".to_owned(),
+            |ms| format!("idle after {ms} ms"),
+        );
+        let align = p.watermark_max_drift_ms.map_or_else(
+            || "no alignment".to_owned(),
+            |ms| format!("partitions more than {ms} ms ahead of the slowest are paused"),
+        );
         let _ = writeln!(
             out,
-            "    watermark: source {} column {}, max event time - {} ms per partition, min over partitions",
+            "    watermark: source {} column {}, max event time - {} ms per partition, min over partitions ({idle}; {align})",
             p.watermark_source, p.time_column_name, p.watermark_delay_ms
         );
         out.push_str(&explain_steps(

@@ -465,6 +465,8 @@ fn window_plan(
         allowed_lateness_ms: i64::try_from(query.allowed_lateness_ms).unwrap_or(i64::MAX),
         watermark_source: source.name.clone(),
         watermark_delay_ms: event_time.watermark_delay_ms,
+        watermark_idle_timeout_ms: event_time.idle_timeout_ms,
+        watermark_max_drift_ms: event_time.max_drift_ms,
         state_bytes_max: config.state.memory_bytes_max,
     })
 }

@@ -29,7 +29,7 @@ use super::DecodeError;
 use super::types::{ColumnType, TIMESTAMP_TZ};
 
 /// One declared column, as the decoder sees it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DecodeColumn {
     pub name: String,
     pub ty: ColumnType,

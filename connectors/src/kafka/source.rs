@@ -124,6 +124,15 @@ pub struct KafkaSource {
     row_partitions: Vec<i32>,
 }
 
+/// A list of `topic`'s partitions.
+fn partition_list(topic: &str, partitions: impl Iterator<Item = i32>) -> TopicPartitionList {
+    let mut tpl = TopicPartitionList::new();
+    for p in partitions {
+        tpl.add_partition(topic, p);
+    }
+    tpl
+}
+
 struct MetaBuilders {
     key: StringBuilder,
     partition: Int32Builder,
@@ -305,6 +314,23 @@ impl Source for KafkaSource {
                 .map(rdkafka::topic_partition_list::TopicPartitionListElem::partition)
                 .collect(),
         )
+    }
+
+    fn pause(&mut self, paused: &[i32]) -> Result<bool, SourceError> {
+        // Applied to the whole assignment each time: a rebalance resumes every partition.
+        let assigned = self.assigned_partitions().unwrap_or_default();
+        let topic = &self.options.topic;
+        let (pause, resume): (Vec<i32>, Vec<i32>) =
+            assigned.into_iter().partition(|p| paused.contains(p));
+        if !pause.is_empty() {
+            self.consumer
+                .pause(&partition_list(topic, pause.into_iter()))?;
+        }
+        if !resume.is_empty() {
+            self.consumer
+                .resume(&partition_list(topic, resume.into_iter()))?;
+        }
+        Ok(true)
     }
 
     fn positions(&self) -> Vec<SourcePosition> {
