@@ -937,7 +937,8 @@ impl Operator for WindowAggregateOperator {
         );
         let _ = writeln!(
             out,
-            "    state: per open window and key, one accumulator per aggregate (freed when the window closes)"
+            "    state: per open window and key, one accumulator per aggregate (freed when the window closes); changes written to state namespace `{}` at each epoch",
+            p.name
         );
         let idle = p.watermark_idle_timeout_ms.map_or_else(
             || "never idle".to_owned(),
