@@ -16,7 +16,7 @@ use laminar_connectors::{
 };
 
 use crate::config::{PipelineConfig, SinkConnector, SourceConnector};
-use crate::operator::watermark::WatermarkTracker;
+use crate::operator::watermark::{IdleClock, WatermarkTracker};
 use crate::operator::{LateRows, Operator};
 use crate::sql::PlannedPipeline;
 use crate::state::{MemoryStore, StateError, StateStore, StateView};
@@ -115,7 +115,7 @@ pub struct Pipeline {
     epoch_interval: Duration,
     /// Time spent blocked in sinks (writes, flushes): the idle-partition clock stops
     /// while the pipeline cannot read, so backpressure never makes a partition "idle".
-    sink_time: Duration,
+    idle_clock: IdleClock,
     summary: RunSummary,
     records_max: Option<u64>,
     last_skip_warning: Option<Instant>,
@@ -324,7 +324,7 @@ impl Pipeline {
             sinks,
             dead_letters,
             epoch_interval: Duration::from_millis(config.state.checkpoint_interval_ms),
-            sink_time: Duration::ZERO,
+            idle_clock: IdleClock::default(),
             summary: RunSummary::default(),
             records_max: options.records_max,
             last_skip_warning: None,
@@ -429,7 +429,7 @@ impl Pipeline {
                     name: sink.name.clone(),
                     source,
                 })?;
-                self.sink_time += started.elapsed();
+                self.idle_clock.exclude(started.elapsed());
             }
         }
         for q in 0..self.queries.len() {
@@ -453,11 +453,8 @@ impl Pipeline {
         Ok(())
     }
 
-    /// The clock that decides when a partition is idle: wall-clock time minus the time
-    /// the pipeline spent blocked in sinks.
     fn idle_clock(&self) -> Instant {
-        let now = Instant::now();
-        now.checked_sub(self.sink_time).unwrap_or(now)
+        self.idle_clock.at(Instant::now())
     }
 
     /// Moves watermarks forward and lets operators act on time (window close, periodic emit).
@@ -577,7 +574,7 @@ impl Pipeline {
                     })?;
             }
         }
-        self.sink_time += started.elapsed();
+        self.idle_clock.exclude(started.elapsed());
         Ok(())
     }
 
@@ -646,7 +643,7 @@ impl Pipeline {
                 })?
             {}
         }
-        self.sink_time += flush_started.elapsed();
+        self.idle_clock.exclude(flush_started.elapsed());
         for query in &mut self.queries {
             StateView::open(self.state.as_mut(), query.name())
                 .and_then(|mut view| query.checkpoint(&mut view))

@@ -16,6 +16,27 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+/// The clock that decides when a partition is idle: wall-clock time minus the time the
+/// pipeline spent blocked (in sinks), so that backpressure never makes a partition look
+/// idle and its records late.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct IdleClock {
+    excluded: Duration,
+}
+
+impl IdleClock {
+    /// Time the pipeline could not read (blocked writing or flushing).
+    pub fn exclude(&mut self, blocked: Duration) {
+        self.excluded += blocked;
+    }
+
+    /// The idle clock's reading at wall-clock `now`.
+    #[must_use]
+    pub fn at(&self, now: Instant) -> Instant {
+        now.checked_sub(self.excluded).unwrap_or(now)
+    }
+}
+
 /// No watermark yet (nothing seen).
 pub const WATERMARK_NONE: i64 = i64::MIN;
 
@@ -203,6 +224,26 @@ mod tests {
         assert_eq!(w.slowest(later), Some(5000));
         w.finish();
         assert_eq!(w.slowest(later), None, "a drained source holds nobody back");
+    }
+
+    #[test]
+    fn time_blocked_on_sinks_does_not_make_a_partition_idle() {
+        let t0 = Instant::now();
+        let mut clock = IdleClock::default();
+        let mut w = WatermarkTracker::new(0, Some(1000));
+        w.observe(0, 100, clock.at(t0));
+        w.observe(1, 5000, clock.at(t0));
+        // 1.6 s pass, 1.5 s of them blocked on a slow sink: partition 0 was silent for
+        // only 0.1 s of reading, so it still holds the watermark.
+        clock.exclude(Duration::from_millis(1500));
+        let later = t0 + Duration::from_millis(1600);
+        w.observe(1, 6000, clock.at(later));
+        assert_eq!(w.advance(clock.at(later)), 100);
+        // Without the exclusion it would have been idle.
+        assert_eq!(w.clone().advance(later), 6000);
+        // Reading time past the timeout makes it idle.
+        let much_later = later + Duration::from_secs(1);
+        assert_eq!(w.advance(clock.at(much_later)), 6000);
     }
 
     #[test]
