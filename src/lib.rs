@@ -27,6 +27,7 @@
 pub mod bench;
 pub mod config;
 pub mod engine;
+pub mod metrics;
 pub mod operator;
 pub mod sql;
 pub mod state;

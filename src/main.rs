@@ -237,12 +237,6 @@ fn run(
     if let Some(addr) = metrics_addr {
         config.metrics.listen = Some(addr);
     }
-    if let Some(listen) = &config.metrics.listen {
-        tracing::warn!(
-            listen,
-            "the metrics endpoint is not part of this build yet; not serving it"
-        );
-    }
     let mut options = RunOptions::default();
     let _broker = if embedded_broker {
         let broker = match EmbeddedBroker::start(1, None) {
@@ -281,6 +275,15 @@ fn run(
             return exit::FATAL;
         }
     };
+    if let Some(listen) = &config.metrics.listen {
+        match pipeline.metrics().serve(listen) {
+            Ok(addr) => tracing::info!(%addr, "serving /metrics, /health and /ready"),
+            Err(e) => {
+                eprintln!("laminar: cannot serve metrics on {listen}: {e}");
+                return exit::FATAL;
+            }
+        }
+    }
     tracing::info!(pipeline = %config.name, file, "pipeline running");
     match pipeline.run(&stop) {
         Ok(summary) => {

@@ -1,5 +1,6 @@
 //! The pipeline runner: one thread that polls, processes and writes; see the module docs.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -16,6 +17,7 @@ use laminar_connectors::{
 };
 
 use crate::config::{PipelineConfig, SinkConnector, SourceConnector};
+use crate::metrics::{Metrics, QueryMetrics, SourceMetrics, watermark_seconds};
 use crate::operator::watermark::{IdleClock, WatermarkTracker};
 use crate::operator::{LateRows, Operator};
 use crate::sql::PlannedPipeline;
@@ -93,17 +95,21 @@ struct SourceSlot {
     assigned: Option<Vec<i32>>,
     /// Not polled: ahead of the others and unable to pause single partitions.
     held: bool,
+    metrics: SourceMetrics,
 }
 
 struct SinkSlot {
     name: String,
     from: String,
     sink: Box<dyn Sink>,
+    records: prometheus::IntCounter,
 }
 
 pub struct Pipeline {
     sources: Vec<SourceSlot>,
     queries: Vec<Box<dyn Operator>>,
+    query_metrics: Vec<QueryMetrics>,
+    metrics: Arc<Metrics>,
     /// What `CURRENT_WATERMARK()` reads.
     watermark: crate::sql::current_watermark::WatermarkCell,
     /// Per query, the Kafka sink of its `late_data_topic`.
@@ -136,6 +142,7 @@ impl Pipeline {
                 .unwrap_or_else(|| config.kafka.bootstrap_servers.clone()),
             properties: config.kafka.properties.clone(),
         };
+        let metrics = Metrics::new(&config.name);
         let mut dead_letters = Vec::new();
         let mut sources = Vec::new();
         for s in &config.sources {
@@ -201,6 +208,7 @@ impl Pipeline {
                         source,
                     })?;
                     dead_letters.push(SinkSlot {
+                        records: metrics.sink(&name),
                         name,
                         from: s.name.clone(),
                         sink: Box::new(sink),
@@ -231,6 +239,7 @@ impl Pipeline {
                 paused: Vec::new(),
                 assigned: None,
                 held: false,
+                metrics: metrics.source(&s.name),
             });
         }
         let mut sinks = Vec::new();
@@ -267,6 +276,7 @@ impl Pipeline {
                 SinkConnector::Stdout => Box::new(StdoutSink::default()),
             };
             sinks.push(SinkSlot {
+                records: metrics.sink(&s.name),
                 name: s.name.clone(),
                 from: s.from.clone(),
                 sink,
@@ -319,6 +329,8 @@ impl Pipeline {
             sources,
             late_sinks,
             watermark: planned.watermark,
+            query_metrics: queries.iter().map(|q| metrics.query(q.name())).collect(),
+            metrics,
             queries,
             state,
             sinks,
@@ -394,7 +406,9 @@ impl Pipeline {
             rejected,
             row_partitions,
         } = input;
-        self.summary.records_in += (batch.num_rows() + rejected.len()) as u64;
+        let records = (batch.num_rows() + rejected.len()) as u64;
+        self.summary.records_in += records;
+        self.sources[source].metrics.records.inc_by(records);
         if !rejected.is_empty() {
             self.reject(source, &rejected)?;
         }
@@ -424,6 +438,7 @@ impl Pipeline {
                     continue;
                 }
                 self.summary.records_out += out.num_rows() as u64;
+                sink.records.inc_by(out.num_rows() as u64);
                 let started = Instant::now();
                 sink.sink.write(out).map_err(|source| RunError::Sink {
                     name: sink.name.clone(),
@@ -480,6 +495,11 @@ impl Pipeline {
                 self.deliver_watermark(&name, watermark)?;
             }
         }
+        let ready = self
+            .sources
+            .iter()
+            .all(|s| s.finished || s.assigned.as_ref().is_none_or(|p| !p.is_empty()));
+        self.metrics.set_ready(ready);
         let pipeline_watermark = self
             .sources
             .iter()
@@ -536,7 +556,10 @@ impl Pipeline {
                 })?;
             slot.held = !partial && !ahead.is_empty();
             slot.paused = ahead;
-            self.summary.alignment_pauses += u64::from(!slot.paused.is_empty());
+            if !slot.paused.is_empty() {
+                self.summary.alignment_pauses += 1;
+                slot.metrics.alignment_pauses.inc();
+            }
         }
         Ok(())
     }
@@ -566,6 +589,9 @@ impl Pipeline {
         let started = Instant::now();
         for rows in late {
             self.summary.records_late += rows.rows.num_rows() as u64;
+            self.query_metrics[query]
+                .late_records
+                .inc_by(rows.rows.num_rows() as u64);
             if let Some(sink) = &mut self.late_sinks[query] {
                 sink.write_with_headers(&rows.rows, &[("laminar.late", rows.reason.as_str())])
                     .map_err(|source| RunError::Sink {
@@ -581,7 +607,9 @@ impl Pipeline {
     fn reject(&mut self, source: usize, rejected: &[Rejected]) -> Result<(), RunError> {
         self.summary.records_rejected += rejected.len() as u64;
         let slot = &self.sources[source];
+        slot.metrics.decode_errors.inc_by(rejected.len() as u64);
         if let (DecodeErrorPolicy::DeadLetter, Some(dl)) = (slot.policy, slot.dead_letter) {
+            slot.metrics.dead_lettered.inc_by(rejected.len() as u64);
             let sink = &mut self.dead_letters[dl];
             return sink
                 .sink
@@ -664,7 +692,35 @@ impl Pipeline {
                 })?;
         }
         self.summary.epochs += 1;
+        self.publish_metrics();
         Ok(())
+    }
+
+    /// The metrics to serve.
+    #[must_use]
+    pub fn metrics(&self) -> Arc<Metrics> {
+        Arc::clone(&self.metrics)
+    }
+
+    /// Gauges sampled once an epoch: watermarks, their lag, state size, memory.
+    fn publish_metrics(&self) {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        for slot in &self.sources {
+            if let Some((_, tracker)) = &slot.event_time
+                && let Some(seconds) = watermark_seconds(tracker.current())
+            {
+                slot.metrics.watermark_seconds.set(seconds);
+                slot.metrics
+                    .watermark_lag_seconds
+                    .set((now_ms as f64 / 1000.0 - seconds).max(0.0));
+            }
+        }
+        for (query, m) in self.queries.iter().zip(&self.query_metrics) {
+            m.state_keys.set(query.state_groups() as i64);
+        }
+        self.metrics.epoch_closed(self.summary.epochs);
     }
 }
 

@@ -1,0 +1,324 @@
+//! Prometheus metrics and the HTTP endpoint that serves them with `/health` and `/ready`.
+//!
+//! Names follow `laminar_<subsystem>_<thing>_<unit>`, counters end in `_total`, and every
+//! label has bounded cardinality (pipeline, source, sink, query: names from the file).
+//! The pipeline thread updates metric handles it resolved once at build time, so the hot
+//! path does no label lookups. The server is one thread that answers one request at a
+//! time, with read and write timeouts: a slow scraper cannot hold it for long, and it
+//! never touches the pipeline thread.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+/// How long the server waits on one scraper's request or response.
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest request head the server reads (request line and headers).
+const REQUEST_HEAD_BYTES_MAX: usize = 8192;
+
+/// Every metric laminar exports.
+pub struct Metrics {
+    registry: Registry,
+    source_records: IntCounterVec,
+    source_decode_errors: IntCounterVec,
+    source_dead_lettered: IntCounterVec,
+    source_watermark: GaugeVec,
+    source_watermark_lag: GaugeVec,
+    source_alignment_pauses: IntCounterVec,
+    sink_records: IntCounterVec,
+    query_late_records: IntCounterVec,
+    query_state_keys: IntGaugeVec,
+    epochs: IntCounter,
+    last_epoch: IntGauge,
+    process_resident_memory: Gauge,
+    pipeline: String,
+    /// Recovered, partitions assigned, consuming: what `/ready` reports.
+    ready: AtomicBool,
+}
+
+/// Handles for one source, resolved once.
+#[derive(Clone)]
+pub struct SourceMetrics {
+    pub records: IntCounter,
+    pub decode_errors: IntCounter,
+    pub dead_lettered: IntCounter,
+    pub watermark_seconds: Gauge,
+    pub watermark_lag_seconds: Gauge,
+    pub alignment_pauses: IntCounter,
+}
+
+/// Handles for one query, resolved once.
+#[derive(Clone)]
+pub struct QueryMetrics {
+    pub late_records: IntCounter,
+    pub state_keys: IntGauge,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let metric = IntCounterVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    registry
+        .register(Box::new(metric.clone()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    metric
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    let metric = GaugeVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    registry
+        .register(Box::new(metric.clone()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    metric
+}
+
+fn int_gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let metric = IntGaugeVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    registry
+        .register(Box::new(metric.clone()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    metric
+}
+
+impl Metrics {
+    #[must_use]
+    pub fn new(pipeline: &str) -> Arc<Self> {
+        let registry = Registry::new();
+        let r = &registry;
+        let source = &["pipeline", "source"];
+        let query = &["pipeline", "query"];
+        let epochs_vec = counter(
+            r,
+            "laminar_pipeline_epochs_total",
+            "Epochs closed (sinks flushed, offsets committed).",
+            &["pipeline"],
+        );
+        let last_epoch_vec = int_gauge(
+            r,
+            "laminar_pipeline_last_epoch",
+            "Number of the last epoch closed.",
+            &["pipeline"],
+        );
+        let memory_vec = gauge(
+            r,
+            "laminar_process_resident_memory_bytes",
+            "Resident memory of the process.",
+            &["pipeline"],
+        );
+        Arc::new(Self {
+            source_records: counter(
+                r,
+                "laminar_source_records_total",
+                "Records read, decoded or not.",
+                source,
+            ),
+            source_decode_errors: counter(
+                r,
+                "laminar_source_decode_errors_total",
+                "Records that could not be decoded.",
+                source,
+            ),
+            source_dead_lettered: counter(
+                r,
+                "laminar_source_dead_lettered_records_total",
+                "Records written to the dead-letter topic.",
+                source,
+            ),
+            source_watermark: gauge(
+                r,
+                "laminar_source_watermark_seconds",
+                "The source's watermark, in seconds since the epoch.",
+                source,
+            ),
+            source_watermark_lag: gauge(
+                r,
+                "laminar_source_watermark_lag_seconds",
+                "How far the watermark is behind the wall clock.",
+                source,
+            ),
+            source_alignment_pauses: counter(
+                r,
+                "laminar_source_alignment_pauses_total",
+                "Times watermark alignment paused partitions of the source.",
+                source,
+            ),
+            sink_records: counter(
+                r,
+                "laminar_sink_records_total",
+                "Rows written to the sink.",
+                &["pipeline", "sink"],
+            ),
+            query_late_records: counter(
+                r,
+                "laminar_query_late_records_total",
+                "Records that arrived after their window closed (dropped or side-output).",
+                query,
+            ),
+            query_state_keys: int_gauge(
+                r,
+                "laminar_query_state_keys",
+                "Live window groups (window and key) the query holds.",
+                query,
+            ),
+            epochs: epochs_vec.with_label_values(&[pipeline]),
+            last_epoch: last_epoch_vec.with_label_values(&[pipeline]),
+            process_resident_memory: memory_vec.with_label_values(&[pipeline]),
+            pipeline: pipeline.to_owned(),
+            registry,
+            ready: AtomicBool::new(false),
+        })
+    }
+
+    #[must_use]
+    pub fn source(&self, name: &str) -> SourceMetrics {
+        let l = [self.pipeline.as_str(), name];
+        SourceMetrics {
+            records: self.source_records.with_label_values(&l),
+            decode_errors: self.source_decode_errors.with_label_values(&l),
+            dead_lettered: self.source_dead_lettered.with_label_values(&l),
+            watermark_seconds: self.source_watermark.with_label_values(&l),
+            watermark_lag_seconds: self.source_watermark_lag.with_label_values(&l),
+            alignment_pauses: self.source_alignment_pauses.with_label_values(&l),
+        }
+    }
+
+    #[must_use]
+    pub fn sink(&self, name: &str) -> IntCounter {
+        self.sink_records
+            .with_label_values(&[self.pipeline.as_str(), name])
+    }
+
+    #[must_use]
+    pub fn query(&self, name: &str) -> QueryMetrics {
+        let l = [self.pipeline.as_str(), name];
+        QueryMetrics {
+            late_records: self.query_late_records.with_label_values(&l),
+            state_keys: self.query_state_keys.with_label_values(&l),
+        }
+    }
+
+    /// An epoch closed.
+    pub fn epoch_closed(&self, epoch: u64) {
+        self.epochs.inc();
+        self.last_epoch
+            .set(i64::try_from(epoch).unwrap_or(i64::MAX));
+        if let Some(bytes) = resident_bytes() {
+            self.process_resident_memory.set(bytes as f64);
+        }
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    /// Every metric in the Prometheus text format.
+    #[must_use]
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::warn!("cannot encode metrics: {e}");
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// Serves `/metrics`, `/health` and `/ready` on `listen` from a thread of its own.
+    pub fn serve(self: &Arc<Self>, listen: &str) -> std::io::Result<SocketAddr> {
+        let listener = TcpListener::bind(listen)?;
+        let addr = listener.local_addr()?;
+        let metrics = Arc::clone(self);
+        std::thread::Builder::new()
+            .name("metrics".into())
+            .spawn(move || {
+                for stream in listener.incoming().flatten() {
+                    if let Err(e) = metrics.answer(stream) {
+                        tracing::debug!("metrics request failed: {e}");
+                    }
+                }
+            })?;
+        Ok(addr)
+    }
+
+    fn answer(&self, stream: TcpStream) -> std::io::Result<()> {
+        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+        stream.set_write_timeout(Some(IO_TIMEOUT))?;
+        let mut reader = BufReader::new(&stream).take(REQUEST_HEAD_BYTES_MAX as u64);
+        let mut request_line = String::new();
+        reader.read_line(&mut request_line)?;
+        // Drain the headers (up to the bound) so the client sees a clean response.
+        let mut line = String::new();
+        while reader.read_line(&mut line)? > 2 {
+            line.clear();
+        }
+        let mut parts = request_line.split_whitespace();
+        let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        let path = path.split('?').next().unwrap_or("");
+        let (status, content_type, body) = match (method, path) {
+            ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", self.render()),
+            ("GET", "/health") => ("200 OK", "text/plain", "ok\n".to_owned()),
+            ("GET", "/ready") if self.ready.load(Ordering::Relaxed) => {
+                ("200 OK", "text/plain", "ready\n".to_owned())
+            }
+            ("GET", "/ready") => (
+                "503 Service Unavailable",
+                "text/plain",
+                "not ready\n".to_owned(),
+            ),
+            ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_owned()),
+            _ => (
+                "405 Method Not Allowed",
+                "text/plain",
+                "GET only\n".to_owned(),
+            ),
+        };
+        let mut stream = stream;
+        write!(
+            stream,
+            "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )?;
+        stream.flush()
+    }
+}
+
+/// Resident set size of this process, from /proc (Linux).
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
+/// Seconds since the epoch of a watermark in milliseconds, for gauges.
+#[must_use]
+pub fn watermark_seconds(watermark_ms: i64) -> Option<f64> {
+    (watermark_ms != i64::MIN && watermark_ms != i64::MAX).then(|| watermark_ms as f64 / 1000.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_names_follow_the_convention() {
+        let m = Metrics::new("p");
+        m.source("s").records.inc();
+        m.sink("out").inc();
+        m.query("q").late_records.inc();
+        m.epoch_closed(1);
+        let text = m.render();
+        for line in text.lines().filter(|l| l.starts_with("# TYPE")) {
+            let mut words = line.split_whitespace().skip(2);
+            let (name, kind) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+            assert!(name.starts_with("laminar_"), "{line}");
+            assert_eq!(kind == "counter", name.ends_with("_total"), "{line}");
+        }
+        assert!(text.contains(r#"laminar_source_records_total{pipeline="p",source="s"} 1"#));
+    }
+}

@@ -1,0 +1,155 @@
+//! The metrics endpoint: `/metrics` in the Prometheus text format, `/health`, `/ready`,
+//! scraped from a running pipeline.
+
+#![allow(clippy::unwrap_used, reason = "test helpers fail the test loudly")]
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use laminar_testcontainers::free_port;
+use support::{Running, TempDir};
+
+/// Status code and body of `GET path`.
+fn get(addr: &str, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n")?.1.to_owned();
+    Some((status, body))
+}
+
+/// The value of the sample that starts with `series` (name and labels).
+fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(series))?
+        .rsplit(' ')
+        .next()?
+        .parse()
+        .ok()
+}
+
+#[test]
+fn metrics_health_and_ready_are_served_while_running() {
+    let dir = TempDir::new("metrics");
+    let out = dir.path("out.jsonl");
+    let pipeline = dir.write(
+        "metrics.yaml",
+        &format!(
+            r"pipeline: scraped
+sources:
+  - name: bids
+    connector: datagen
+    rate_per_s: 20000
+    event_time: {{ column: date_time }}
+queries:
+  - name: per_auction
+    sql: |
+      SELECT auction, window_start, COUNT(*) AS n
+      FROM TUMBLE(bids, date_time, INTERVAL '1' SECOND)
+      GROUP BY auction, window_start
+sinks:
+  - {{ name: out, from: per_auction, connector: file, path: {} }}
+state:
+  checkpoint_interval_ms: 100
+",
+            out.display()
+        ),
+    );
+    let addr = format!("127.0.0.1:{}", free_port().unwrap());
+    let mut laminar = Running::start(
+        &["run", pipeline.to_str().unwrap(), "--metrics-addr", &addr],
+        &[],
+        &dir,
+    );
+    // Wait until it serves and some windows have been emitted.
+    let deadline = Instant::now() + Duration::from_mins(1);
+    let metrics = loop {
+        assert!(Instant::now() < deadline, "{}", laminar.stderr());
+        assert!(laminar.is_running(), "{}", laminar.stderr());
+        if let Some((200, body)) = get(&addr, "/metrics")
+            && sample(
+                &body,
+                r#"laminar_sink_records_total{pipeline="scraped",sink="out"}"#,
+            )
+            .is_some_and(|n| n > 0.0)
+        {
+            break body;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let records = sample(
+        &metrics,
+        r#"laminar_source_records_total{pipeline="scraped",source="bids"}"#,
+    )
+    .unwrap();
+    assert!(records > 0.0, "{metrics}");
+    let watermark = sample(
+        &metrics,
+        r#"laminar_source_watermark_seconds{pipeline="scraped",source="bids"}"#,
+    )
+    .unwrap();
+    assert!(watermark > 1.0e9, "a watermark in epoch seconds: {metrics}");
+    assert!(
+        sample(
+            &metrics,
+            r#"laminar_query_state_keys{pipeline="scraped",query="per_auction"}"#
+        )
+        .is_some(),
+        "{metrics}"
+    );
+    assert!(
+        sample(
+            &metrics,
+            r#"laminar_process_resident_memory_bytes{pipeline="scraped"}"#
+        )
+        .is_some_and(|b| b > 1.0e6),
+        "{metrics}"
+    );
+    for line in metrics.lines().filter(|l| l.starts_with("# TYPE")) {
+        assert!(line.contains(" laminar_"), "{line}");
+    }
+    // Counters only go up between scrapes.
+    std::thread::sleep(Duration::from_millis(300));
+    let (_, later) = get(&addr, "/metrics").unwrap();
+    let later_records = sample(
+        &later,
+        r#"laminar_source_records_total{pipeline="scraped",source="bids"}"#,
+    )
+    .unwrap();
+    assert!(later_records >= records);
+
+    assert_eq!(get(&addr, "/health").unwrap().0, 200);
+    assert_eq!(get(&addr, "/ready").unwrap().0, 200);
+    assert_eq!(get(&addr, "/nothing").unwrap().0, 404);
+
+    laminar.signal("TERM");
+    assert!(
+        laminar.wait(Duration::from_secs(30)).success(),
+        "{}",
+        laminar.stderr()
+    );
+}
+
+#[test]
+fn a_metrics_address_in_use_is_a_clear_error() {
+    let dir = TempDir::new("metrics-busy");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let pipeline = dir.write(
+        "busy.yaml",
+        "pipeline: busy\nsources:\n  - { name: bids, connector: datagen, events: 10 }\nsinks:\n  - { name: out, from: bids, connector: stdout }\n",
+    );
+    let (code, _, stderr) = support::laminar(
+        &["run", pipeline.to_str().unwrap(), "--metrics-addr", &addr],
+        &[],
+    );
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("cannot serve metrics on"), "{stderr}");
+}
