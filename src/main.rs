@@ -25,6 +25,16 @@ use laminar_connectors::kafka::broker::{DEFAULT_PARTITIONS, EmbeddedBroker};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log format on stderr: `text` (default) or `json` (one object per line). Also
+    /// `LAMINAR_LOG_FORMAT`. Levels and filters come from `RUST_LOG` (default `info`).
+    #[arg(long, global = true, value_enum, value_name = "FORMAT")]
+    log_format: Option<LogFormat>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -79,7 +89,11 @@ fn main() -> ExitCode {
             });
         }
     };
-    init_logging();
+    let json = match cli.log_format {
+        Some(format) => format == LogFormat::Json,
+        None => std::env::var("LAMINAR_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json")),
+    };
+    init_logging(json);
     ExitCode::from(match cli.command {
         Command::Validate { files } => validate(&files),
         Command::Explain { file } => explain(&file),
@@ -104,14 +118,18 @@ fn main() -> ExitCode {
     })
 }
 
-fn init_logging() {
+fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    if json {
+        logs.json().init();
+    } else {
+        logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
 }
 
 /// Loads and plans a file; prints every problem.
