@@ -354,6 +354,41 @@ state:
         .into_owned()
 }
 
+/// The window pipeline over `lines` read from a file: its output lines, sorted, except
+/// those holding `far_future` (windows a Kafka run never sees closed).
+fn file_windows(dir: &TempDir, name: &str, lines: &[String], far_future: &str) -> Vec<String> {
+    let input = dir.write(name, &(lines.join("\n") + "\n"));
+    let file_pipeline = window_pipeline(
+        dir,
+        &format!("    connector: file\n    path: {}", input.display()),
+    );
+    let (code, file_out, stderr) = support::laminar(&["run", &file_pipeline], &[]);
+    assert_eq!(code, 0, "{stderr}");
+    let mut expected: Vec<String> = file_out
+        .lines()
+        .filter(|l| !l.contains(far_future))
+        .map(str::to_owned)
+        .collect();
+    expected.sort_unstable();
+    assert!(expected.len() > 100, "{file_out}");
+    expected
+}
+
+/// Runs `pipeline` until it printed `n` lines, then stops it with SIGTERM; returns the
+/// lines, sorted, and its stderr.
+fn run_until(pipeline: &str, bootstrap: &str, dir: &TempDir, n: usize) -> (Vec<String>, String) {
+    let mut laminar = Running::start(&["run", pipeline], &[("KAFKA_BOOTSTRAP", bootstrap)], dir);
+    let mut got = laminar.read_lines(n, TIMEOUT);
+    laminar.signal("TERM");
+    assert!(
+        laminar.wait(Duration::from_secs(30)).success(),
+        "{}",
+        laminar.stderr()
+    );
+    got.sort_unstable();
+    (got, laminar.stderr())
+}
+
 #[test]
 fn kafka_windows_over_partitions_match_the_file_source_and_idle_partitions_release() {
     let broker = Broker::in_process().unwrap();
@@ -384,40 +419,15 @@ fn kafka_windows_over_partitions_match_the_file_source_and_idle_partitions_relea
     produce(broker.bootstrap(), "clicks", &refs).unwrap();
 
     let dir = TempDir::new("windows");
-    let input = dir.write("clicks.jsonl", &(lines.join("\n") + "\n"));
-    let file_pipeline = window_pipeline(
-        &dir,
-        &format!("    connector: file\n    path: {}", input.display()),
-    );
-    let (code, file_out, stderr) = support::laminar(&["run", &file_pipeline], &[]);
-    assert_eq!(code, 0, "{stderr}");
     // The file run closes every window at the end; the Kafka run closes those the
     // watermark passed: all but the two far-future ones.
-    let mut expected: Vec<&str> = file_out
-        .lines()
-        .filter(|l| !l.contains("1700000100000"))
-        .collect();
-    expected.sort_unstable();
-    assert!(expected.len() > 100, "{file_out}");
-
+    let expected = file_windows(&dir, "clicks.jsonl", &lines, "1700000100000");
     let kafka_pipeline = window_pipeline(
         &dir,
         "    connector: kafka\n    topic: clicks\n    group_id: windows\n    start_from: earliest",
     );
-    let mut laminar = Running::start(
-        &["run", &kafka_pipeline],
-        &[("KAFKA_BOOTSTRAP", broker.bootstrap())],
-        &dir,
-    );
-    let mut got = laminar.read_lines(expected.len(), TIMEOUT);
-    laminar.signal("TERM");
-    assert!(
-        laminar.wait(Duration::from_secs(30)).success(),
-        "{}",
-        laminar.stderr()
-    );
-    got.sort_unstable();
-    assert_eq!(got, expected, "{}", laminar.stderr());
+    let (got, stderr) = run_until(&kafka_pipeline, broker.bootstrap(), &dir, expected.len());
+    assert_eq!(got, expected, "{stderr}");
 }
 
 #[test]
@@ -522,19 +532,7 @@ fn kafka_alignment_pauses_a_partition_far_ahead_and_loses_nothing() {
 
     let dir = TempDir::new("alignment");
     // The file holds the same records in event-time order: nothing is late there.
-    let input = dir.write("skewed.jsonl", &(lines.join("\n") + "\n"));
-    let file_pipeline = window_pipeline(
-        &dir,
-        &format!("    connector: file\n    path: {}", input.display()),
-    );
-    let (code, file_out, stderr) = support::laminar(&["run", &file_pipeline], &[]);
-    assert_eq!(code, 0, "{stderr}");
-    let mut expected: Vec<&str> = file_out
-        .lines()
-        .filter(|l| !l.contains(&(t0 + 1_000_000).to_string()))
-        .collect();
-    expected.sort_unstable();
-    assert!(expected.len() > 100, "{file_out}");
+    let expected = file_windows(&dir, "skewed.jsonl", &lines, &(t0 + 1_000_000).to_string());
 
     // Alignment on, and small fetches, so that the consumer reads both partitions a
     // little at a time.
@@ -557,20 +555,7 @@ fn kafka_alignment_pauses_a_partition_far_ahead_and_loses_nothing() {
         .write("aligned.yaml", &text)
         .to_string_lossy()
         .into_owned();
-    let mut laminar = Running::start(
-        &["run", &kafka_pipeline],
-        &[("KAFKA_BOOTSTRAP", broker.bootstrap())],
-        &dir,
-    );
-    let mut got = laminar.read_lines(expected.len(), TIMEOUT);
-    laminar.signal("TERM");
-    assert!(
-        laminar.wait(Duration::from_secs(30)).success(),
-        "{}",
-        laminar.stderr()
-    );
-    let stderr = laminar.stderr();
-    got.sort_unstable();
+    let (got, stderr) = run_until(&kafka_pipeline, broker.bootstrap(), &dir, expected.len());
     assert_eq!(got, expected, "{stderr}");
     let pauses: u64 = stderr
         .split("alignment_pauses=")
