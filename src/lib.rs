@@ -26,6 +26,7 @@
 
 pub mod bench;
 pub mod config;
+pub mod durability;
 pub mod engine;
 pub mod metrics;
 pub mod operator;

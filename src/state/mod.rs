@@ -16,6 +16,8 @@
 pub mod codec;
 
 use std::collections::BTreeMap;
+
+pub use crate::durability::entry::StateOp;
 use std::ops::Bound;
 
 /// Longest namespace name (operators are named after their query).
@@ -132,6 +134,11 @@ pub struct MemoryStore {
     bytes: u64,
     /// A put that would hold more key and value bytes than this fails with `Full`.
     bytes_max: u64,
+    /// Namespace names by id, for the journal and checkpoints.
+    ns_names: Vec<String>,
+    /// Changes since the last [`MemoryStore::take_journal`], when journaling is on: what
+    /// the WAL records for the epoch.
+    journal: Option<Vec<StateOp>>,
 }
 
 impl Default for MemoryStore {
@@ -154,6 +161,59 @@ impl MemoryStore {
             tables: Vec::new(),
             bytes: 0,
             bytes_max,
+            ns_names: Vec::new(),
+            journal: None,
+        }
+    }
+
+    /// Records every change from now on, for [`MemoryStore::take_journal`].
+    pub fn enable_journal(&mut self) {
+        self.journal.get_or_insert_with(Vec::new);
+    }
+
+    /// The changes recorded since the last call (journaling must be on).
+    pub fn take_journal(&mut self) -> Vec<StateOp> {
+        self.journal
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// Every entry, namespace by namespace, in key order.
+    pub fn entries(&self) -> impl Iterator<Item = (&str, &[u8], &[u8])> {
+        self.names.iter().flat_map(move |(name, ns)| {
+            self.tables[ns.0 as usize]
+                .iter()
+                .map(move |(k, v)| (name.as_str(), &**k, &**v))
+        })
+    }
+
+    /// A put into the namespace called `ns` (loading checkpoints).
+    pub fn put_named(&mut self, ns: &str, key: &[u8], value: &[u8]) -> Result<(), StateError> {
+        let ns = self.namespace(ns)?;
+        self.put(ns, key, value)
+    }
+
+    /// Applies a change read back from the WAL.
+    pub fn apply(&mut self, op: &StateOp) -> Result<(), StateError> {
+        match op {
+            StateOp::Put { ns, key, value } => self.put_named(ns, key, value),
+            StateOp::Delete { ns, key } => {
+                let ns = self.namespace(ns)?;
+                self.delete(ns, key);
+                Ok(())
+            }
+            StateOp::DeleteRange { ns, start, end } => {
+                let ns = self.namespace(ns)?;
+                self.delete_range(ns, start, end.as_deref());
+                Ok(())
+            }
+        }
+    }
+
+    fn record(&mut self, op: impl FnOnce(String) -> StateOp, ns: Namespace) {
+        if let Some(journal) = &mut self.journal {
+            journal.push(op(self.ns_names[ns.0 as usize].clone()));
         }
     }
 
@@ -184,6 +244,7 @@ impl StateStore for MemoryStore {
         let ns = Namespace(self.tables.len() as u32);
         self.tables.push(BTreeMap::new());
         self.names.insert(name.to_owned(), ns);
+        self.ns_names.push(name.to_owned());
         Ok(ns)
     }
 
@@ -205,12 +266,27 @@ impl StateStore for MemoryStore {
         }
         table.insert(key.into(), value.into());
         self.bytes = bytes;
+        self.record(
+            |ns| StateOp::Put {
+                ns,
+                key: key.to_vec(),
+                value: value.to_vec(),
+            },
+            ns,
+        );
         Ok(())
     }
 
     fn delete(&mut self, ns: Namespace, key: &[u8]) {
         if let Some(old) = self.tables[ns.0 as usize].remove(key) {
             self.bytes -= entry_bytes(key, &old);
+            self.record(
+                |ns| StateOp::Delete {
+                    ns,
+                    key: key.to_vec(),
+                },
+                ns,
+            );
         }
     }
 
@@ -226,11 +302,22 @@ impl StateStore for MemoryStore {
             ))
             .map(|(k, _)| k.clone())
             .collect();
+        if doomed.is_empty() {
+            return;
+        }
         for k in doomed {
             if let Some(v) = table.remove(&k) {
                 self.bytes -= entry_bytes(&k, &v);
             }
         }
+        self.record(
+            |ns| StateOp::DeleteRange {
+                ns,
+                start: start.to_vec(),
+                end: end.map(<[u8]>::to_vec),
+            },
+            ns,
+        );
     }
 
     fn scan_prefix<'a>(

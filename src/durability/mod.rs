@@ -1,0 +1,431 @@
+//! Durability: the write-ahead log, checkpoints and recovery of a pipeline's state.
+//!
+//! # The commit protocol
+//!
+//! The pipeline runs in epochs (`state.checkpoint_interval_ms`). Closing epoch `E`:
+//!
+//! 1. At-least-once sinks, dead-letter and late-data topics are flushed until every record
+//!    is acknowledged.
+//! 2. Operators write what changed into the state store; its journal of changes, the
+//!    output buffered for each exactly-once sink during `E`, and then the **commit entry**
+//!    (epoch, every source partition's next offset, every partition's watermark, and
+//!    where each exactly-once sink's output for `E` starts) are appended to the WAL, and
+//!    one `fdatasync` makes them durable. This is the commit point of `E`.
+//! 3. Each exactly-once sink sends `E`'s output, every record with the headers
+//!    `laminar.epoch` and `laminar.seq` (its position in the sink's output for `E`), in a
+//!    Kafka transaction when `transactions: true`, and waits for every acknowledgement
+//!    (and commits the transaction).
+//! 4. A `delivered(E)` record is appended (made durable with the next sync), and the
+//!    sources' consumer groups are told the offsets (for monitoring only).
+//!
+//! # What recovery does in each crash window
+//!
+//! Recovery loads the newest checkpoint whose checksum holds (an older one if the newest
+//! is corrupt), replays the WAL after it up to the last complete commit entry (anything
+//! after that belongs to an epoch that never committed and is cut off), seeks every
+//! source partition to the offsets in that entry and restores the watermarks from it.
+//!
+//! - Crash before step 2's sync: epoch `E` never happened. Its input is read again from
+//!   the offsets of `E - 1`; no output of `E` was sent to exactly-once sinks (it was only
+//!   buffered), so nothing is duplicated. At-least-once sinks may see it twice.
+//! - Crash after step 2's sync, before `delivered(E)` is durable: the WAL holds `E`'s
+//!   output. The sink reads its topic back from the recorded start offsets, collects
+//!   the `(laminar.epoch, laminar.seq)` pairs of `E` already there (sent before the
+//!   crash, acknowledged or not, committed or aborted), and sends only the rest. The
+//!   read-back uses the consumer's `read_committed` view, so the decision matches what
+//!   `read_committed` consumers see, whether the broker hides aborted records or not.
+//! - Crash after `delivered(E)`: nothing to redo; the next epoch starts clean.
+//!
+//! A crash in the middle of a WAL write leaves a torn record at the tail, which open cuts
+//! off; corruption anywhere else stops the start with the file and offset.
+
+pub mod checkpoint;
+pub mod entry;
+pub mod storage;
+pub mod wal;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use entry::{
+    CommitEntry, KIND_COMMIT, KIND_DELIVERED, KIND_OUTPUT, KIND_STATE, OutputChunk, OutputRecord,
+    StateOp,
+};
+use storage::{DiskStorage, Storage};
+use wal::{Wal, WalError, WalRecord};
+
+use crate::state::{MemoryStore, StateStore};
+
+/// WAL bytes written since the last checkpoint that make the next one due, at least.
+/// A checkpoint is also due once the WAL since the last one outgrows the state itself,
+/// so writing checkpoints costs at most as much as writing the WAL.
+pub const CHECKPOINT_WAL_BYTES: u64 = 64 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DurableError {
+    #[error(transparent)]
+    Wal(#[from] WalError),
+    #[error("state directory {dir}: {message}")]
+    Dir { dir: String, message: String },
+    #[error("state directory is corrupt: {0}")]
+    Corrupt(String),
+    #[error("checkpoint {file}: {source}")]
+    Checkpoint {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("recovering state: {0}")]
+    State(#[from] crate::state::StateError),
+}
+
+/// What recovery found.
+pub struct Recovered {
+    pub store: MemoryStore,
+    /// The last complete commit entry; `None` on a first start.
+    pub commit: Option<CommitEntry>,
+    /// Output of the last committed epoch not recorded as delivered, per sink.
+    pub undelivered: Vec<OutputChunk>,
+    /// Epoch of the checkpoint recovery started from.
+    pub checkpoint_epoch: Option<u64>,
+    /// Epochs replayed from the WAL after it.
+    pub replayed_epochs: u64,
+    /// Bytes cut off the WAL's tail as a torn write.
+    pub torn_bytes: u64,
+    pub duration: Duration,
+}
+
+/// Durability counters, for metrics.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DurableStats {
+    pub wal: wal::WalStats,
+    pub checkpoints: u64,
+    pub last_checkpoint: Option<checkpoint::CheckpointMeta>,
+    pub last_checkpoint_duration: Duration,
+    pub last_commit_epoch: u64,
+}
+
+impl Copy for checkpoint::CheckpointMeta {}
+
+/// A pipeline's WAL and checkpoints in its state directory.
+pub struct Durable {
+    wal: Wal,
+    /// Checkpoints on disk, oldest first.
+    checkpoints: Vec<checkpoint::CheckpointMeta>,
+    /// WAL bytes appended when the last checkpoint was written.
+    wal_bytes_at_checkpoint: u64,
+    /// LSN and entry of the last commit (or delivered) record.
+    last_lsn: u64,
+    last_commit: Option<CommitEntry>,
+    stats: DurableStats,
+    /// Held for the life of the process: a second laminar on the directory fails.
+    #[allow(dead_code, reason = "held, never read")]
+    lock: Option<std::fs::File>,
+}
+
+impl Durable {
+    /// Opens the state directory `dir` (creating it), locks it, and recovers.
+    pub fn open_dir(dir: &Path, memory_bytes_max: u64) -> Result<(Self, Recovered), DurableError> {
+        let dir_error = |message: String| DurableError::Dir {
+            dir: dir.display().to_string(),
+            message,
+        };
+        let storage = DiskStorage::open(dir).map_err(|e| dir_error(e.to_string()))?;
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join("LOCK"))
+            .map_err(|e| dir_error(format!("cannot open its LOCK file: {e}")))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(dir_error(
+                    "another laminar process is using it (LOCK is held); \
+                     give each pipeline its own state.dir"
+                        .to_owned(),
+                ));
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(dir_error(format!("cannot lock it: {e}")));
+            }
+        }
+        let (mut durable, recovered) = Self::open(Box::new(storage), memory_bytes_max)?;
+        durable.lock = Some(lock);
+        Ok((durable, recovered))
+    }
+
+    /// Recovers from `storage`: newest valid checkpoint, then the WAL after it.
+    pub fn open(
+        mut storage: Box<dyn Storage>,
+        memory_bytes_max: u64,
+    ) -> Result<(Self, Recovered), DurableError> {
+        let started = Instant::now();
+        let names = storage.list().map_err(|source| DurableError::Checkpoint {
+            file: storage.describe(""),
+            source,
+        })?;
+        for stale in names.iter().filter(|n| n.ends_with(".ckpt.tmp")) {
+            // A checkpoint that was being written when the process stopped.
+            let _ = storage.remove(stale);
+        }
+        let mut epochs: Vec<u64> = names
+            .iter()
+            .filter_map(|n| checkpoint::parse_name(n))
+            .collect();
+        epochs.sort_unstable();
+        let mut loaded = None;
+        let mut checkpoints = Vec::new();
+        for &epoch in epochs.iter().rev() {
+            let name = checkpoint::file_name(epoch);
+            let file = storage.describe(&name);
+            let result = storage
+                .read(&name)
+                .map_err(|e| e.to_string())
+                .and_then(|data| checkpoint::load(&data, memory_bytes_max).map_err(|e| e.0));
+            match result {
+                Ok(l) if loaded.is_none() => {
+                    checkpoints.push(l.meta);
+                    loaded = Some(l);
+                }
+                Ok(l) => checkpoints.push(l.meta),
+                Err(message) => {
+                    tracing::error!(
+                        file,
+                        "checkpoint is unusable ({message}); falling back to an older one"
+                    );
+                }
+            }
+        }
+        checkpoints.reverse();
+        let (wal, records) = Wal::open(storage)?;
+        let mut durable = Self {
+            wal,
+            checkpoints,
+            wal_bytes_at_checkpoint: 0,
+            last_lsn: 0,
+            last_commit: None,
+            stats: DurableStats::default(),
+            lock: None,
+        };
+        let recovered = durable.replay(loaded, &records, memory_bytes_max, started)?;
+        Ok((durable, recovered))
+    }
+
+    fn replay(
+        &mut self,
+        loaded: Option<checkpoint::Loaded>,
+        records: &[WalRecord],
+        memory_bytes_max: u64,
+        started: Instant,
+    ) -> Result<Recovered, DurableError> {
+        let corrupt = |lsn: u64, e: crate::state::codec::CodecError| {
+            DurableError::Corrupt(format!("WAL record {lsn}: {}", e.0))
+        };
+        let (mut store, mut commit, from_lsn, checkpoint_epoch) = match loaded {
+            Some(l) => (l.store, Some(l.commit), l.meta.lsn, Some(l.meta.epoch)),
+            None => (MemoryStore::with_limit(memory_bytes_max), None, 0, None),
+        };
+        if let Some(first) = records.first()
+            && first.lsn > from_lsn + 1
+            && from_lsn > 0
+        {
+            return Err(DurableError::Corrupt(format!(
+                "the WAL starts at record {} but the checkpoint of epoch {} needs it from record {}",
+                first.lsn,
+                checkpoint_epoch.unwrap_or(0),
+                from_lsn + 1
+            )));
+        }
+        if from_lsn == 0 && records.first().is_some_and(|r| r.lsn > 1) {
+            return Err(DurableError::Corrupt(
+                "the WAL's first segments were deleted but no checkpoint covers them".to_owned(),
+            ));
+        }
+        let mut pending_ops: Vec<StateOp> = Vec::new();
+        let mut pending_out: Vec<OutputChunk> = Vec::new();
+        let mut undelivered = Vec::new();
+        let mut keep: Option<&WalRecord> = None;
+        let mut replayed_epochs = 0;
+        for record in records {
+            if record.lsn <= from_lsn {
+                if matches!(record.kind, KIND_COMMIT | KIND_DELIVERED) {
+                    keep = Some(record);
+                }
+                continue;
+            }
+            match record.kind {
+                KIND_STATE => {
+                    let (_, ops) =
+                        entry::decode_state(&record.payload).map_err(|e| corrupt(record.lsn, e))?;
+                    pending_ops.extend(ops);
+                }
+                KIND_OUTPUT => {
+                    pending_out.push(
+                        entry::decode_output(&record.payload)
+                            .map_err(|e| corrupt(record.lsn, e))?,
+                    );
+                }
+                KIND_COMMIT => {
+                    let entry =
+                        CommitEntry::decode(&record.payload).map_err(|e| corrupt(record.lsn, e))?;
+                    for op in pending_ops.drain(..) {
+                        store.apply(&op)?;
+                    }
+                    undelivered = std::mem::take(&mut pending_out);
+                    undelivered.retain(|c: &OutputChunk| c.epoch == entry.epoch);
+                    commit = Some(entry);
+                    keep = Some(record);
+                    replayed_epochs += 1;
+                }
+                KIND_DELIVERED => {
+                    let epoch = entry::decode_delivered(&record.payload)
+                        .map_err(|e| corrupt(record.lsn, e))?;
+                    if commit.as_ref().is_some_and(|c| c.epoch == epoch) {
+                        undelivered.clear();
+                    }
+                    keep = Some(record);
+                }
+                kind => {
+                    return Err(DurableError::Corrupt(format!(
+                        "WAL record {} has unknown kind {kind}",
+                        record.lsn
+                    )));
+                }
+            }
+        }
+        if keep.is_none_or(|k| k.lsn < from_lsn) && from_lsn > 0 {
+            return Err(DurableError::Corrupt(format!(
+                "the WAL does not reach record {from_lsn}, which the newest checkpoint covers"
+            )));
+        }
+        let dropped = records.len()
+            - keep.map_or(0, |k| {
+                records
+                    .iter()
+                    .position(|r| r.lsn == k.lsn)
+                    .map_or(0, |i| i + 1)
+            });
+        if dropped > 0 {
+            tracing::info!(
+                records = dropped,
+                "discarding WAL records of an epoch that never committed"
+            );
+        }
+        self.wal.cut_after(keep)?;
+        self.last_lsn = keep.map_or(0, |k| k.lsn);
+        self.stats.last_commit_epoch = commit.as_ref().map_or(0, |c| c.epoch);
+        self.stats.last_checkpoint = self.checkpoints.last().copied();
+        self.last_commit.clone_from(&commit);
+        store.enable_journal();
+        Ok(Recovered {
+            store,
+            commit,
+            undelivered,
+            checkpoint_epoch,
+            replayed_epochs,
+            torn_bytes: self.wal.stats().torn_bytes,
+            duration: started.elapsed(),
+        })
+    }
+
+    /// Makes epoch `commit.epoch` durable: its state changes, its exactly-once output and
+    /// its commit entry, with one `fdatasync`.
+    pub fn commit(
+        &mut self,
+        ops: &[StateOp],
+        outputs: &[(&str, &[OutputRecord])],
+        commit: &CommitEntry,
+    ) -> Result<(), DurableError> {
+        for payload in entry::encode_state(commit.epoch, ops) {
+            self.wal.append(KIND_STATE, &payload)?;
+        }
+        for (sink, records) in outputs {
+            for payload in entry::encode_output(commit.epoch, sink, records) {
+                self.wal.append(KIND_OUTPUT, &payload)?;
+            }
+        }
+        self.last_lsn = self.wal.append(KIND_COMMIT, &commit.encode())?;
+        self.wal.sync()?;
+        self.last_commit = Some(commit.clone());
+        self.stats.last_commit_epoch = commit.epoch;
+        Ok(())
+    }
+
+    /// Records that every exactly-once output of `epoch` was acknowledged. Durable with
+    /// the next commit (losing it only makes recovery read the output back).
+    pub fn delivered(&mut self, epoch: u64) -> Result<(), DurableError> {
+        self.last_lsn = self
+            .wal
+            .append(KIND_DELIVERED, &entry::encode_delivered(epoch))?;
+        Ok(())
+    }
+
+    /// Writes a checkpoint of `store` when one is due (or `force`), then deletes the
+    /// checkpoints and WAL segments it makes unnecessary. Call after `delivered`.
+    pub fn maybe_checkpoint(
+        &mut self,
+        store: &MemoryStore,
+        force: bool,
+    ) -> Result<bool, DurableError> {
+        let Some(commit) = self.last_commit.clone() else {
+            return Ok(false);
+        };
+        let since = self.wal.stats().bytes - self.wal_bytes_at_checkpoint;
+        let due = since >= CHECKPOINT_WAL_BYTES.max(store.bytes());
+        if !(due || force)
+            || self
+                .checkpoints
+                .last()
+                .is_some_and(|c| c.epoch == commit.epoch)
+        {
+            return Ok(false);
+        }
+        // The delivered record (if any) must be durable before a checkpoint covers it.
+        self.wal.sync()?;
+        let lsn = self.last_lsn;
+        let name = checkpoint::file_name(commit.epoch);
+        let (meta, took) = checkpoint::write(self.wal.storage(), store, &commit, lsn)
+            .map_err(|source| DurableError::Checkpoint { file: name, source })?;
+        tracing::debug!(
+            epoch = meta.epoch,
+            bytes = meta.bytes,
+            took_ms = took.as_millis() as u64,
+            "checkpoint written"
+        );
+        self.checkpoints.push(meta);
+        self.stats.checkpoints += 1;
+        self.stats.last_checkpoint = Some(meta);
+        self.stats.last_checkpoint_duration = took;
+        self.wal_bytes_at_checkpoint = self.wal.stats().bytes;
+        while self.checkpoints.len() > checkpoint::RETAINED {
+            let old = self.checkpoints.remove(0);
+            let name = checkpoint::file_name(old.epoch);
+            self.wal
+                .storage()
+                .remove(&name)
+                .map_err(|source| DurableError::Checkpoint { file: name, source })?;
+        }
+        // The WAL is kept from the oldest retained checkpoint on, for the fallback.
+        let oldest = self.checkpoints[0].lsn;
+        self.wal.remove_before(oldest)?;
+        Ok(true)
+    }
+
+    #[must_use]
+    pub fn stats(&self) -> DurableStats {
+        DurableStats {
+            wal: self.wal.stats(),
+            ..self.stats
+        }
+    }
+
+    /// Epoch of the last commit entry written or recovered (0: none yet).
+    #[must_use]
+    pub fn last_epoch(&self) -> u64 {
+        self.stats.last_commit_epoch
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,370 @@
+//! The file-system seam under the WAL and the checkpoints: one flat directory of files.
+//!
+//! [`DiskStorage`] is the real one. [`SimStorage`] keeps, for every file, the bytes a
+//! process sees (live) apart from the bytes that survive power loss (durable: what the
+//! last `sync` covered), and directory entries apart from the last `sync_dir`. A
+//! simulated crash throws away what was not made durable, keeping a random prefix of an
+//! unsynced append (a torn write). It can also fail the Nth call with EIO or ENOSPC.
+//! Tests crash it at every sync point of a workload and check what recovery finds.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// A directory of files, as the WAL and checkpoints need it.
+pub trait Storage: Send {
+    /// Names of the files in the directory (not sorted).
+    fn list(&self) -> io::Result<Vec<String>>;
+    fn read(&self, name: &str) -> io::Result<Vec<u8>>;
+    /// Creates `name` empty, replacing a file of that name.
+    fn create(&mut self, name: &str) -> io::Result<()>;
+    fn append(&mut self, name: &str, data: &[u8]) -> io::Result<()>;
+    /// Makes `name`'s data durable (`fdatasync`). An error is fatal: never retry it.
+    fn sync(&mut self, name: &str) -> io::Result<()>;
+    fn truncate(&mut self, name: &str, len: u64) -> io::Result<()>;
+    fn rename(&mut self, from: &str, to: &str) -> io::Result<()>;
+    fn remove(&mut self, name: &str) -> io::Result<()>;
+    /// Makes creations, renames and removals durable (`fsync` of the directory).
+    fn sync_dir(&mut self) -> io::Result<()>;
+    /// Where the files are, for messages.
+    fn describe(&self, name: &str) -> String;
+}
+
+/// Files in a directory on disk.
+pub struct DiskStorage {
+    dir: PathBuf,
+    /// Files open for appending.
+    open: HashMap<String, File>,
+}
+
+impl DiskStorage {
+    /// Opens (creating) `dir`.
+    pub fn open(dir: &Path) -> io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            open: HashMap::new(),
+        })
+    }
+
+    fn file(&mut self, name: &str) -> io::Result<&mut File> {
+        if !self.open.contains_key(name) {
+            let file = OpenOptions::new().append(true).open(self.dir.join(name))?;
+            self.open.insert(name.to_owned(), file);
+        }
+        self.open
+            .get_mut(name)
+            .ok_or_else(|| io::Error::other("file handle vanished"))
+    }
+}
+
+impl Storage for DiskStorage {
+    fn list(&self) -> io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            if entry.file_type()?.is_file() {
+                names.push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+        Ok(names)
+    }
+
+    fn read(&self, name: &str) -> io::Result<Vec<u8>> {
+        std::fs::read(self.dir.join(name))
+    }
+
+    fn create(&mut self, name: &str) -> io::Result<()> {
+        self.open.remove(name);
+        let path = self.dir.join(name);
+        File::create(&path)?;
+        let file = OpenOptions::new().append(true).open(&path)?;
+        self.open.insert(name.to_owned(), file);
+        Ok(())
+    }
+
+    fn append(&mut self, name: &str, data: &[u8]) -> io::Result<()> {
+        self.file(name)?.write_all(data)
+    }
+
+    fn sync(&mut self, name: &str) -> io::Result<()> {
+        self.file(name)?.sync_data()
+    }
+
+    fn truncate(&mut self, name: &str, len: u64) -> io::Result<()> {
+        self.file(name)?.set_len(len)
+    }
+
+    fn rename(&mut self, from: &str, to: &str) -> io::Result<()> {
+        self.open.remove(from);
+        self.open.remove(to);
+        std::fs::rename(self.dir.join(from), self.dir.join(to))
+    }
+
+    fn remove(&mut self, name: &str) -> io::Result<()> {
+        self.open.remove(name);
+        match std::fs::remove_file(self.dir.join(name)) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        }
+    }
+
+    fn sync_dir(&mut self) -> io::Result<()> {
+        File::open(&self.dir)?.sync_all()
+    }
+
+    fn describe(&self, name: &str) -> String {
+        self.dir.join(name).display().to_string()
+    }
+}
+
+/// What [`SimStorage`] does at a chosen call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The call fails with EIO and changes nothing.
+    Eio,
+    /// The call fails with ENOSPC and changes nothing.
+    NoSpace,
+    /// The machine loses power instead of making the call: every later call fails until
+    /// [`SimStorage::crash`] brings the disk back as it was left.
+    Crash,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Inode {
+    live: Vec<u8>,
+    durable: Vec<u8>,
+}
+
+#[derive(Debug, Default)]
+struct Sim {
+    inodes: Vec<Inode>,
+    live: BTreeMap<String, usize>,
+    durable: BTreeMap<String, usize>,
+    /// Mutating calls and sync calls made so far.
+    calls: u64,
+    syncs: u64,
+    /// `(sync number, fault)`: the fault replaces that sync call.
+    at_sync: Option<(u64, Fault)>,
+    /// `(call number, fault)`: the fault replaces that mutating call.
+    at_call: Option<(u64, Fault)>,
+    down: bool,
+}
+
+/// An in-memory disk with power loss and injected errors; clones share the disk.
+#[derive(Debug, Clone, Default)]
+pub struct SimStorage(Arc<Mutex<Sim>>);
+
+impl SimStorage {
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn sim(&self) -> MutexGuard<'_, Sim> {
+        match self.0.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Replaces sync call number `n` (counted from 1) with `fault`.
+    pub fn fail_sync(&self, n: u64, fault: Fault) {
+        self.sim().at_sync = Some((n, fault));
+    }
+
+    /// Replaces mutating call number `n` (counted from 1) with `fault`.
+    pub fn fail_call(&self, n: u64, fault: Fault) {
+        self.sim().at_call = Some((n, fault));
+    }
+
+    /// Sync calls made so far (`sync` and `sync_dir`).
+    #[must_use]
+    pub fn syncs(&self) -> u64 {
+        self.sim().syncs
+    }
+
+    /// Mutating calls made so far.
+    #[must_use]
+    pub fn calls(&self) -> u64 {
+        self.sim().calls
+    }
+
+    /// Power comes back: directory entries as of the last `sync_dir`; each file holds its
+    /// durable bytes plus, when `tear` picks a length, that much of what was appended
+    /// after them (a write that partly reached the disk). Faults are cleared.
+    pub fn crash(&self, mut tear: impl FnMut(usize) -> usize) {
+        let mut sim = self.sim();
+        sim.live = sim.durable.clone();
+        for inode in &mut sim.inodes {
+            if inode.live.len() >= inode.durable.len() && inode.live.starts_with(&inode.durable) {
+                let unsynced = inode.live.len() - inode.durable.len();
+                let keep = inode.durable.len() + tear(unsynced).min(unsynced);
+                inode.live.truncate(keep);
+            } else {
+                inode.live.clone_from(&inode.durable);
+            }
+            inode.durable.clone_from(&inode.live);
+        }
+        sim.down = false;
+        sim.at_sync = None;
+        sim.at_call = None;
+    }
+
+    /// Flips one bit of a file (live and durable), for corruption tests.
+    pub fn flip_bit(&self, name: &str, byte: usize, bit: u8) {
+        let mut sim = self.sim();
+        if let Some(&i) = sim.live.get(name) {
+            let inode = &mut sim.inodes[i];
+            if byte < inode.live.len() {
+                inode.live[byte] ^= 1 << (bit % 8);
+            }
+            if byte < inode.durable.len() {
+                inode.durable[byte] ^= 1 << (bit % 8);
+            }
+        }
+    }
+
+    /// Cuts a file to `len` bytes (live and durable).
+    pub fn cut(&self, name: &str, len: usize) {
+        let mut sim = self.sim();
+        if let Some(&i) = sim.live.get(name) {
+            sim.inodes[i].live.truncate(len);
+            sim.inodes[i].durable.truncate(len);
+        }
+    }
+
+    /// Length of a file as the process sees it.
+    #[must_use]
+    pub fn len(&self, name: &str) -> Option<usize> {
+        let sim = self.sim();
+        sim.live.get(name).map(|&i| sim.inodes[i].live.len())
+    }
+}
+
+fn fault_error(fault: Fault) -> io::Error {
+    match fault {
+        Fault::Eio => io::Error::from_raw_os_error(5),
+        Fault::NoSpace => io::Error::from_raw_os_error(28),
+        Fault::Crash => io::Error::other("simulated power loss"),
+    }
+}
+
+impl Sim {
+    fn check(&mut self, sync: bool) -> io::Result<()> {
+        if self.down {
+            return Err(fault_error(Fault::Crash));
+        }
+        self.calls += 1;
+        let mut fault = None;
+        if let Some((n, f)) = self.at_call
+            && n == self.calls
+        {
+            fault = Some(f);
+        }
+        if sync {
+            self.syncs += 1;
+            if let Some((n, f)) = self.at_sync
+                && n == self.syncs
+            {
+                fault = Some(f);
+            }
+        }
+        match fault {
+            None => Ok(()),
+            Some(f) => {
+                if f == Fault::Crash {
+                    self.down = true;
+                }
+                Err(fault_error(f))
+            }
+        }
+    }
+
+    fn inode(&mut self, name: &str) -> io::Result<&mut Inode> {
+        let i = *self
+            .live
+            .get(name)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, name.to_owned()))?;
+        Ok(&mut self.inodes[i])
+    }
+}
+
+impl Storage for SimStorage {
+    fn list(&self) -> io::Result<Vec<String>> {
+        Ok(self.sim().live.keys().cloned().collect())
+    }
+
+    fn read(&self, name: &str) -> io::Result<Vec<u8>> {
+        let mut sim = self.sim();
+        if sim.down {
+            return Err(fault_error(Fault::Crash));
+        }
+        Ok(sim.inode(name)?.live.clone())
+    }
+
+    fn create(&mut self, name: &str) -> io::Result<()> {
+        let mut sim = self.sim();
+        sim.check(false)?;
+        sim.inodes.push(Inode::default());
+        let i = sim.inodes.len() - 1;
+        sim.live.insert(name.to_owned(), i);
+        Ok(())
+    }
+
+    fn append(&mut self, name: &str, data: &[u8]) -> io::Result<()> {
+        let mut sim = self.sim();
+        sim.check(false)?;
+        sim.inode(name)?.live.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn sync(&mut self, name: &str) -> io::Result<()> {
+        let mut sim = self.sim();
+        sim.check(true)?;
+        let inode = sim.inode(name)?;
+        inode.durable.clone_from(&inode.live);
+        Ok(())
+    }
+
+    fn truncate(&mut self, name: &str, len: u64) -> io::Result<()> {
+        let mut sim = self.sim();
+        sim.check(false)?;
+        let inode = sim.inode(name)?;
+        inode.live.truncate(len as usize);
+        // Shrinking a file is metadata the next sync makes durable; until then a crash
+        // may bring the old length back.
+        Ok(())
+    }
+
+    fn rename(&mut self, from: &str, to: &str) -> io::Result<()> {
+        let mut sim = self.sim();
+        sim.check(false)?;
+        let i = sim
+            .live
+            .remove(from)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, from.to_owned()))?;
+        sim.live.insert(to.to_owned(), i);
+        Ok(())
+    }
+
+    fn remove(&mut self, name: &str) -> io::Result<()> {
+        let mut sim = self.sim();
+        sim.check(false)?;
+        sim.live.remove(name);
+        Ok(())
+    }
+
+    fn sync_dir(&mut self) -> io::Result<()> {
+        let mut sim = self.sim();
+        sim.check(true)?;
+        sim.durable = sim.live.clone();
+        Ok(())
+    }
+
+    fn describe(&self, name: &str) -> String {
+        format!("sim:{name}")
+    }
+}

@@ -1,0 +1,417 @@
+//! WAL and recovery against the simulated disk: round trips, torn tails, bit flips,
+//! a crash at every sync point, and injected I/O errors.
+
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+
+use super::entry::{CommitEntry, OutputRecord, SinkCommit, SourceCommit, StateOp, WatermarkState};
+use super::storage::{Fault, SimStorage, Storage};
+use super::wal::{RECORD_HEADER_BYTES, SEGMENT_HEADER_BYTES, Wal, WalError};
+use super::{Durable, DurableError};
+use crate::state::StateStore;
+
+const SEGMENT: &str = "wal-0000000000000001.log";
+
+fn open(sim: &SimStorage) -> Result<(Wal, Vec<super::wal::WalRecord>), WalError> {
+    Wal::open(Box::new(sim.clone()))
+}
+
+fn payloads() -> impl Strategy<Value = Vec<(u8, Vec<u8>)>> {
+    proptest::collection::vec(
+        (1u8..5, proptest::collection::vec(any::<u8>(), 0..64)),
+        1..40,
+    )
+}
+
+proptest! {
+    #[test]
+    fn wal_records_round_trip(records in payloads(), sync_every in 1usize..10) {
+        let sim = SimStorage::new();
+        let (mut wal, old) = open(&sim).unwrap();
+        prop_assert!(old.is_empty());
+        for (i, (kind, payload)) in records.iter().enumerate() {
+            prop_assert_eq!(wal.append(*kind, payload).unwrap(), i as u64 + 1);
+            if i % sync_every == 0 {
+                wal.sync().unwrap();
+            }
+        }
+        wal.sync().unwrap();
+        drop(wal);
+        let (_, back) = open(&sim).unwrap();
+        let back: Vec<(u8, Vec<u8>)> = back.into_iter().map(|r| (r.kind, r.payload)).collect();
+        prop_assert_eq!(back, records);
+    }
+
+    /// A crash keeps every synced record and a prefix of the rest; the torn tail is cut
+    /// and the log goes on from there.
+    #[test]
+    fn a_crash_keeps_what_was_synced_and_cuts_the_torn_tail(
+        records in payloads(),
+        synced in 0usize..40,
+        tear in any::<prop::sample::Index>(),
+    ) {
+        let sim = SimStorage::new();
+        let (mut wal, _) = open(&sim).unwrap();
+        let synced = synced.min(records.len());
+        for (i, (kind, payload)) in records.iter().enumerate() {
+            wal.append(*kind, payload).unwrap();
+            if i + 1 == synced {
+                wal.sync().unwrap();
+            }
+        }
+        // Write (but do not sync) the rest, then lose power part-way through it.
+        let _ = wal.remove_before(0);
+        drop(wal);
+        sim.crash(|unsynced| tear.index(unsynced + 1));
+        let (mut wal, back) = open(&sim).unwrap();
+        prop_assert!(back.len() >= synced, "lost a synced record");
+        for (r, (kind, payload)) in back.iter().zip(&records) {
+            prop_assert_eq!((r.kind, &r.payload), (*kind, payload));
+        }
+        // Appending after recovery continues the sequence and reads back.
+        let next = wal.append(9, b"after").unwrap();
+        prop_assert_eq!(next, back.len() as u64 + 1);
+        wal.sync().unwrap();
+        drop(wal);
+        let (_, again) = open(&sim).unwrap();
+        prop_assert_eq!(again.len(), back.len() + 1);
+        prop_assert_eq!(&again[back.len()].payload, b"after");
+    }
+
+    /// Flipping any bit of the log is noticed: in the last record it is a torn write
+    /// (that record is dropped), anywhere else it is corruption and open refuses.
+    #[test]
+    fn every_bit_flip_is_detected(records in payloads(), at in any::<prop::sample::Index>(), bit in 0u8..8) {
+        let sim = SimStorage::new();
+        let (mut wal, _) = open(&sim).unwrap();
+        for (kind, payload) in &records {
+            wal.append(*kind, payload).unwrap();
+        }
+        wal.sync().unwrap();
+        drop(wal);
+        let len = sim.len(SEGMENT).unwrap();
+        let last_start = len - RECORD_HEADER_BYTES - records.last().unwrap().1.len();
+        let byte = at.index(len);
+        sim.flip_bit(SEGMENT, byte, bit);
+        match open(&sim) {
+            Ok((_, back)) => {
+                prop_assert!(byte >= last_start, "a flip at byte {} of {} went unnoticed", byte, len);
+                prop_assert_eq!(back.len(), records.len() - 1);
+            }
+            Err(WalError::Corrupt { offset, .. }) => {
+                prop_assert!(byte < last_start || byte < SEGMENT_HEADER_BYTES);
+                prop_assert!(offset as usize <= byte);
+            }
+            Err(e) => prop_assert!(false, "unexpected error {}", e),
+        }
+    }
+}
+
+#[test]
+fn a_cut_at_every_byte_of_the_tail_opens_to_a_prefix() {
+    let sim = SimStorage::new();
+    let (mut wal, _) = open(&sim).unwrap();
+    for i in 0..5u8 {
+        wal.append(1, &vec![i; 10 + usize::from(i)]).unwrap();
+    }
+    wal.sync().unwrap();
+    drop(wal);
+    let full = sim.len(SEGMENT).unwrap();
+    let snapshot = sim.read(SEGMENT).unwrap();
+    for len in SEGMENT_HEADER_BYTES..=full {
+        let mut s = sim.clone();
+        s.create(SEGMENT).unwrap();
+        s.append(SEGMENT, &snapshot[..len]).unwrap();
+        s.sync(SEGMENT).unwrap();
+        let (_, back) = open(&sim).unwrap();
+        let mut end = SEGMENT_HEADER_BYTES;
+        let mut whole = 0;
+        for i in 0..5 {
+            end += RECORD_HEADER_BYTES + 10 + i;
+            if end <= len {
+                whole += 1;
+            }
+        }
+        assert_eq!(back.len(), whole, "cut at {len}");
+    }
+}
+
+#[test]
+fn segments_rotate_and_old_ones_are_removed() {
+    let sim = SimStorage::new();
+    let (mut wal, _) = open(&sim).unwrap();
+    let big = vec![7u8; 8 << 20];
+    for _ in 0..10 {
+        wal.append(1, &big).unwrap();
+        wal.sync().unwrap();
+    }
+    assert!(wal.segments() >= 2, "80 MiB spans segments");
+    drop(wal);
+    let (mut wal, back) = open(&sim).unwrap();
+    assert_eq!(back.len(), 10);
+    let segments = wal.segments();
+    assert!(wal.remove_before(10).unwrap() >= 1);
+    assert!(wal.segments() < segments);
+    drop(wal);
+    let (_, back) = open(&sim).unwrap();
+    assert!(back.first().unwrap().lsn > 1 && back.last().unwrap().lsn == 10);
+}
+
+#[test]
+fn a_corrupt_middle_segment_is_reported_not_skipped() {
+    let sim = SimStorage::new();
+    let (mut wal, _) = open(&sim).unwrap();
+    let big = vec![1u8; 12 << 20];
+    for _ in 0..8 {
+        wal.append(1, &big).unwrap();
+        wal.sync().unwrap();
+    }
+    drop(wal);
+    sim.flip_bit(SEGMENT, SEGMENT_HEADER_BYTES + RECORD_HEADER_BYTES + 5, 0);
+    let err = open(&sim).err().unwrap();
+    assert!(matches!(err, WalError::Corrupt { .. }), "{err}");
+    assert!(err.to_string().contains(SEGMENT), "{err}");
+}
+
+type Model = BTreeMap<(String, Vec<u8>), Vec<u8>>;
+
+/// The model of one workload: the state after each committed epoch.
+struct Workload {
+    epochs: Vec<(Vec<StateOp>, CommitEntry)>,
+    /// State after epoch `i + 1`.
+    states: Vec<Model>,
+}
+
+fn workload(seed: u64, epochs: usize) -> Workload {
+    let mut rng = seed;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let mut model = BTreeMap::new();
+    let mut out = Workload {
+        epochs: Vec::new(),
+        states: Vec::new(),
+    };
+    for e in 1..=epochs as u64 {
+        let mut ops = Vec::new();
+        for _ in 0..(next() % 20) {
+            let ns = format!("q{}", next() % 2);
+            let key = vec![(next() % 16) as u8];
+            if next() % 4 == 0 {
+                model.remove(&(ns.clone(), key.clone()));
+                ops.push(StateOp::Delete { ns, key });
+            } else {
+                let value = vec![e as u8; (next() % 100) as usize];
+                model.insert((ns.clone(), key.clone()), value.clone());
+                ops.push(StateOp::Put { ns, key, value });
+            }
+        }
+        let commit = CommitEntry {
+            epoch: e,
+            wall_ms: e as i64,
+            sources: vec![SourceCommit {
+                name: "in".into(),
+                positions: vec![
+                    ("t".into(), 0, e as i64 * 10),
+                    ("t".into(), 1, e as i64 * 7),
+                ],
+                watermark: Some(WatermarkState {
+                    current: e as i64 * 100,
+                    partitions: vec![(0, e as i64 * 100), (1, e as i64 * 100 + 5)],
+                }),
+            }],
+            sinks: vec![SinkCommit {
+                name: "out".into(),
+                topic: "o".into(),
+                starts: vec![(0, e as i64)],
+            }],
+        };
+        out.epochs.push((ops, commit));
+        out.states.push(model.clone());
+    }
+    out
+}
+
+fn store_contents(store: &crate::state::MemoryStore) -> BTreeMap<(String, Vec<u8>), Vec<u8>> {
+    store
+        .entries()
+        .map(|(ns, k, v)| ((ns.to_owned(), k.to_vec()), v.to_vec()))
+        .collect()
+}
+
+fn output(e: u64) -> Vec<OutputRecord> {
+    (0..3)
+        .map(|i| OutputRecord {
+            key: (i % 2 == 0).then(|| vec![i]),
+            value: format!("{{\"epoch\":{e},\"i\":{i}}}").into_bytes(),
+        })
+        .collect()
+}
+
+/// Runs the workload until the storage fails; returns the last epoch whose commit
+/// returned Ok and the epoch being committed when it failed.
+fn run(sim: &SimStorage, w: &Workload, checkpoint_every: u64) -> (u64, u64) {
+    let Ok((mut durable, recovered)) = Durable::open(Box::new(sim.clone()), u64::MAX) else {
+        return (0, 0);
+    };
+    let mut store = recovered.store;
+    let mut done = 0;
+    for (ops, commit) in &w.epochs {
+        for op in ops {
+            store.apply(op).unwrap();
+        }
+        let journal = store.take_journal();
+        let out = output(commit.epoch);
+        if durable.commit(&journal, &[("out", &out)], commit).is_err() {
+            return (done, commit.epoch);
+        }
+        done = commit.epoch;
+        if commit.epoch % 3 != 0 && durable.delivered(commit.epoch).is_err() {
+            return (done, done);
+        }
+        if durable
+            .maybe_checkpoint(&store, commit.epoch % checkpoint_every == 0)
+            .is_err()
+        {
+            return (done, done);
+        }
+    }
+    (done, done)
+}
+
+fn check_recovery(sim: &SimStorage, w: &Workload, done: u64, attempted: u64) {
+    let (_, recovered) = Durable::open(Box::new(sim.clone()), u64::MAX)
+        .unwrap_or_else(|e| panic!("recovery failed after a crash: {e}"));
+    let epoch = recovered.commit.as_ref().map_or(0, |c| c.epoch);
+    assert!(
+        epoch >= done && epoch <= attempted.max(done),
+        "recovered epoch {epoch}, committed {done}, attempting {attempted}"
+    );
+    let want = if epoch == 0 {
+        BTreeMap::new()
+    } else {
+        w.states[epoch as usize - 1].clone()
+    };
+    assert_eq!(
+        store_contents(&recovered.store),
+        want,
+        "state of epoch {epoch}"
+    );
+    if epoch > 0 {
+        let c = recovered.commit.as_ref().unwrap();
+        assert_eq!(
+            c,
+            &w.epochs[epoch as usize - 1].1,
+            "commit entry of epoch {epoch}"
+        );
+        // Output of an epoch not marked delivered comes back from the WAL, whole.
+        if !recovered.undelivered.is_empty() {
+            let records: Vec<OutputRecord> = recovered
+                .undelivered
+                .iter()
+                .flat_map(|c| c.records.clone())
+                .collect();
+            assert_eq!(records, output(epoch));
+        }
+    }
+}
+
+#[test]
+fn recovery_is_right_after_a_crash_at_every_sync_point() {
+    let w = workload(7, 12);
+    let clean = SimStorage::new();
+    run(&clean, &w, 4);
+    let syncs = clean.syncs();
+    assert!(syncs > 20, "the workload syncs {syncs} times");
+    for n in 1..=syncs {
+        // How much of the unsynced bytes reached the disk: none, a few, half, all but
+        // the last byte (a whole state record without its commit entry), all.
+        let tears: [fn(usize) -> usize; 5] = [
+            |_| 0,
+            |u| u.min(7),
+            |u| u / 2,
+            |u| u.saturating_sub(1),
+            |u| u,
+        ];
+        for tear in tears {
+            let sim = SimStorage::new();
+            sim.fail_sync(n, Fault::Crash);
+            let (done, attempted) = run(&sim, &w, 4);
+            sim.crash(tear);
+            check_recovery(&sim, &w, done, attempted);
+            // The recovered directory keeps working: finish the workload on it.
+            let (done2, _) = run(&sim, &w, 4);
+            let _ = done2;
+        }
+    }
+}
+
+#[test]
+fn eio_and_enospc_on_any_call_lose_nothing_committed() {
+    let w = workload(11, 8);
+    let clean = SimStorage::new();
+    run(&clean, &w, 3);
+    let calls = clean.calls();
+    for n in 1..=calls {
+        for fault in [Fault::Eio, Fault::NoSpace] {
+            let sim = SimStorage::new();
+            sim.fail_call(n, fault);
+            let (done, attempted) = run(&sim, &w, 3);
+            sim.crash(|_| 0);
+            check_recovery(&sim, &w, done, attempted);
+        }
+    }
+}
+
+#[test]
+fn a_corrupt_newest_checkpoint_falls_back_to_the_previous_one() {
+    let w = workload(3, 9);
+    let sim = SimStorage::new();
+    let (done, _) = run(&sim, &w, 2);
+    assert_eq!(done, 9);
+    let mut names: Vec<String> = sim
+        .list()
+        .unwrap()
+        .into_iter()
+        .filter(|n| n.starts_with("checkpoint-") && !n.contains(".tmp"))
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 2, "two checkpoints retained: {names:?}");
+    sim.flip_bit(&names[1], 40, 3);
+    let (_, recovered) = Durable::open(Box::new(sim.clone()), u64::MAX).unwrap();
+    assert_eq!(recovered.checkpoint_epoch, Some(6));
+    assert_eq!(recovered.commit.unwrap().epoch, 9);
+    assert_eq!(store_contents(&recovered.store), w.states[8]);
+}
+
+#[test]
+fn a_full_state_store_is_a_clear_error_on_recovery() {
+    let w = workload(5, 6);
+    let sim = SimStorage::new();
+    run(&sim, &w, 100);
+    let err = Durable::open(Box::new(sim), 10).err().unwrap();
+    assert!(matches!(err, DurableError::State(_)), "{err}");
+    assert!(err.to_string().contains("memory_bytes_max"), "{err}");
+}
+
+#[test]
+fn the_store_journal_replays_to_the_same_state() {
+    let mut a = crate::state::MemoryStore::new();
+    a.enable_journal();
+    let ns = a.namespace("q").unwrap();
+    a.put(ns, b"k1", b"v1").unwrap();
+    a.put(ns, b"k2", b"v2").unwrap();
+    a.put(ns, b"k3", b"v3").unwrap();
+    a.delete(ns, b"k1");
+    a.delete_range(ns, b"k3", None);
+    let mut b = crate::state::MemoryStore::new();
+    for op in a.take_journal() {
+        b.apply(&op).unwrap();
+    }
+    assert_eq!(store_contents(&a), store_contents(&b));
+    assert!(a.take_journal().is_empty());
+}
