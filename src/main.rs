@@ -249,8 +249,17 @@ fn run(
     let Some((mut config, planned)) = load(file) else {
         return exit::INVALID;
     };
+    // The embedded broker keeps its topics in memory only: state that outlives it would
+    // point at offsets of topics that are gone. Its runs keep state in a directory of their
+    // own, removed at exit, unless --state-dir says otherwise.
+    let mut _ephemeral = None;
     if let Some(dir) = state_dir {
         config.state.dir = dir;
+    } else if embedded_broker {
+        let dir =
+            std::env::temp_dir().join(format!("laminar-{}-{}", config.name, std::process::id()));
+        config.state.dir = dir.display().to_string();
+        _ephemeral = Some(RemoveOnDrop(dir));
     }
     if let Some(addr) = metrics_addr {
         config.metrics.listen = Some(addr);
@@ -320,6 +329,15 @@ fn run(
             eprintln!("laminar: {e}");
             exit::FATAL
         }
+    }
+}
+
+/// Removes a directory when dropped.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

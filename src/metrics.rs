@@ -15,9 +15,11 @@ use std::time::Duration;
 
 use prometheus::core::Collector;
 use prometheus::{
-    Encoder, Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+use crate::durability::DurableStats;
 
 /// How long the server waits on one scraper's request or response.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -39,6 +41,14 @@ pub struct Metrics {
     epochs: IntCounter,
     last_epoch: IntGauge,
     process_resident_memory: Gauge,
+    wal_appends: IntCounter,
+    wal_bytes: IntCounter,
+    wal_fdatasync: Histogram,
+    checkpoints: IntCounter,
+    checkpoint_duration: Histogram,
+    checkpoint_size: IntGauge,
+    checkpoint_last_epoch: IntGauge,
+    recovery_duration: Gauge,
     pipeline: String,
     /// Recovered, partitions assigned, consuming: what `/ready` reports.
     ready: AtomicBool,
@@ -87,6 +97,17 @@ fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeV
     register(registry, name, GaugeVec::new(Opts::new(name, help), labels))
 }
 
+fn histogram(registry: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> HistogramVec {
+    register(
+        registry,
+        name,
+        HistogramVec::new(
+            HistogramOpts::new(name, help).buckets(buckets),
+            &["pipeline"],
+        ),
+    )
+}
+
 fn int_gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     register(
         registry,
@@ -120,7 +141,68 @@ impl Metrics {
             "Resident memory of the process.",
             &["pipeline"],
         );
+        let p = &["pipeline"];
+        let one = [pipeline];
+        let wal_appends = counter(
+            r,
+            "laminar_wal_appends_total",
+            "Records appended to the write-ahead log.",
+            p,
+        )
+        .with_label_values(&one);
+        let wal_bytes = counter(
+            r,
+            "laminar_wal_bytes_total",
+            "Bytes appended to the write-ahead log.",
+            p,
+        )
+        .with_label_values(&one);
+        let wal_fdatasync = histogram(
+            r,
+            "laminar_wal_fdatasync_seconds",
+            "Duration of the write-ahead log's fdatasync calls (one per epoch commit).",
+            prometheus::exponential_buckets(0.000_05, 2.0, 16).unwrap_or_default(),
+        )
+        .with_label_values(&one);
+        let checkpoints = counter(r, "laminar_checkpoints_total", "Checkpoints written.", p)
+            .with_label_values(&one);
+        let checkpoint_duration = histogram(
+            r,
+            "laminar_checkpoint_duration_seconds",
+            "Time to write a checkpoint of the state.",
+            prometheus::exponential_buckets(0.001, 2.0, 16).unwrap_or_default(),
+        )
+        .with_label_values(&one);
+        let checkpoint_size = int_gauge(
+            r,
+            "laminar_checkpoint_size_bytes",
+            "Size of the last checkpoint.",
+            p,
+        )
+        .with_label_values(&one);
+        let checkpoint_last_epoch = int_gauge(
+            r,
+            "laminar_checkpoint_last_epoch",
+            "Epoch of the last checkpoint written or recovered.",
+            p,
+        )
+        .with_label_values(&one);
+        let recovery_duration = gauge(
+            r,
+            "laminar_recovery_duration_seconds",
+            "Time the last start took to recover state from the checkpoint and the WAL.",
+            p,
+        )
+        .with_label_values(&one);
         Arc::new(Self {
+            wal_appends,
+            wal_bytes,
+            wal_fdatasync,
+            checkpoints,
+            checkpoint_duration,
+            checkpoint_size,
+            checkpoint_last_epoch,
+            recovery_duration,
             source_records: counter(
                 r,
                 "laminar_source_records_total",
@@ -219,6 +301,34 @@ impl Metrics {
             .set(i64::try_from(epoch).unwrap_or(i64::MAX));
         if let Some(bytes) = resident_bytes() {
             self.process_resident_memory.set(bytes as f64);
+        }
+    }
+
+    /// Recovery at start took `took`.
+    pub fn recovered(&self, took: Duration) {
+        self.recovery_duration.set(took.as_secs_f64());
+    }
+
+    /// The WAL and checkpoints moved from `before` to `now`.
+    pub fn durability(&self, before: &DurableStats, now: &DurableStats) {
+        self.wal_appends
+            .inc_by(now.wal.appends.saturating_sub(before.wal.appends));
+        self.wal_bytes
+            .inc_by(now.wal.bytes.saturating_sub(before.wal.bytes));
+        if now.wal.syncs > before.wal.syncs {
+            self.wal_fdatasync.observe(now.wal.last_sync.as_secs_f64());
+        }
+        if now.checkpoints > before.checkpoints {
+            self.checkpoints
+                .inc_by(now.checkpoints - before.checkpoints);
+            self.checkpoint_duration
+                .observe(now.last_checkpoint_duration.as_secs_f64());
+        }
+        if let Some(c) = &now.last_checkpoint {
+            self.checkpoint_size
+                .set(i64::try_from(c.bytes).unwrap_or(i64::MAX));
+            self.checkpoint_last_epoch
+                .set(i64::try_from(c.epoch).unwrap_or(i64::MAX));
         }
     }
 

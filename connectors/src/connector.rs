@@ -143,6 +143,11 @@ pub trait Source: Send {
     /// Positions after the last record returned by `poll` (for the epoch that is closing).
     fn positions(&self) -> Vec<SourcePosition>;
 
+    /// Before the first `poll`: resume at `positions` (from a commit entry) instead of
+    /// `start_from`. Positions of other topics or files than this source reads are
+    /// ignored (the configuration changed): those start from `start_from`.
+    fn seek(&mut self, positions: &[SourcePosition]) -> Result<(), SourceError>;
+
     /// Makes `positions` durable where the source keeps them (a Kafka consumer group).
     /// Called only after every record read before them has been acknowledged by the sinks.
     fn commit(&mut self, positions: &[SourcePosition], blocking: bool) -> Result<(), SourceError>;

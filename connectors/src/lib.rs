@@ -15,6 +15,7 @@
 //! engine calls [`Source::commit`] with it, and the engine calls that only after every
 //! sink has acknowledged the records derived from earlier positions (at-least-once).
 
+pub mod crash;
 pub mod datagen;
 pub mod file;
 pub mod format;

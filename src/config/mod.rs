@@ -1095,6 +1095,15 @@ fn decode_sink(r: &mut Reader, node: &Node, relations: &[(String, Pos)]) -> Opti
         .get("transactions")
         .and_then(|n| r.bool(n, "`transactions`"))
         .unwrap_or(true);
+    if let (Some(Delivery::ExactlyOnce), Some(c), Some(n)) = (delivery, &connector, delivery_node)
+        && !matches!(c, SinkConnector::Kafka { .. })
+    {
+        r.error(
+            pos(n),
+            "`delivery: exactly_once` needs a kafka sink (it reads its own output back after a crash); \
+             file and stdout sinks are at_least_once",
+        );
+    }
     Some(SinkConfig {
         name: name?,
         pos: pos(node),

@@ -49,11 +49,7 @@ impl StateOp {
 }
 
 /// One output record of an exactly-once sink: what is sent to Kafka.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OutputRecord {
-    pub key: Option<Vec<u8>>,
-    pub value: Vec<u8>,
-}
+pub use laminar_connectors::kafka::OutputRecord;
 
 /// Output of one sink in one epoch, from sequence number `first_seq` on.
 #[derive(Debug, Clone, PartialEq, Eq)]

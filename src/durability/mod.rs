@@ -36,6 +36,11 @@
 //!   `read_committed` consumers see, whether the broker hides aborted records or not.
 //! - Crash after `delivered(E)`: nothing to redo; the next epoch starts clean.
 //!
+//! Crash tests stop the process at named points of this protocol with
+//! `LAMINAR_CRASH_POINT=NAME:N` (abort at the N-th pass): `after-commit` (step 2 done),
+//! `mid-delivery` (half of a sink's epoch output sent and acknowledged) and
+//! `after-delivery` (step 3 done, `delivered` not yet written).
+//!
 //! A crash in the middle of a WAL write leaves a torn record at the tail, which open cuts
 //! off; corruption anywhere else stops the start with the file and offset.
 
@@ -77,6 +82,21 @@ pub enum DurableError {
     },
     #[error("recovering state: {0}")]
     State(#[from] crate::state::StateError),
+}
+
+/// The tombstone of a run that drained every source.
+const DRAINED: &str = "DRAINED";
+
+/// Deletes the WAL segments and checkpoints among `names`, then the tombstone.
+fn clear(storage: &mut dyn Storage, names: &[String]) -> std::io::Result<()> {
+    for name in names {
+        if name.starts_with("wal-") || name.starts_with("checkpoint-") {
+            storage.remove(name)?;
+        }
+    }
+    storage.sync_dir()?;
+    storage.remove(DRAINED)?;
+    storage.sync_dir()
 }
 
 /// What recovery found.
@@ -161,10 +181,16 @@ impl Durable {
         memory_bytes_max: u64,
     ) -> Result<(Self, Recovered), DurableError> {
         let started = Instant::now();
-        let names = storage.list().map_err(|source| DurableError::Checkpoint {
-            file: storage.describe(""),
-            source,
-        })?;
+        let list_error = |storage: &dyn Storage| {
+            let file = storage.describe("");
+            move |source| DurableError::Checkpoint { file, source }
+        };
+        let mut names = storage.list().map_err(list_error(storage.as_ref()))?;
+        if names.iter().any(|n| n == DRAINED) {
+            // A run that drained every source was clearing its state when it stopped.
+            clear(storage.as_mut(), &names).map_err(list_error(storage.as_ref()))?;
+            names = storage.list().map_err(list_error(storage.as_ref()))?;
+        }
         for stale in names.iter().filter(|n| n.ends_with(".ckpt.tmp")) {
             // A checkpoint that was being written when the process stopped.
             let _ = storage.remove(stale);
@@ -412,12 +438,35 @@ impl Durable {
         Ok(true)
     }
 
+    /// Every source is drained and every result delivered: nothing is left to resume,
+    /// so the WAL and checkpoints are deleted and the next run starts from the beginning.
+    /// A tombstone written first makes a crash half-way finish the job at the next open.
+    pub fn finish_drained(mut self) -> Result<(), DurableError> {
+        self.wal.sync()?;
+        let storage = self.wal.storage();
+        let io = |source| DurableError::Checkpoint {
+            file: DRAINED.to_owned(),
+            source,
+        };
+        storage.create(DRAINED).map_err(io)?;
+        storage.sync(DRAINED).map_err(io)?;
+        storage.sync_dir().map_err(io)?;
+        let names = storage.list().map_err(io)?;
+        clear(storage, &names).map_err(io)
+    }
+
     #[must_use]
     pub fn stats(&self) -> DurableStats {
         DurableStats {
             wal: self.wal.stats(),
             ..self.stats
         }
+    }
+
+    /// The last commit entry written or recovered.
+    #[must_use]
+    pub fn last_commit(&self) -> Option<&CommitEntry> {
+        self.last_commit.as_ref()
     }
 
     /// Epoch of the last commit entry written or recovered (0: none yet).

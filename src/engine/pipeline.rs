@@ -1,5 +1,7 @@
 //! The pipeline runner: one thread that polls, processes and writes; see the module docs.
 
+use std::collections::HashSet;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -8,20 +10,24 @@ use arrow::array::RecordBatch;
 use laminar_connectors::datagen::{DatagenOptions, DatagenSource};
 use laminar_connectors::file::{FileSink, FileSinkOptions, FileSource, FileSourceOptions};
 use laminar_connectors::kafka::{
-    KafkaClientOptions, KafkaSink, KafkaSinkOptions, KafkaSource, KafkaSourceOptions,
+    ExactlyOnce, KafkaClientOptions, KafkaSink, KafkaSinkOptions, KafkaSource, KafkaSourceOptions,
 };
 use laminar_connectors::stdout::StdoutSink;
 use laminar_connectors::{
     DecodeErrorPolicy, FlushOutcome, Rejected, Sink, SinkError, Source, SourceBatch, SourceError,
-    SourcePoll,
+    SourcePoll, SourcePosition,
 };
 
-use crate::config::{PipelineConfig, SinkConnector, SourceConnector};
+use crate::config::{Delivery, PipelineConfig, SinkConnector, SourceConnector};
+use crate::durability::entry::{
+    CommitEntry, OutputChunk, SinkCommit, SourceCommit, WatermarkState,
+};
+use crate::durability::{Durable, DurableError, Recovered};
 use crate::metrics::{Metrics, QueryMetrics, SourceMetrics, watermark_seconds};
 use crate::operator::watermark::{IdleClock, WatermarkTracker};
 use crate::operator::{LateRows, Operator};
 use crate::sql::PlannedPipeline;
-use crate::state::{MemoryStore, StateError, StateStore, StateView};
+use crate::state::{MemoryStore, StateError, StateView};
 
 /// How long one poll of one source may block when nothing arrives.
 const POLL_TIMEOUT: Duration = Duration::from_millis(50);
@@ -29,6 +35,9 @@ const POLL_TIMEOUT: Duration = Duration::from_millis(50);
 const FLUSH_STEP: Duration = Duration::from_secs(1);
 /// How often the same warning (waiting for the broker, skipped records) is repeated.
 const WARN_INTERVAL: Duration = Duration::from_secs(10);
+/// Output an exactly-once sink may hold for the open epoch; beyond it the epoch closes
+/// early, so the memory it takes is bounded.
+pub const EPOCH_STAGED_BYTES_MAX: usize = 64 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -52,6 +61,8 @@ pub enum RunError {
         #[source]
         source: StateError,
     },
+    #[error(transparent)]
+    Durable(#[from] DurableError),
 }
 
 /// Settings that come from the command line rather than the file.
@@ -85,9 +96,6 @@ struct SourceSlot {
     finished: bool,
     /// Event-time column and watermark, when the source declares `event_time`.
     event_time: Option<(usize, WatermarkTracker)>,
-    /// Whether a stateful query reads it: its offsets are then not committed until the
-    /// state is durable (a restart re-reads instead of losing window contents).
-    feeds_state: bool,
     /// `event_time.max_drift_ms`: watermark alignment.
     max_drift_ms: Option<i64>,
     /// Partitions paused by alignment, and the assignment they were paused under.
@@ -101,8 +109,23 @@ struct SourceSlot {
 struct SinkSlot {
     name: String,
     from: String,
-    sink: Box<dyn Sink>,
+    sink: SinkHandle,
     records: prometheus::IntCounter,
+}
+
+enum SinkHandle {
+    AtLeastOnce(Box<dyn Sink>),
+    /// Holds each epoch's output until the epoch's commit entry is durable.
+    ExactlyOnce(Box<KafkaSink>),
+}
+
+impl SinkHandle {
+    fn sink(&mut self) -> &mut dyn Sink {
+        match self {
+            Self::AtLeastOnce(s) => s.as_mut(),
+            Self::ExactlyOnce(k) => k.as_mut(),
+        }
+    }
 }
 
 pub struct Pipeline {
@@ -116,8 +139,13 @@ pub struct Pipeline {
     late_sinks: Vec<Option<KafkaSink>>,
     sinks: Vec<SinkSlot>,
     dead_letters: Vec<SinkSlot>,
-    /// Where operators write their state when an epoch closes.
-    state: Box<dyn StateStore>,
+    /// Where operators write their state when an epoch closes; its journal goes to the WAL.
+    state: MemoryStore,
+    durable: Durable,
+    /// Durability counters as last published.
+    durable_stats: crate::durability::DurableStats,
+    /// The last epoch committed (0: none).
+    epoch: u64,
     epoch_interval: Duration,
     /// Time spent blocked in sinks (writes, flushes): the idle-partition clock stops
     /// while the pipeline cannot read, so backpressure never makes a partition "idle".
@@ -202,6 +230,7 @@ impl Pipeline {
                         client: kafka.clone(),
                         topic: topic.clone(),
                         key_columns: Vec::new(),
+                        exactly_once: None,
                     })
                     .map_err(|source| RunError::Sink {
                         name: name.clone(),
@@ -211,7 +240,7 @@ impl Pipeline {
                         records: metrics.sink(&name),
                         name,
                         from: s.name.clone(),
-                        sink: Box::new(sink),
+                        sink: SinkHandle::AtLeastOnce(Box::new(sink)),
                     });
                     Some(dead_letters.len() - 1)
                 }
@@ -230,7 +259,6 @@ impl Pipeline {
                         WatermarkTracker::new(et.watermark_delay_ms, et.idle_timeout_ms),
                     ))
                 }),
-                feeds_state: feeds_state(&planned, &s.name),
                 max_drift_ms: s
                     .event_time
                     .as_ref()
@@ -248,7 +276,7 @@ impl Pipeline {
                 name: s.name.clone(),
                 source,
             };
-            let sink: Box<dyn Sink> = match &s.connector {
+            let sink = match &s.connector {
                 SinkConnector::Kafka { topic } => {
                     let schema = planned.schemas.get(&s.from);
                     let key_columns = s
@@ -256,24 +284,34 @@ impl Pipeline {
                         .iter()
                         .filter_map(|(k, _)| schema.and_then(|sc| sc.index_of(k).ok()))
                         .collect();
-                    Box::new(
-                        KafkaSink::new(KafkaSinkOptions {
-                            name: s.name.clone(),
-                            client: kafka.clone(),
-                            topic: topic.clone(),
-                            key_columns,
-                        })
-                        .map_err(sink_error)?,
-                    )
+                    let exactly_once = (s.delivery == Delivery::ExactlyOnce).then(|| ExactlyOnce {
+                        transactional_id: s
+                            .transactions
+                            .then(|| format!("laminar-{}-{}", config.name, s.name)),
+                    });
+                    let eo = exactly_once.is_some();
+                    let sink = KafkaSink::new(KafkaSinkOptions {
+                        name: s.name.clone(),
+                        client: kafka.clone(),
+                        topic: topic.clone(),
+                        key_columns,
+                        exactly_once,
+                    })
+                    .map_err(sink_error)?;
+                    if eo {
+                        SinkHandle::ExactlyOnce(Box::new(sink))
+                    } else {
+                        SinkHandle::AtLeastOnce(Box::new(sink))
+                    }
                 }
-                SinkConnector::File { path } => Box::new(
+                SinkConnector::File { path } => SinkHandle::AtLeastOnce(Box::new(
                     FileSink::new(&FileSinkOptions {
                         name: s.name.clone(),
                         path: path.clone(),
                     })
                     .map_err(sink_error)?,
-                ),
-                SinkConnector::Stdout => Box::new(StdoutSink::default()),
+                )),
+                SinkConnector::Stdout => SinkHandle::AtLeastOnce(Box::new(StdoutSink::default())),
             };
             sinks.push(SinkSlot {
                 records: metrics.sink(&s.name),
@@ -293,6 +331,7 @@ impl Pipeline {
                             client: kafka.clone(),
                             topic: topic.clone(),
                             key_columns: Vec::new(),
+                            exactly_once: None,
                         })
                         .map_err(|source| RunError::Sink { name, source })?,
                     )
@@ -300,32 +339,36 @@ impl Pipeline {
                 _ => None,
             });
         }
-        if sources.iter().any(|s| {
-            s.feeds_state
-                && matches!(
-                    config
-                        .sources
-                        .iter()
-                        .find(|c| c.name == s.name)
-                        .map(|c| &c.connector),
-                    Some(SourceConnector::Kafka { .. })
-                )
-        }) {
-            tracing::warn!(
-                "windowed state is not durable yet: offsets of Kafka sources feeding windows are not committed, \
-                 so a restart re-reads them (from start_from) rather than lose open windows"
-            );
-        }
-        let mut state: Box<dyn StateStore> =
-            Box::new(MemoryStore::with_limit(config.state.memory_bytes_max));
+        let (durable, recovered) =
+            Durable::open_dir(Path::new(&config.state.dir), config.state.memory_bytes_max)?;
+        let Recovered {
+            store: mut state,
+            commit,
+            undelivered,
+            ..
+        } = recovered;
         let mut queries = planned.queries;
         for query in &mut queries {
             let name = query.name().to_owned();
-            StateView::open(state.as_mut(), &name)
+            StateView::open(&mut state, &name)
                 .and_then(|view| query.restore(&view))
                 .map_err(|source| RunError::State { name, source })?;
         }
-        Ok(Self {
+        // The journal holds what changed from here on: restoring only reads.
+        drop(state.take_journal());
+        if let Some(commit) = &commit {
+            resume_sources(&mut sources, commit)?;
+            tracing::info!(
+                epoch = commit.epoch,
+                dir = %config.state.dir,
+                checkpoint_epoch = ?recovered.checkpoint_epoch,
+                replayed_epochs = recovered.replayed_epochs,
+                took_ms = recovered.duration.as_millis() as u64,
+                "recovered: resuming after the last committed epoch"
+            );
+        }
+        metrics.recovered(recovered.duration);
+        let mut pipeline = Self {
             sources,
             late_sinks,
             watermark: planned.watermark,
@@ -333,6 +376,9 @@ impl Pipeline {
             metrics,
             queries,
             state,
+            durable_stats: crate::durability::DurableStats::default(),
+            durable,
+            epoch: commit.as_ref().map_or(0, |c| c.epoch),
             sinks,
             dead_letters,
             epoch_interval: Duration::from_millis(config.state.checkpoint_interval_ms),
@@ -340,7 +386,60 @@ impl Pipeline {
             summary: RunSummary::default(),
             records_max: options.records_max,
             last_skip_warning: None,
-        })
+        };
+        if let Some(commit) = &commit {
+            pipeline.redeliver(commit, undelivered)?;
+        }
+        Ok(pipeline)
+    }
+
+    /// After a crash between an epoch's commit entry and its `delivered` record: sends
+    /// the part of its exactly-once output that the sinks' topics do not hold yet.
+    fn redeliver(
+        &mut self,
+        commit: &CommitEntry,
+        undelivered: Vec<OutputChunk>,
+    ) -> Result<(), RunError> {
+        if undelivered.is_empty() {
+            return Ok(());
+        }
+        let mut by_sink: std::collections::BTreeMap<String, Vec<OutputChunk>> =
+            std::collections::BTreeMap::new();
+        for chunk in undelivered {
+            by_sink.entry(chunk.sink.clone()).or_default().push(chunk);
+        }
+        for (name, mut chunks) in by_sink {
+            let Some(slot) = self.sinks.iter_mut().find(|s| s.name == name) else {
+                tracing::warn!(sink = %name, epoch = commit.epoch,
+                    "the sink is gone from the pipeline file; its undelivered output is dropped");
+                continue;
+            };
+            let SinkHandle::ExactlyOnce(sink) = &mut slot.sink else {
+                tracing::warn!(sink = %name, "the sink is no longer exactly_once; its undelivered output is dropped");
+                continue;
+            };
+            chunks.sort_by_key(|c| c.first_seq);
+            let records: Vec<_> = chunks.into_iter().flat_map(|c| c.records).collect();
+            let starts = commit
+                .sinks
+                .iter()
+                .find(|s| s.name == name)
+                .map(|s| s.starts.clone())
+                .unwrap_or_default();
+            let sink_error = |source| RunError::Sink {
+                name: name.clone(),
+                source,
+            };
+            let present = sink.read_back(commit.epoch, &starts).map_err(sink_error)?;
+            let sent = sink
+                .deliver_epoch(commit.epoch, &records, &present)
+                .map_err(sink_error)?;
+            tracing::info!(sink = %name, epoch = commit.epoch, records = records.len(),
+                already_written = present.len(), sent,
+                "finished delivering the output of the epoch committed before the restart");
+        }
+        self.durable.delivered(commit.epoch)?;
+        Ok(())
     }
 
     /// Runs until every source is finished, `stop` is set or `records_max` is reached;
@@ -391,12 +490,20 @@ impl Pipeline {
             {
                 break;
             }
-            if epoch_started.elapsed() >= self.epoch_interval {
+            if epoch_started.elapsed() >= self.epoch_interval
+                || self.staged_bytes() >= EPOCH_STAGED_BYTES_MAX
+            {
                 self.close_epoch(false)?;
                 epoch_started = Instant::now();
             }
         }
         self.close_epoch(true)?;
+        if self.sources.iter().all(|s| s.finished) {
+            self.durable.finish_drained()?;
+            tracing::info!(
+                "every source drained: state cleared, so a new run starts from the beginning"
+            );
+        }
         Ok(self.summary)
     }
 
@@ -440,10 +547,13 @@ impl Pipeline {
                 self.summary.records_out += out.num_rows() as u64;
                 sink.records.inc_by(out.num_rows() as u64);
                 let started = Instant::now();
-                sink.sink.write(out).map_err(|source| RunError::Sink {
-                    name: sink.name.clone(),
-                    source,
-                })?;
+                sink.sink
+                    .sink()
+                    .write(out)
+                    .map_err(|source| RunError::Sink {
+                        name: sink.name.clone(),
+                        source,
+                    })?;
                 self.idle_clock.exclude(started.elapsed());
             }
         }
@@ -485,7 +595,8 @@ impl Pipeline {
             let Some((_, tracker)) = &mut self.sources[i].event_time else {
                 continue;
             };
-            if let Some(partitions) = assigned {
+            // Before its first assignment a source keeps what it restored.
+            if let Some(partitions) = assigned.filter(|p| !p.is_empty()) {
                 tracker.set_partitions(&partitions, clock);
             }
             let before = tracker.current();
@@ -613,6 +724,7 @@ impl Pipeline {
             let sink = &mut self.dead_letters[dl];
             return sink
                 .sink
+                .sink()
                 .write_rejected(rejected)
                 .map_err(|source| RunError::Sink {
                     name: sink.name.clone(),
@@ -636,54 +748,108 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Flushes every sink until acknowledged, then commits every source's positions.
+    /// Bytes the exactly-once sinks hold for the open epoch.
+    fn staged_bytes(&self) -> usize {
+        self.sinks
+            .iter()
+            .map(|s| match &s.sink {
+                SinkHandle::ExactlyOnce(k) => k.staged_bytes(),
+                SinkHandle::AtLeastOnce(_) => 0,
+            })
+            .sum()
+    }
+
+    /// Closes the epoch (see [`crate::durability`] for the protocol): flushes the
+    /// at-least-once sinks, writes state changes, exactly-once output and the commit
+    /// entry to the WAL, then delivers the exactly-once output.
     fn close_epoch(&mut self, last: bool) -> Result<(), RunError> {
         let flush_started = Instant::now();
         let positions: Vec<_> = self.sources.iter().map(|s| s.source.positions()).collect();
         for slot in self.sinks.iter_mut().chain(self.dead_letters.iter_mut()) {
-            let started = Instant::now();
-            let mut warned = started;
-            loop {
-                let outcome = slot
-                    .sink
-                    .flush(FLUSH_STEP)
-                    .map_err(|source| RunError::Sink {
-                        name: slot.name.clone(),
-                        source,
-                    })?;
-                match outcome {
-                    FlushOutcome::Done => break,
-                    FlushOutcome::Pending { in_flight } => {
-                        if warned.elapsed() >= WARN_INTERVAL {
-                            warned = Instant::now();
-                            tracing::warn!(sink = %slot.name, in_flight, waited_s = started.elapsed().as_secs(),
-                                "waiting for the broker to acknowledge records (is it reachable?)");
-                        }
-                    }
-                }
+            if matches!(slot.sink, SinkHandle::ExactlyOnce(_)) {
+                continue;
             }
+            flush_until_done(slot.sink.sink(), &slot.name)?;
         }
         for sink in self.late_sinks.iter_mut().flatten() {
-            while let FlushOutcome::Pending { .. } =
-                sink.flush(FLUSH_STEP).map_err(|source| RunError::Sink {
-                    name: "late_data".to_owned(),
-                    source,
-                })?
-            {}
+            flush_until_done(sink, "late_data")?;
         }
-        self.idle_clock.exclude(flush_started.elapsed());
         for query in &mut self.queries {
-            StateView::open(self.state.as_mut(), query.name())
+            StateView::open(&mut self.state, query.name())
                 .and_then(|mut view| query.checkpoint(&mut view))
                 .map_err(|source| RunError::State {
                     name: query.name().to_owned(),
                     source,
                 })?;
         }
-        for (slot, positions) in self.sources.iter_mut().zip(&positions) {
-            if slot.feeds_state && !slot.finished {
-                continue;
+        let ops = self.state.take_journal();
+        let epoch = self.epoch + 1;
+        let mut staged = Vec::new();
+        let mut sink_commits = Vec::new();
+        for slot in &mut self.sinks {
+            if let SinkHandle::ExactlyOnce(sink) = &mut slot.sink {
+                sink_commits.push(SinkCommit {
+                    name: slot.name.clone(),
+                    topic: sink.topic().to_owned(),
+                    starts: sink.output_starts(),
+                });
+                staged.push((slot.name.clone(), sink.take_staged()));
             }
+        }
+        let commit = CommitEntry {
+            epoch,
+            wall_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64),
+            sources: self
+                .sources
+                .iter()
+                .zip(&positions)
+                .map(|(slot, positions)| source_commit(slot, positions))
+                .collect(),
+            sinks: sink_commits,
+        };
+        let outputs: Vec<(&str, &[crate::durability::entry::OutputRecord])> = staged
+            .iter()
+            .map(|(name, records)| (name.as_str(), records.as_slice()))
+            .collect();
+        // An epoch in which nothing moved (no input, no state change, no output) is not
+        // written: an idle pipeline does not fill the WAL with copies of one commit.
+        let idle = ops.is_empty()
+            && staged.iter().all(|(_, r)| r.is_empty())
+            && self
+                .durable
+                .last_commit()
+                .is_some_and(|c| c.sources == commit.sources);
+        if !idle {
+            self.durable.commit(&ops, &outputs, &commit)?;
+            laminar_connectors::crash::point("after-commit");
+            self.epoch = epoch;
+        }
+        if !idle && !staged.is_empty() {
+            let none = HashSet::new();
+            for (name, records) in &staged {
+                let Some(SinkHandle::ExactlyOnce(sink)) = self
+                    .sinks
+                    .iter_mut()
+                    .find(|s| &s.name == name)
+                    .map(|s| &mut s.sink)
+                else {
+                    continue;
+                };
+                sink.deliver_epoch(epoch, records, &none)
+                    .map_err(|source| RunError::Sink {
+                        name: name.clone(),
+                        source,
+                    })?;
+            }
+            laminar_connectors::crash::point("after-delivery");
+            self.durable.delivered(epoch)?;
+        }
+        self.idle_clock.exclude(flush_started.elapsed());
+        // The consumer groups learn the offsets too, for lag monitoring; recovery reads
+        // them from the WAL.
+        for (slot, positions) in self.sources.iter_mut().zip(&positions) {
             slot.source
                 .commit(positions, last)
                 .map_err(|source| RunError::Source {
@@ -691,6 +857,10 @@ impl Pipeline {
                     source: Box::new(source),
                 })?;
         }
+        self.durable.maybe_checkpoint(&self.state, last)?;
+        let stats = self.durable.stats();
+        self.metrics.durability(&self.durable_stats, &stats);
+        self.durable_stats = stats;
         self.summary.epochs += 1;
         self.publish_metrics();
         Ok(())
@@ -724,18 +894,75 @@ impl Pipeline {
     }
 }
 
-/// Whether any stateful query reads `source`, directly or through other queries.
-fn feeds_state(planned: &PlannedPipeline, source: &str) -> bool {
-    let mut reached = vec![source.to_owned()];
-    for q in &planned.queries {
-        if reached.iter().any(|r| r == q.input()) {
-            if q.is_stateful() {
-                return true;
+/// Flushes `sink` until every record is acknowledged, warning while the broker is slow.
+fn flush_until_done(sink: &mut dyn Sink, name: &str) -> Result<(), RunError> {
+    let started = Instant::now();
+    let mut warned = started;
+    loop {
+        let outcome = sink.flush(FLUSH_STEP).map_err(|source| RunError::Sink {
+            name: name.to_owned(),
+            source,
+        })?;
+        match outcome {
+            FlushOutcome::Done => return Ok(()),
+            FlushOutcome::Pending { in_flight } => {
+                if warned.elapsed() >= WARN_INTERVAL {
+                    warned = Instant::now();
+                    tracing::warn!(sink = %name, in_flight, waited_s = started.elapsed().as_secs(),
+                        "waiting for the broker to acknowledge records (is it reachable?)");
+                }
             }
-            reached.push(q.name().to_owned());
         }
     }
-    false
+}
+
+/// A source's part of the commit entry: its next offsets and its watermark.
+fn source_commit(slot: &SourceSlot, positions: &[SourcePosition]) -> SourceCommit {
+    SourceCommit {
+        name: slot.name.clone(),
+        positions: positions
+            .iter()
+            .map(|p| (p.topic.clone(), p.partition, p.next_offset))
+            .collect(),
+        watermark: slot.event_time.as_ref().map(|(_, tracker)| {
+            let (current, partitions) = tracker.snapshot();
+            WatermarkState {
+                current,
+                partitions,
+            }
+        }),
+    }
+}
+
+/// Seeks every source to the offsets of the last commit entry and restores its
+/// watermark from the same entry.
+fn resume_sources(sources: &mut [SourceSlot], commit: &CommitEntry) -> Result<(), RunError> {
+    let now = Instant::now();
+    for slot in sources {
+        let Some(saved) = commit.sources.iter().find(|s| s.name == slot.name) else {
+            tracing::info!(source = %slot.name, "new source: starting from start_from");
+            continue;
+        };
+        let positions: Vec<SourcePosition> = saved
+            .positions
+            .iter()
+            .map(|(topic, partition, next_offset)| SourcePosition {
+                topic: topic.clone(),
+                partition: *partition,
+                next_offset: *next_offset,
+            })
+            .collect();
+        slot.source
+            .seek(&positions)
+            .map_err(|source| RunError::Source {
+                name: slot.name.clone(),
+                source: Box::new(source),
+            })?;
+        if let (Some((_, tracker)), Some(wm)) = (&mut slot.event_time, &saved.watermark) {
+            tracker.restore(wm.current, &wm.partitions, now);
+        }
+    }
+    Ok(())
 }
 
 /// Feeds each row's event time to the watermark tracker, per partition.

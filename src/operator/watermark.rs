@@ -160,6 +160,35 @@ impl WatermarkTracker {
     pub fn current(&self) -> i64 {
         self.current
     }
+
+    /// The watermark and each partition's highest event time, for a commit entry.
+    #[must_use]
+    pub fn snapshot(&self) -> (i64, Vec<(i32, i64)>) {
+        (
+            self.current,
+            self.partitions
+                .iter()
+                .map(|(&p, t)| (p, t.max_event_ms))
+                .collect(),
+        )
+    }
+
+    /// Restores a [`WatermarkTracker::snapshot`]; partitions count as seen at `now`.
+    pub fn restore(&mut self, current: i64, partitions: &[(i32, i64)], now: Instant) {
+        self.current = current;
+        self.partitions = partitions
+            .iter()
+            .map(|&(p, max_event_ms)| {
+                (
+                    p,
+                    PartitionTime {
+                        max_event_ms,
+                        last_seen: now,
+                    },
+                )
+            })
+            .collect();
+    }
 }
 
 #[cfg(test)]

@@ -45,10 +45,27 @@ impl Drop for TempDir {
     }
 }
 
-/// Runs `laminar ARGS` to completion: (exit code, stdout, stderr).
+/// `args`, with `--state-dir DIR` added to a `run` that has none and no embedded broker,
+/// so that tests running in parallel never share a state directory.
+fn with_state_dir(args: &[&str], dir: &Path) -> Vec<String> {
+    let mut args: Vec<String> = args.iter().map(|&a| a.to_owned()).collect();
+    if args.iter().any(|a| a == "run")
+        && !args
+            .iter()
+            .any(|a| a == "--state-dir" || a == "--embedded-broker")
+    {
+        args.push("--state-dir".to_owned());
+        args.push(dir.display().to_string());
+    }
+    args
+}
+
+/// Runs `laminar ARGS` to completion: (exit code, stdout, stderr). A `run` gets a state
+/// directory of its own.
 pub fn laminar(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let state = TempDir::new("state");
     let out = Command::new(LAMINAR)
-        .args(args)
+        .args(with_state_dir(args, &state.0))
         .envs(env.iter().copied())
         .current_dir(repo())
         .output()
@@ -68,13 +85,15 @@ pub struct Running {
 }
 
 impl Running {
+    /// Starts `laminar ARGS`; a `run` keeps its state in `dir/state`, so a second run in
+    /// the same `dir` resumes from the first.
     pub fn start(args: &[&str], env: &[(&str, &str)], dir: &TempDir) -> Self {
         let stderr_file = dir.path(&format!(
             "stderr-{}.log",
             Instant::now().elapsed().as_nanos()
         ));
         let mut child = Command::new(LAMINAR)
-            .args(args)
+            .args(with_state_dir(args, &dir.path("state")))
             .envs(env.iter().copied())
             .current_dir(repo())
             .stdout(Stdio::piped())

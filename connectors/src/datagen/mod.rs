@@ -39,6 +39,8 @@ pub struct DatagenSource {
     options: DatagenOptions,
     schema: SchemaRef,
     next: u64,
+    /// `next` when pacing started: a resumed generator paces from where it resumed.
+    paced_from: u64,
     started: Option<Instant>,
 }
 
@@ -49,6 +51,7 @@ impl DatagenSource {
             schema: Arc::new(options.table.schema()),
             options,
             next: 0,
+            paced_from: 0,
             started: None,
         }
     }
@@ -64,7 +67,7 @@ impl DatagenSource {
             Some(rate) => {
                 let started = *self.started.get_or_insert_with(Instant::now);
                 let due = (started.elapsed().as_secs_f64() * rate as f64) as u64 + 1;
-                due.saturating_sub(self.next)
+                due.saturating_sub(self.next - self.paced_from)
             }
         };
         remaining.min(budget).min(BATCH_ROWS_MAX as u64)
@@ -109,6 +112,18 @@ impl Source for DatagenSource {
             partition: 0,
             next_offset: self.next as i64,
         }]
+    }
+
+    fn seek(&mut self, positions: &[SourcePosition]) -> Result<(), SourceError> {
+        let topic = format!("datagen:{}", self.options.name);
+        if let Some(p) = positions
+            .iter()
+            .find(|p| p.topic == topic && p.partition == 0)
+        {
+            self.next = u64::try_from(p.next_offset).unwrap_or(0);
+            self.paced_from = self.next;
+        }
+        Ok(())
     }
 
     fn commit(

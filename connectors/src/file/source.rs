@@ -143,6 +143,37 @@ impl Source for FileSource {
         }]
     }
 
+    fn seek(&mut self, positions: &[SourcePosition]) -> Result<(), SourceError> {
+        let Some(p) = positions
+            .iter()
+            .find(|p| p.topic == self.options.path && p.partition == 0)
+        else {
+            return Ok(());
+        };
+        while self.next_line < p.next_offset {
+            self.line.clear();
+            let n = self
+                .reader
+                .read_until(b'\n', &mut self.line)
+                .map_err(|source| SourceError::Io {
+                    path: self.options.path.clone(),
+                    source,
+                })?;
+            if n == 0 {
+                return Err(SourceError::Fatal {
+                    context: format!("source {}", self.options.name),
+                    message: format!(
+                        "{} has {} lines, but the state directory says {} of them were read: \
+                         the file was replaced; use a new state.dir to read it from the start",
+                        self.options.path, self.next_line, p.next_offset
+                    ),
+                });
+            }
+            self.next_line += 1;
+        }
+        Ok(())
+    }
+
     fn commit(
         &mut self,
         _positions: &[SourcePosition],

@@ -1,4 +1,4 @@
-//! Kafka: a consumer-group source, a producer sink (also used for dead letters), and the
+//! Kafka: a source that reads every partition of a topic, a producer sink (also used for dead letters), and the
 //! embedded Kafka-protocol broker for development and tests.
 //!
 //! Both ends talk to any broker that speaks the Kafka protocol through librdkafka. The
@@ -14,5 +14,7 @@ mod sink;
 mod source;
 
 pub use client::{KafkaClientOptions, LogContext};
-pub use sink::{KafkaSink, KafkaSinkOptions};
+pub use sink::{
+    EPOCH_HEADER, ExactlyOnce, KafkaSink, KafkaSinkOptions, OutputRecord, SEQ_HEADER, SINK_HEADER,
+};
 pub use source::{KafkaSource, KafkaSourceOptions, MetadataColumns, StartFrom};

@@ -3,7 +3,14 @@
 //! `write` enqueues into librdkafka's bounded queue (waiting while it is full: that is
 //! backpressure), `flush` waits for every acknowledgement. Delivery errors are remembered
 //! by the delivery callback and surface at the next `write` or `flush`.
+//!
+//! With `delivery: exactly_once` the sink does not send at `write`: it encodes and holds
+//! the rows ([`KafkaSink::take_staged`]) until the engine has made the epoch durable, then
+//! [`KafkaSink::deliver_epoch`] sends them with the headers [`EPOCH_HEADER`],
+//! [`SEQ_HEADER`] and [`SINK_HEADER`] (in a transaction with `transactions: true`), and
+//! after a crash [`KafkaSink::read_back`] finds which of them the topic already holds.
 
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
@@ -12,8 +19,9 @@ use std::time::{Duration, Instant};
 use arrow::array::RecordBatch;
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
 
@@ -34,6 +42,34 @@ pub struct KafkaSinkOptions {
     pub topic: String,
     /// Column indices whose values form the message key (empty: no key).
     pub key_columns: Vec<usize>,
+    /// `delivery: exactly_once`; `None`: at-least-once.
+    pub exactly_once: Option<ExactlyOnce>,
+}
+
+/// Settings of an exactly-once sink.
+#[derive(Debug, Clone)]
+pub struct ExactlyOnce {
+    /// `transactions: true`: each epoch's output in one Kafka transaction with this id.
+    pub transactional_id: Option<String>,
+}
+
+/// Header with the epoch that produced a record (exactly-once sinks), decimal ASCII.
+pub const EPOCH_HEADER: &str = "laminar.epoch";
+/// Header with a record's position in its sink's output for the epoch, decimal ASCII.
+pub const SEQ_HEADER: &str = "laminar.seq";
+/// Header with the name of the sink that wrote the record.
+pub const SINK_HEADER: &str = "laminar.sink";
+
+/// How long reading back a sink's own output may take before it is an error.
+const READ_BACK_TIMEOUT: Duration = Duration::from_mins(2);
+/// How long `commit_transaction` may take (it flushes first).
+const TRANSACTION_TIMEOUT: Duration = Duration::from_mins(1);
+
+/// One encoded record of an exactly-once sink, held until its epoch is durable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputRecord {
+    pub key: Option<Vec<u8>>,
+    pub value: Vec<u8>,
 }
 
 /// Counts acknowledgements and keeps the first delivery error.
@@ -42,6 +78,8 @@ pub struct DeliveryContext {
     acked: AtomicU64,
     failed: AtomicU64,
     first_error: Mutex<Option<String>>,
+    /// Per partition, one past the highest offset acknowledged.
+    ends: Mutex<BTreeMap<i32, i64>>,
 }
 
 impl ClientContext for DeliveryContext {
@@ -57,8 +95,12 @@ impl ProducerContext for DeliveryContext {
     type DeliveryOpaque = ();
     fn delivery(&self, result: &DeliveryResult<'_>, (): ()) {
         match result {
-            Ok(_) => {
+            Ok(m) => {
                 self.acked.fetch_add(1, Ordering::Relaxed);
+                if let Ok(mut ends) = self.ends.lock() {
+                    let end = ends.entry(m.partition()).or_insert(0);
+                    *end = (*end).max(m.offset() + 1);
+                }
             }
             Err((e, _)) => {
                 self.failed.fetch_add(1, Ordering::Relaxed);
@@ -78,11 +120,16 @@ pub struct KafkaSink {
     value_ends: Vec<usize>,
     keys: Vec<u8>,
     key_ends: Vec<usize>,
+    /// Exactly-once: encoded rows of the open epoch.
+    staged: Vec<OutputRecord>,
+    staged_bytes: usize,
+    /// Exactly-once: the topic's end offsets when the sink started, per partition.
+    start_ends: Option<BTreeMap<i32, i64>>,
 }
 
 impl KafkaSink {
     pub fn new(options: KafkaSinkOptions) -> Result<Self, SinkError> {
-        let config = options.client.config(&[
+        let mut config = options.client.config(&[
             ("enable.idempotence", "true"),
             ("acks", "all"),
             // Retry without a deadline: an unreachable broker delays, it never drops.
@@ -97,8 +144,24 @@ impl KafkaSink {
             acked: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             first_error: Mutex::new(None),
+            ends: Mutex::new(BTreeMap::new()),
         };
-        let producer = config.create_with_context(context)?;
+        if let Some(id) = options
+            .exactly_once
+            .as_ref()
+            .and_then(|e| e.transactional_id.as_ref())
+        {
+            config.set("transactional.id", id);
+        }
+        let producer: ThreadedProducer<DeliveryContext> = config.create_with_context(context)?;
+        if options
+            .exactly_once
+            .as_ref()
+            .is_some_and(|e| e.transactional_id.is_some())
+        {
+            // Fences an earlier instance and aborts the transaction it left open.
+            producer.init_transactions(TRANSACTION_TIMEOUT)?;
+        }
         Ok(Self {
             options,
             producer,
@@ -107,7 +170,221 @@ impl KafkaSink {
             value_ends: Vec::new(),
             keys: Vec::new(),
             key_ends: Vec::new(),
+            staged: Vec::new(),
+            staged_bytes: 0,
+            start_ends: None,
         })
+    }
+
+    /// Exactly-once: the rows written since the last call, encoded.
+    pub fn take_staged(&mut self) -> Vec<OutputRecord> {
+        self.staged_bytes = 0;
+        std::mem::take(&mut self.staged)
+    }
+
+    /// Exactly-once: bytes of rows held for the open epoch.
+    #[must_use]
+    pub fn staged_bytes(&self) -> usize {
+        self.staged_bytes
+    }
+
+    #[must_use]
+    pub fn topic(&self) -> &str {
+        &self.options.topic
+    }
+
+    /// Exactly-once: where the next epoch's output starts in each partition: one past
+    /// the last record this sink had acknowledged, or the partition's end when the sink
+    /// started. Partitions missing from the list are read back from their beginning.
+    pub fn output_starts(&mut self) -> Vec<(i32, i64)> {
+        if self.start_ends.is_none() {
+            self.start_ends = Some(self.fetch_ends());
+        }
+        let mut starts = self.start_ends.clone().unwrap_or_default();
+        if let Ok(ends) = self.producer.context().ends.lock() {
+            for (&p, &end) in ends.iter() {
+                let s = starts.entry(p).or_insert(end);
+                *s = (*s).max(end);
+            }
+        }
+        starts.into_iter().collect()
+    }
+
+    /// The high watermark of every partition of the topic (none if it does not exist).
+    fn fetch_ends(&self) -> BTreeMap<i32, i64> {
+        let client = self.producer.client();
+        let topic = &self.options.topic;
+        let Ok(metadata) = client.fetch_metadata(Some(topic), Duration::from_secs(5)) else {
+            return BTreeMap::new();
+        };
+        let mut ends = BTreeMap::new();
+        for t in metadata.topics().iter().filter(|t| t.name() == topic) {
+            for p in t.partitions() {
+                if let Ok((_, high)) =
+                    client.fetch_watermarks(topic, p.id(), Duration::from_secs(5))
+                {
+                    ends.insert(p.id(), high);
+                }
+            }
+        }
+        ends
+    }
+
+    /// Exactly-once: sends `records` of `epoch`, except the sequence numbers in `skip`,
+    /// and returns once every one is acknowledged (and the transaction committed). The
+    /// wait never gives up on a slow broker; it logs instead.
+    pub fn deliver_epoch(
+        &mut self,
+        epoch: u64,
+        records: &[OutputRecord],
+        skip: &HashSet<u64>,
+    ) -> Result<usize, SinkError> {
+        self.check_failures()?;
+        let transactional = self
+            .options
+            .exactly_once
+            .as_ref()
+            .is_some_and(|e| e.transactional_id.is_some());
+        let mut sent = 0;
+        if records.len() == skip.len() {
+            return Ok(0);
+        }
+        if transactional {
+            self.producer.begin_transaction()?;
+        }
+        let epoch_text = epoch.to_string();
+        for (seq, record) in records.iter().enumerate() {
+            if skip.contains(&(seq as u64)) {
+                continue;
+            }
+            if seq == records.len() / 2 && crate::crash::reached("mid-delivery") {
+                // Half the epoch reaches the broker (and, in a transaction, stays open).
+                let _ = self.producer.flush(Duration::from_secs(10));
+                crate::crash::crash("mid-delivery");
+            }
+            let seq_text = seq.to_string();
+            let headers = OwnedHeaders::new()
+                .insert(Header {
+                    key: EPOCH_HEADER,
+                    value: Some(epoch_text.as_bytes()),
+                })
+                .insert(Header {
+                    key: SEQ_HEADER,
+                    value: Some(seq_text.as_bytes()),
+                })
+                .insert(Header {
+                    key: SINK_HEADER,
+                    value: Some(self.options.name.as_bytes()),
+                });
+            self.send(record.key.as_deref(), &record.value, Some(headers))?;
+            sent += 1;
+        }
+        let started = Instant::now();
+        let mut warned = started;
+        loop {
+            match self.flush(Duration::from_secs(1))? {
+                FlushOutcome::Done => break,
+                FlushOutcome::Pending { in_flight } => {
+                    if warned.elapsed() >= QUEUE_FULL_LOG_INTERVAL {
+                        warned = Instant::now();
+                        tracing::warn!(sink = %self.options.name, in_flight, waited_s = started.elapsed().as_secs(),
+                            "waiting for the broker to acknowledge epoch {epoch} (is it reachable?)");
+                    }
+                }
+            }
+        }
+        if transactional {
+            self.producer.commit_transaction(TRANSACTION_TIMEOUT)?;
+        }
+        Ok(sent)
+    }
+
+    /// Exactly-once, after a crash: the sequence numbers of `epoch` that this sink's
+    /// topic already holds after `starts` (partitions not listed: from their beginning),
+    /// as a `read_committed` consumer sees them.
+    pub fn read_back(&self, epoch: u64, starts: &[(i32, i64)]) -> Result<HashSet<u64>, SinkError> {
+        let topic = &self.options.topic;
+        let consumer: BaseConsumer = self
+            .options
+            .client
+            .config(&[
+                ("group.id", "laminar-read-back"),
+                ("enable.auto.commit", "false"),
+                ("enable.auto.offset.store", "false"),
+                ("enable.partition.eof", "true"),
+                ("isolation.level", "read_committed"),
+                ("auto.offset.reset", "earliest"),
+            ])
+            .create()?;
+        let metadata = consumer.fetch_metadata(Some(topic), READ_BACK_TIMEOUT)?;
+        let partitions: Vec<i32> = metadata
+            .topics()
+            .iter()
+            .filter(|t| t.name() == topic && t.error().is_none())
+            .flat_map(|t| {
+                t.partitions()
+                    .iter()
+                    .map(rdkafka::metadata::MetadataPartition::id)
+            })
+            .collect();
+        let mut found = HashSet::new();
+        if partitions.is_empty() {
+            return Ok(found);
+        }
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for &p in &partitions {
+            let offset = starts
+                .iter()
+                .find(|(sp, _)| *sp == p)
+                .map_or(rdkafka::Offset::Beginning, |&(_, o)| {
+                    rdkafka::Offset::Offset(o)
+                });
+            tpl.add_partition_offset(topic, p, offset)?;
+        }
+        consumer.assign(&tpl)?;
+        let mut at_end: HashSet<i32> = HashSet::new();
+        let epoch_text = epoch.to_string();
+        let started = Instant::now();
+        while at_end.len() < partitions.len() {
+            if started.elapsed() > READ_BACK_TIMEOUT {
+                return Err(SinkError::Delivery {
+                    topic: topic.clone(),
+                    message: format!(
+                        "reading back the output of epoch {epoch} did not reach the end of                          every partition within {READ_BACK_TIMEOUT:?}"
+                    ),
+                });
+            }
+            match consumer.poll(Duration::from_millis(200)) {
+                None => {}
+                Some(Err(KafkaError::PartitionEOF(p))) => {
+                    at_end.insert(p);
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(sink = %self.options.name, "reading back output (retrying): {e}");
+                }
+                Some(Ok(m)) => {
+                    at_end.remove(&m.partition());
+                    let Some(headers) = m.headers() else { continue };
+                    let mut of_epoch = false;
+                    let mut mine = false;
+                    let mut seq = None;
+                    for h in headers.iter() {
+                        match (h.key, h.value) {
+                            (EPOCH_HEADER, Some(v)) => of_epoch = v == epoch_text.as_bytes(),
+                            (SINK_HEADER, Some(v)) => mine = v == self.options.name.as_bytes(),
+                            (SEQ_HEADER, Some(v)) => {
+                                seq = std::str::from_utf8(v).ok().and_then(|s| s.parse().ok());
+                            }
+                            _ => {}
+                        }
+                    }
+                    if let (true, true, Some(seq)) = (of_epoch, mine, seq) {
+                        found.insert(seq);
+                    }
+                }
+            }
+        }
+        Ok(found)
     }
 
     /// Records acknowledged by the broker since start.
@@ -169,13 +446,8 @@ impl KafkaSink {
 }
 
 impl KafkaSink {
-    /// Writes rows as JSON values, each with the same `headers` (`key`, `value`).
-    pub fn write_with_headers(
-        &mut self,
-        batch: &RecordBatch,
-        headers: &[(&str, &str)],
-    ) -> Result<(), SinkError> {
-        self.check_failures()?;
+    /// Encodes the rows' values and keys into `values`/`keys`.
+    fn encode(&mut self, batch: &RecordBatch) -> Result<(), SinkError> {
         self.values.clear();
         self.value_ends.clear();
         self.encoder
@@ -200,6 +472,38 @@ impl KafkaSink {
                     .map_err(SinkError::Encode)?;
             }
         }
+        Ok(())
+    }
+
+    /// Exactly-once: holds the encoded rows until the epoch is durable.
+    fn stage(&mut self, batch: &RecordBatch) -> Result<(), SinkError> {
+        self.encode(batch)?;
+        let (mut start, mut key_start) = (0, 0);
+        for row in 0..batch.num_rows() {
+            let end = self.value_ends[row];
+            let key = self.key_ends.get(row).map(|&key_end| {
+                let k = self.keys[key_start..key_end].to_vec();
+                key_start = key_end;
+                k
+            });
+            self.staged_bytes += end - start + key.as_ref().map_or(0, Vec::len);
+            self.staged.push(OutputRecord {
+                key,
+                value: self.values[start..end].to_vec(),
+            });
+            start = end;
+        }
+        Ok(())
+    }
+
+    /// Writes rows as JSON values, each with the same `headers` (`key`, `value`).
+    pub fn write_with_headers(
+        &mut self,
+        batch: &RecordBatch,
+        headers: &[(&str, &str)],
+    ) -> Result<(), SinkError> {
+        self.check_failures()?;
+        self.encode(batch)?;
         let mut start = 0;
         let mut key_start = 0;
         for row in 0..batch.num_rows() {
@@ -226,6 +530,9 @@ impl KafkaSink {
 
 impl Sink for KafkaSink {
     fn write(&mut self, batch: &RecordBatch) -> Result<(), SinkError> {
+        if self.options.exactly_once.is_some() {
+            return self.stage(batch);
+        }
         self.write_with_headers(batch, &[])
     }
 

@@ -1,13 +1,17 @@
 //! The Kafka source: one consumer in the pipeline's consumer group, JSON values decoded
 //! into the declared columns plus optional metadata columns.
 //!
-//! Positions handed out by `poll` are kept per partition and committed only when the engine
-//! says the sinks have acknowledged them. A broker that is unreachable is logged (rate
-//! limited) and retried by librdkafka; `poll` keeps returning `Idle` meanwhile.
+//! The source reads every partition of its topic: it assigns them itself (new partitions
+//! are picked up from metadata every few seconds) instead of joining a consumer-group
+//! rebalance, so that a restart seeks each partition to the offset in the pipeline's last
+//! commit entry at once, without waiting for a dead member's session to time out. The
+//! consumer group (`group_id`) still receives the offsets of every finished epoch, for
+//! lag monitoring and `start_from: committed`. A broker that is unreachable is logged
+//! (rate limited) and retried; `poll` keeps returning `Idle` meanwhile.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arrow::array::{
     ArrayRef, Int32Builder, Int64Builder, RecordBatch, StringBuilder, TimestampMillisecondBuilder,
@@ -122,7 +126,19 @@ pub struct KafkaSource {
     positions: BTreeMap<i32, i64>,
     /// Partition of each decoded row of the batch being built.
     row_partitions: Vec<i32>,
+    /// Partitions assigned so far, ascending.
+    assigned: Vec<i32>,
+    /// Where to resume partitions (a commit entry) instead of `start_from`.
+    resume: BTreeMap<i32, i64>,
+    last_metadata: Option<Instant>,
 }
+
+/// How often the topic's partition count is checked once partitions are assigned.
+const METADATA_REFRESH: Duration = Duration::from_secs(5);
+/// How often it is retried while none are (topic missing, broker down).
+const METADATA_RETRY: Duration = Duration::from_millis(500);
+/// Longest a metadata request may block `poll`.
+const METADATA_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// A list of `topic`'s partitions.
 fn partition_list(topic: &str, partitions: impl Iterator<Item = i32>) -> TopicPartitionList {
@@ -154,7 +170,6 @@ impl KafkaSource {
         ]);
         let consumer: BaseConsumer<LogContext> =
             config.create_with_context(LogContext::new(&options.name))?;
-        consumer.subscribe(&[&options.topic])?;
         let mut fields: Vec<Field> = options
             .columns
             .iter()
@@ -174,7 +189,65 @@ impl KafkaSource {
             options,
             positions: BTreeMap::new(),
             row_partitions: Vec::new(),
+            assigned: Vec::new(),
+            resume: BTreeMap::new(),
+            last_metadata: None,
         })
+    }
+
+    /// Assigns partitions of the topic that are not assigned yet: at the resume offset,
+    /// else at the group's committed offset, else as `start_from` says.
+    fn refresh_assignment(&mut self) -> Result<(), SourceError> {
+        let every = if self.assigned.is_empty() {
+            METADATA_RETRY
+        } else {
+            METADATA_REFRESH
+        };
+        if self.last_metadata.is_some_and(|t| t.elapsed() < every) {
+            return Ok(());
+        }
+        self.last_metadata = Some(Instant::now());
+        let topic = &self.options.topic;
+        let metadata = match self.consumer.fetch_metadata(Some(topic), METADATA_TIMEOUT) {
+            Ok(m) => m,
+            Err(e) => {
+                if self.consumer.context().should_log_error() {
+                    tracing::warn!(source = %self.options.name, "cannot fetch metadata of topic {topic} (retrying): {e}");
+                }
+                return Ok(());
+            }
+        };
+        let partitions: Vec<i32> = metadata
+            .topics()
+            .iter()
+            .filter(|t| t.name() == topic && t.error().is_none())
+            .flat_map(|t| {
+                t.partitions()
+                    .iter()
+                    .map(rdkafka::metadata::MetadataPartition::id)
+            })
+            .filter(|p| !self.assigned.contains(p))
+            .collect();
+        if partitions.is_empty() {
+            if self.assigned.is_empty() && self.consumer.context().should_log_error() {
+                tracing::warn!(source = %self.options.name, topic = %topic,
+                    "topic does not exist (yet); waiting for it");
+            }
+            return Ok(());
+        }
+        let mut tpl = TopicPartitionList::new();
+        for &p in &partitions {
+            let offset = self
+                .resume
+                .get(&p)
+                .map_or(Offset::Stored, |&o| Offset::Offset(o));
+            tpl.add_partition_offset(topic, p, offset)?;
+        }
+        self.consumer.incremental_assign(&tpl)?;
+        tracing::debug!(source = %self.options.name, ?partitions, "assigned partitions");
+        self.assigned.extend(partitions);
+        self.assigned.sort_unstable();
+        Ok(())
     }
 
     fn consumption_error(&self, error: &KafkaError) -> Result<(), SourceError> {
@@ -231,6 +304,7 @@ impl Source for KafkaSource {
     }
 
     fn poll(&mut self, timeout: Duration) -> Result<SourcePoll, SourceError> {
+        self.refresh_assignment()?;
         let mut rejected = Vec::new();
         let mut records = 0;
         while records < BATCH_ROWS_MAX {
@@ -305,20 +379,12 @@ impl Source for KafkaSource {
     }
 
     fn assigned_partitions(&self) -> Option<Vec<i32>> {
-        let assignment = self.consumer.assignment().ok()?;
-        Some(
-            assignment
-                .elements()
-                .iter()
-                .filter(|e| e.topic() == self.options.topic)
-                .map(rdkafka::topic_partition_list::TopicPartitionListElem::partition)
-                .collect(),
-        )
+        Some(self.assigned.clone())
     }
 
     fn pause(&mut self, paused: &[i32]) -> Result<bool, SourceError> {
-        // Applied to the whole assignment each time: a rebalance resumes every partition.
-        let assigned = self.assigned_partitions().unwrap_or_default();
+        // Applied to the whole assignment each time: new partitions start resumed.
+        let assigned = self.assigned.clone();
         let topic = &self.options.topic;
         let (pause, resume): (Vec<i32>, Vec<i32>) =
             assigned.into_iter().partition(|p| paused.contains(p));
@@ -342,6 +408,15 @@ impl Source for KafkaSource {
                 next_offset,
             })
             .collect()
+    }
+
+    fn seek(&mut self, positions: &[SourcePosition]) -> Result<(), SourceError> {
+        assert!(self.assigned.is_empty(), "seek before the first poll");
+        for p in positions.iter().filter(|p| p.topic == self.options.topic) {
+            self.resume.insert(p.partition, p.next_offset);
+            self.positions.insert(p.partition, p.next_offset);
+        }
+        Ok(())
     }
 
     fn commit(&mut self, positions: &[SourcePosition], blocking: bool) -> Result<(), SourceError> {
