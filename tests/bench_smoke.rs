@@ -20,7 +20,35 @@ fn bench_prints_a_row_per_query_and_the_kafka_ratio() {
         "kafka bare rdkafka",
         "kafka laminar q0",
         "laminar / bare throughput ratio",
+        "exactly_once, no txn",
+        "exactly_once, txn",
+        "exactly-once / at-least-once throughput ratio",
     ] {
         assert!(stdout.contains(name), "no `{name}` in:\n{stdout}");
+    }
+}
+
+#[test]
+fn bench_durability_measures_the_wal_lookups_checkpoints_and_recovery() {
+    let (code, stdout, stderr) = support::laminar(
+        &[
+            "bench",
+            "--durability",
+            "--state-mib",
+            "2",
+            "--wal-entries",
+            "20000",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    for needle in [
+        "fdatasync every 1000",
+        "4 KiB append + fdatasync: p50",
+        "state lookup (20000 keys",
+        "state     2 MiB",
+        "recovery from the checkpoint",
+    ] {
+        assert!(stdout.contains(needle), "no `{needle}` in:\n{stdout}");
     }
 }

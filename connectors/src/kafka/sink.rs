@@ -212,22 +212,39 @@ impl KafkaSink {
 
     /// The high watermark of every partition of the topic (none if it does not exist).
     fn fetch_ends(&self) -> BTreeMap<i32, i64> {
-        let client = self.producer.client();
         let topic = &self.options.topic;
-        let Ok(metadata) = client.fetch_metadata(Some(topic), Duration::from_secs(5)) else {
-            return BTreeMap::new();
-        };
         let mut ends = BTreeMap::new();
+        let Ok(consumer) = self.read_back_consumer() else {
+            return ends;
+        };
+        let Ok(metadata) = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) else {
+            return ends;
+        };
         for t in metadata.topics().iter().filter(|t| t.name() == topic) {
             for p in t.partitions() {
                 if let Ok((_, high)) =
-                    client.fetch_watermarks(topic, p.id(), Duration::from_secs(5))
+                    consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(5))
                 {
                     ends.insert(p.id(), high);
                 }
             }
         }
         ends
+    }
+
+    /// A consumer of the sink's own topic, as `read_committed` readers see it.
+    fn read_back_consumer(&self) -> Result<BaseConsumer, KafkaError> {
+        self.options
+            .client
+            .config(&[
+                ("group.id", "laminar-read-back"),
+                ("enable.auto.commit", "false"),
+                ("enable.auto.offset.store", "false"),
+                ("enable.partition.eof", "true"),
+                ("isolation.level", "read_committed"),
+                ("auto.offset.reset", "earliest"),
+            ])
+            .create()
     }
 
     /// Exactly-once: sends `records` of `epoch`, except the sequence numbers in `skip`,
@@ -304,18 +321,7 @@ impl KafkaSink {
     /// as a `read_committed` consumer sees them.
     pub fn read_back(&self, epoch: u64, starts: &[(i32, i64)]) -> Result<HashSet<u64>, SinkError> {
         let topic = &self.options.topic;
-        let consumer: BaseConsumer = self
-            .options
-            .client
-            .config(&[
-                ("group.id", "laminar-read-back"),
-                ("enable.auto.commit", "false"),
-                ("enable.auto.offset.store", "false"),
-                ("enable.partition.eof", "true"),
-                ("isolation.level", "read_committed"),
-                ("auto.offset.reset", "earliest"),
-            ])
-            .create()?;
+        let consumer = self.read_back_consumer()?;
         let metadata = consumer.fetch_metadata(Some(topic), READ_BACK_TIMEOUT)?;
         let partitions: Vec<i32> = metadata
             .topics()

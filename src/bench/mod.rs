@@ -2,6 +2,8 @@
 //! Kafka (the embedded broker), next to a bare rdkafka consume->produce loop on the same
 //! broker in the same run. Compare ratios, not absolute numbers: machines are noisy.
 
+mod durability;
+
 use std::fmt::Write as _;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
@@ -37,6 +39,15 @@ pub struct BenchArgs {
     /// Skip the Kafka part.
     #[arg(long)]
     pub engine_only: bool,
+    /// Only the durability part: WAL, state lookups, checkpoint and recovery.
+    #[arg(long)]
+    pub durability: bool,
+    /// State sizes (MiB) for the checkpoint and recovery measurements.
+    #[arg(long, value_delimiter = ',', default_value = "100,1024")]
+    pub state_mib: Vec<u64>,
+    /// WAL entries appended, and state keys looked up, in the durability part.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub wal_entries: u64,
 }
 
 /// Nexmark-style queries over the bid stream: (name, SQL, whether it is windowed).
@@ -69,6 +80,11 @@ const BENCH_AUCTIONS: u64 = 100_000;
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let mut table = String::new();
+    if args.durability {
+        durability::run(&args.state_mib, args.wal_entries, &mut table)?;
+        println!("{table}");
+        return Ok(());
+    }
     writeln!(
         table,
         "{:<40} {:>10} {:>12} {:>8} {:>10} {:>8}",
@@ -220,7 +236,13 @@ fn resident_bytes() -> u64 {
 fn kafka(events: u64, table: &mut String) -> anyhow::Result<()> {
     let broker = EmbeddedBroker::start(1, None)?;
     let bootstrap = broker.bootstrap_servers().to_owned();
-    for topic in ["bench-in", "bench-out-bare", "bench-out-laminar"] {
+    for topic in [
+        "bench-in",
+        "bench-out-bare",
+        "bench-out-laminar",
+        "bench-out-eo",
+        "bench-out-eo-tx",
+    ] {
         broker.create_topic(topic, BENCH_PARTITIONS)?;
     }
     produce_input(&bootstrap, events)?;
@@ -230,13 +252,63 @@ fn kafka(events: u64, table: &mut String) -> anyhow::Result<()> {
     let bare = started.elapsed();
     row(table, "kafka bare rdkafka consume->produce", events, bare)?;
 
+    let mut at_least_once = None;
+    for (name, sink) in [
+        (
+            "kafka laminar q0 (JSON in, JSON out)",
+            "  - { name: out, from: q, connector: kafka, topic: bench-out-laminar }",
+        ),
+        (
+            "kafka laminar q0 exactly_once, no txn",
+            "  - { name: out, from: q, connector: kafka, topic: bench-out-eo, delivery: exactly_once, transactions: false }",
+        ),
+        (
+            "kafka laminar q0 exactly_once, txn",
+            "  - { name: out, from: q, connector: kafka, topic: bench-out-eo-tx, delivery: exactly_once, transactions: true }",
+        ),
+    ] {
+        let (records, took) = laminar_kafka(&bootstrap, sink, events, &name[14..])?;
+        row(table, name, records, took)?;
+        let rate = records as f64 / took.as_secs_f64();
+        match at_least_once {
+            None => {
+                at_least_once = Some(rate);
+                writeln!(
+                    table,
+                    "laminar / bare throughput ratio: {:.2}",
+                    rate / (events as f64 / bare.as_secs_f64())
+                )?;
+            }
+            Some(alo) => writeln!(
+                table,
+                "  exactly-once / at-least-once throughput ratio: {:.2}",
+                rate / alo
+            )?,
+        }
+    }
+    Ok(())
+}
+
+/// Runs q0 from `bench-in` to `sink` until `events` records were read, with a state
+/// directory of its own; returns records read and the time taken.
+fn laminar_kafka(
+    bootstrap: &str,
+    sink: &str,
+    events: u64,
+    group: &str,
+) -> anyhow::Result<(u64, Duration)> {
     let yaml = pipeline_yaml(
-        "  - name: bids\n    connector: kafka\n    topic: bench-in\n    group_id: bench-laminar\n    schema: { auction: BIGINT, bidder: BIGINT, price: BIGINT, channel: VARCHAR, url: VARCHAR, date_time: TIMESTAMP, extra: VARCHAR }",
+        &format!(
+            "  - name: bids\n    connector: kafka\n    topic: bench-in\n    group_id: \"bench {group}\"\n    start_from: earliest\n    schema: {{ auction: BIGINT, bidder: BIGINT, price: BIGINT, channel: VARCHAR, url: VARCHAR, date_time: TIMESTAMP, extra: VARCHAR }}"
+        ),
         "SELECT * FROM bids",
-        "  - { name: out, from: q, connector: kafka, topic: bench-out-laminar }",
+        sink,
     );
     let mut config = config::parse("bench.yaml", &yaml, &|_| None).map_err(|d| anyhow!("{d}"))?;
-    config.kafka.bootstrap_servers = bootstrap;
+    bootstrap.clone_into(&mut config.kafka.bootstrap_servers);
+    let state = std::env::temp_dir().join(format!("laminar-bench-kafka-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&state);
+    config.state.dir = state.display().to_string();
     let planned = sql::plan(&config).map_err(|d| anyhow!("{d}"))?;
     let options = RunOptions {
         bootstrap_servers: None,
@@ -244,20 +316,10 @@ fn kafka(events: u64, table: &mut String) -> anyhow::Result<()> {
     };
     let pipeline = Pipeline::build(&config, planned, &options)?;
     let started = Instant::now();
-    let summary = pipeline.run(&AtomicBool::new(false))?;
-    let laminar = started.elapsed();
-    row(
-        table,
-        "kafka laminar q0 (JSON in, JSON out)",
-        summary.records_in,
-        laminar,
-    )?;
-    writeln!(
-        table,
-        "laminar / bare throughput ratio: {:.2}",
-        bare.as_secs_f64() / laminar.as_secs_f64() * summary.records_in as f64 / events as f64
-    )?;
-    Ok(())
+    let summary = pipeline.run(&AtomicBool::new(false));
+    let took = started.elapsed();
+    let _ = std::fs::remove_dir_all(&state);
+    Ok((summary?.records_in, took))
 }
 
 fn produce_input(bootstrap: &str, events: u64) -> anyhow::Result<()> {
