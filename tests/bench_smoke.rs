@@ -43,7 +43,7 @@ fn bench_durability_measures_the_wal_lookups_checkpoints_and_recovery() {
     );
     assert_eq!(code, 0, "{stderr}");
     for needle in [
-        "fdatasync every 1000",
+        "blocking append, 100 B entries, fdatasync every 1000",
         "4 KiB append + fdatasync: p50",
         "state lookup (20000 keys",
         "state     2 MiB",

@@ -27,11 +27,18 @@ fn exported() -> BTreeSet<String> {
         .collect()
 }
 
-/// The `laminar_...` words in `text`.
+/// The `laminar_...` words in `text`; a histogram's `_bucket`, `_sum` and `_count` series
+/// count as the histogram.
 fn referenced(text: &str) -> BTreeSet<String> {
     text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
         .filter(|w| w.starts_with("laminar_"))
-        .map(str::to_owned)
+        .map(|w| {
+            ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| w.strip_suffix(s).filter(|b| b.ends_with("_seconds")))
+                .unwrap_or(w)
+                .to_owned()
+        })
         .collect()
 }
 

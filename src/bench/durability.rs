@@ -1,5 +1,5 @@
 //! `laminar bench --durability`: the write-ahead log's group commit and `fdatasync`
-//! latency, state lookups, and checkpoint and recovery times for a given state size, on
+//! latency (blocking and `io_uring`), state lookups, and checkpoint and recovery times for a given state size, on
 //! the disk under the system temp directory.
 
 use std::fmt::Write as _;
@@ -10,7 +10,7 @@ use anyhow::Context as _;
 
 use crate::durability::Durable;
 use crate::durability::entry::CommitEntry;
-use crate::durability::storage::DiskStorage;
+use crate::durability::storage::{DiskStorage, IoMode};
 use crate::durability::wal::Wal;
 use crate::state::{MemoryStore, StateStore};
 
@@ -45,29 +45,42 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 pub fn run(state_mib: &[u64], wal_entries: u64, table: &mut String) -> anyhow::Result<()> {
-    writeln!(
-        table,
-        "durability (blocking I/O path; io_uring is not built)"
-    )?;
+    writeln!(table, "durability")?;
     let dir = TempDir::new("wal")?;
-    for group in [1000, 100] {
-        let (entries, took) =
-            wal_group_commit(&dir.0.join(format!("g{group}")), wal_entries, group)?;
+    let uring = DiskStorage::open_with(&dir.0.join("probe"), IoMode::Auto)?.uses_io_uring();
+    let mut modes = vec![("blocking", IoMode::Blocking)];
+    if uring {
+        modes.push(("io_uring", IoMode::Auto));
+    } else {
         writeln!(
             table,
-            "  WAL append, 100 B entries, fdatasync every {group:>4}: {:>10.0} entries/s ({:.2} s)",
-            entries as f64 / took.as_secs_f64(),
-            took.as_secs_f64()
+            "  (io_uring is not available here: blocking path only)"
         )?;
     }
-    let syncs = fdatasync_latency(&dir.0.join("sync"), 2000)?;
-    writeln!(
-        table,
-        "  WAL 4 KiB append + fdatasync: p50 {} us, p99 {} us, max {} us",
-        percentile(&syncs, 0.5).as_micros(),
-        percentile(&syncs, 0.99).as_micros(),
-        syncs.last().map_or(0, Duration::as_micros)
-    )?;
+    for (label, mode) in modes {
+        for group in [1000, 100] {
+            let (entries, took) = wal_group_commit(
+                &dir.0.join(format!("{label}-g{group}")),
+                mode,
+                wal_entries,
+                group,
+            )?;
+            writeln!(
+                table,
+                "  WAL {label:<8} append, 100 B entries, fdatasync every {group:>4}: {:>10.0} entries/s ({:.2} s)",
+                entries as f64 / took.as_secs_f64(),
+                took.as_secs_f64()
+            )?;
+        }
+        let syncs = fdatasync_latency(&dir.0.join(format!("{label}-sync")), mode, 2000)?;
+        writeln!(
+            table,
+            "  WAL {label:<8} 4 KiB append + fdatasync: p50 {} us, p99 {} us, max {} us",
+            percentile(&syncs, 0.5).as_micros(),
+            percentile(&syncs, 0.99).as_micros(),
+            syncs.last().map_or(0, Duration::as_micros)
+        )?;
+    }
     let lookups = state_lookups(wal_entries.max(1), 200_000);
     writeln!(
         table,
@@ -93,8 +106,13 @@ pub fn run(state_mib: &[u64], wal_entries: u64, table: &mut String) -> anyhow::R
 }
 
 /// Appends `entries` records of 100 bytes, with one `fdatasync` per `group`.
-fn wal_group_commit(dir: &Path, entries: u64, group: u64) -> anyhow::Result<(u64, Duration)> {
-    let (mut wal, _) = Wal::open(Box::new(DiskStorage::open(dir)?))?;
+fn wal_group_commit(
+    dir: &Path,
+    mode: IoMode,
+    entries: u64,
+    group: u64,
+) -> anyhow::Result<(u64, Duration)> {
+    let (mut wal, _) = Wal::open(Box::new(DiskStorage::open_with(dir, mode)?))?;
     let payload = [7u8; 100];
     let started = Instant::now();
     for i in 1..=entries {
@@ -108,8 +126,8 @@ fn wal_group_commit(dir: &Path, entries: u64, group: u64) -> anyhow::Result<(u64
 }
 
 /// Durations of `n` `fdatasync` calls, each after a 4 KiB append, sorted.
-fn fdatasync_latency(dir: &Path, n: usize) -> anyhow::Result<Vec<Duration>> {
-    let (mut wal, _) = Wal::open(Box::new(DiskStorage::open(dir)?))?;
+fn fdatasync_latency(dir: &Path, mode: IoMode, n: usize) -> anyhow::Result<Vec<Duration>> {
+    let (mut wal, _) = Wal::open(Box::new(DiskStorage::open_with(dir, mode)?))?;
     let payload = [9u8; 4096 - 17];
     let mut took = Vec::with_capacity(n);
     for _ in 0..n {

@@ -23,6 +23,12 @@ pub trait Storage: Send {
     fn append(&mut self, name: &str, data: &[u8]) -> io::Result<()>;
     /// Makes `name`'s data durable (`fdatasync`). An error is fatal: never retry it.
     fn sync(&mut self, name: &str) -> io::Result<()>;
+    /// `append` then `sync`; with `io_uring`, one submission of a write linked to an
+    /// `fdatasync`.
+    fn append_sync(&mut self, name: &str, data: &[u8]) -> io::Result<()> {
+        self.append(name, data)?;
+        self.sync(name)
+    }
     fn truncate(&mut self, name: &str, len: u64) -> io::Result<()>;
     fn rename(&mut self, from: &str, to: &str) -> io::Result<()>;
     fn remove(&mut self, name: &str) -> io::Result<()>;
@@ -32,21 +38,59 @@ pub trait Storage: Send {
     fn describe(&self, name: &str) -> String;
 }
 
+/// How [`DiskStorage`] writes and syncs the WAL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoMode {
+    /// `io_uring` when the kernel allows it (a write linked to an `fdatasync` in one
+    /// submission), else the blocking calls, after one warning.
+    Auto,
+    /// `write` and `fdatasync` system calls.
+    Blocking,
+}
+
+impl IoMode {
+    /// `LAMINAR_IO=blocking` turns `io_uring` off; anything else is [`IoMode::Auto`].
+    #[must_use]
+    pub fn from_env() -> Self {
+        match std::env::var("LAMINAR_IO").as_deref() {
+            Ok("blocking") => Self::Blocking,
+            _ => Self::Auto,
+        }
+    }
+}
+
 /// Files in a directory on disk.
 pub struct DiskStorage {
     dir: PathBuf,
     /// Files open for appending.
     open: HashMap<String, File>,
+    uring: Option<uring::Ring>,
 }
 
 impl DiskStorage {
-    /// Opens (creating) `dir`.
+    /// Opens (creating) `dir`, with `io_uring` when the kernel allows it.
     pub fn open(dir: &Path) -> io::Result<Self> {
+        Self::open_with(dir, IoMode::from_env())
+    }
+
+    /// Opens (creating) `dir`, writing the WAL as `mode` says.
+    pub fn open_with(dir: &Path, mode: IoMode) -> io::Result<Self> {
         std::fs::create_dir_all(dir)?;
+        let uring = match mode {
+            IoMode::Blocking => None,
+            IoMode::Auto => uring::Ring::new(),
+        };
         Ok(Self {
             dir: dir.to_path_buf(),
             open: HashMap::new(),
+            uring,
         })
+    }
+
+    /// Whether WAL writes go through `io_uring`.
+    #[must_use]
+    pub fn uses_io_uring(&self) -> bool {
+        self.uring.is_some()
     }
 
     fn file(&mut self, name: &str) -> io::Result<&mut File> {
@@ -93,6 +137,25 @@ impl Storage for DiskStorage {
         self.file(name)?.sync_data()
     }
 
+    fn append_sync(&mut self, name: &str, data: &[u8]) -> io::Result<()> {
+        if self.uring.is_none() {
+            self.append(name, data)?;
+            return self.sync(name);
+        }
+        let file = self.file(name)?.try_clone()?;
+        let Some(ring) = &mut self.uring else {
+            return Err(io::Error::other("io_uring ring vanished"));
+        };
+        let written = ring.write_and_datasync(&file, data)?;
+        if written < data.len() {
+            // A short write (rare for regular files): finish it the blocking way.
+            let mut file = file;
+            file.write_all(&data[written..])?;
+            file.sync_data()?;
+        }
+        Ok(())
+    }
+
     fn truncate(&mut self, name: &str, len: u64) -> io::Result<()> {
         self.file(name)?.set_len(len)
     }
@@ -117,6 +180,98 @@ impl Storage for DiskStorage {
 
     fn describe(&self, name: &str) -> String {
         self.dir.join(name).display().to_string()
+    }
+}
+
+#[cfg(target_os = "linux")]
+mod uring {
+    use std::fs::File;
+    use std::io;
+    use std::os::fd::AsRawFd;
+
+    use io_uring::{IoUring, opcode, squeue, types};
+
+    /// One `io_uring` instance for the WAL's append-and-sync.
+    pub struct Ring(IoUring);
+
+    impl Ring {
+        /// A ring, or `None` (with one warning) where the kernel or a seccomp profile
+        /// refuses `io_uring`.
+        pub fn new() -> Option<Self> {
+            match IoUring::new(8) {
+                Ok(ring) => Some(Self(ring)),
+                Err(e) => {
+                    tracing::warn!(
+                        "io_uring is not available ({e}); the WAL uses blocking write and fdatasync"
+                    );
+                    None
+                }
+            }
+        }
+
+        /// Appends `data` to `file` (opened for appending) and `fdatasync`s it, as one
+        /// submission of two linked operations. Returns the bytes written.
+        pub fn write_and_datasync(&mut self, file: &File, data: &[u8]) -> io::Result<usize> {
+            let fd = types::Fd(file.as_raw_fd());
+            let len = u32::try_from(data.len())
+                .map_err(|_| io::Error::other("one WAL write over 4 GiB"))?;
+            let write = opcode::Write::new(fd, data.as_ptr(), len)
+                .offset(u64::MAX)
+                .build()
+                .flags(squeue::Flags::IO_LINK)
+                .user_data(1);
+            let sync = opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build()
+                .user_data(2);
+            // SAFETY: the entries point at `data` and `file`, which outlive this call,
+            // and the call waits below for both operations to complete.
+            unsafe {
+                let mut sq = self.0.submission();
+                sq.push(&write)
+                    .and_then(|()| sq.push(&sync))
+                    .map_err(|_| io::Error::other("io_uring submission queue full"))?;
+            }
+            self.0.submit_and_wait(2)?;
+            let (mut written, mut synced) = (None, None);
+            while written.is_none() || synced.is_none() {
+                let Some(cqe) = self.0.completion().next() else {
+                    self.0.submit_and_wait(1)?;
+                    continue;
+                };
+                match cqe.user_data() {
+                    1 => written = Some(cqe.result()),
+                    _ => synced = Some(cqe.result()),
+                }
+            }
+            let (written, synced) = (written.unwrap_or(-5), synced.unwrap_or(-5));
+            if written < 0 {
+                return Err(io::Error::from_raw_os_error(-written));
+            }
+            let written = written as usize;
+            if synced < 0 && written == data.len() {
+                return Err(io::Error::from_raw_os_error(-synced));
+            }
+            // A short write cancels the linked sync: the caller finishes both.
+            Ok(written)
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+mod uring {
+    pub struct Ring;
+    impl Ring {
+        pub fn new() -> Option<Self> {
+            None
+        }
+        pub fn write_and_datasync(
+            &mut self,
+            _: &std::fs::File,
+            _: &[u8],
+        ) -> std::io::Result<usize> {
+            Err(std::io::Error::other("io_uring is Linux only"))
+        }
     }
 }
 

@@ -415,3 +415,34 @@ fn the_store_journal_replays_to_the_same_state() {
     assert_eq!(store_contents(&a), store_contents(&b));
     assert!(a.take_journal().is_empty());
 }
+
+#[test]
+fn the_wal_on_disk_round_trips_with_and_without_io_uring() {
+    use super::storage::{DiskStorage, IoMode};
+    for mode in [IoMode::Blocking, IoMode::Auto] {
+        let dir =
+            std::env::temp_dir().join(format!("laminar-wal-disk-{}-{mode:?}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let payload = |i: u32| i.to_le_bytes().repeat(i as usize % 50);
+        {
+            let (mut wal, _) =
+                Wal::open(Box::new(DiskStorage::open_with(&dir, mode).unwrap())).unwrap();
+            for i in 0..100u32 {
+                wal.append(1, &payload(i)).unwrap();
+                if i % 7 == 0 {
+                    wal.sync().unwrap();
+                }
+            }
+            wal.sync().unwrap();
+        }
+        let (_, back) = Wal::open(Box::new(
+            DiskStorage::open_with(&dir, IoMode::Blocking).unwrap(),
+        ))
+        .unwrap();
+        assert_eq!(back.len(), 100, "{mode:?}");
+        for (i, r) in back.iter().enumerate() {
+            assert_eq!(r.payload, payload(i as u32), "{mode:?} record {i}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -374,11 +374,17 @@ impl Wal {
     /// segment when the active one is full.
     pub fn sync(&mut self) -> Result<(), WalError> {
         self.check()?;
-        self.write_buffer()?;
         let name = segment_name(self.active().id);
         let started = Instant::now();
-        if let Err(e) = self.storage.sync(&name) {
-            return Err(self.io_error("fdatasync", &name, e));
+        let synced = if self.buf.is_empty() {
+            self.storage.sync(&name)
+        } else {
+            let synced = self.storage.append_sync(&name, &self.buf);
+            self.buf.clear();
+            synced
+        };
+        if let Err(e) = synced {
+            return Err(self.io_error("write and fdatasync", &name, e));
         }
         self.stats.last_sync = started.elapsed();
         self.stats.syncs += 1;
