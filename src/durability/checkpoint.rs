@@ -114,23 +114,36 @@ pub struct Loaded {
     pub store: MemoryStore,
 }
 
+/// Why a checkpoint could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The file is damaged: recovery falls back to an older checkpoint.
+    #[error("{0}")]
+    Corrupt(#[from] CodecError),
+    /// The state does not fit `state.memory_bytes_max` (or is out of order): an error.
+    #[error(transparent)]
+    State(crate::state::StateError),
+}
+
 /// Reads and verifies one checkpoint file into a store limited to `bytes_max`.
-pub fn load(data: &[u8], bytes_max: u64) -> Result<Loaded, CodecError> {
+pub fn load(data: &[u8], bytes_max: u64) -> Result<Loaded, LoadError> {
     if data.len() < MAGIC.len() + 4 || data[..8] != MAGIC {
-        return Err(CodecError("not a laminar checkpoint (bad magic)".into()));
+        return Err(CodecError("not a laminar checkpoint (bad magic)".into()).into());
     }
     let (body, trailer) = data.split_at(data.len() - 4);
     let mut crc = [0u8; 4];
     crc.copy_from_slice(trailer);
     if crc32c::crc32c(body) != u32::from_le_bytes(crc) {
-        return Err(CodecError("checksum mismatch".into()));
+        return Err(CodecError("checksum mismatch".into()).into());
     }
     let mut r = Reader::new(&body[8..]);
     let epoch = r.i64()? as u64;
     let lsn = r.i64()? as u64;
     let wall_ms = r.i64()?;
     let commit = CommitEntry::decode(r.bytes()?)?;
+    // Entries come namespace by namespace in key order: each namespace is built in bulk.
     let mut store = MemoryStore::with_limit(bytes_max);
+    let mut current: Option<(String, crate::state::SortedEntries)> = None;
     loop {
         match r.u8()? {
             0 => break,
@@ -139,19 +152,33 @@ pub fn load(data: &[u8], bytes_max: u64) -> Result<Loaded, CodecError> {
                     .map_err(|_| CodecError("namespace is not UTF-8".into()))?;
                 let key = r.bytes()?;
                 let value = r.bytes()?;
-                store
-                    .put_named(ns, key, value)
-                    .map_err(|e| CodecError(e.to_string()))?;
+                if current.as_ref().is_none_or(|(name, _)| name != ns) {
+                    if let Some((name, entries)) = current.take() {
+                        store
+                            .load_sorted(&name, entries)
+                            .map_err(LoadError::State)?;
+                    }
+                    current = Some((ns.to_owned(), Vec::new()));
+                }
+                if let Some((_, entries)) = &mut current {
+                    entries.push((key.into(), value.into()));
+                }
             }
-            t => return Err(CodecError(format!("entry tag {t}"))),
+            t => return Err(CodecError(format!("entry tag {t}")).into()),
         }
+    }
+    if let Some((name, entries)) = current.take() {
+        store
+            .load_sorted(&name, entries)
+            .map_err(LoadError::State)?;
     }
     r.finish()?;
     if commit.epoch != epoch {
         return Err(CodecError(format!(
             "header says epoch {epoch}, its commit entry {}",
             commit.epoch
-        )));
+        ))
+        .into());
     }
     Ok(Loaded {
         meta: CheckpointMeta {

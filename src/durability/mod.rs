@@ -205,10 +205,14 @@ impl Durable {
         for &epoch in epochs.iter().rev() {
             let name = checkpoint::file_name(epoch);
             let file = storage.describe(&name);
-            let result = storage
-                .read(&name)
-                .map_err(|e| e.to_string())
-                .and_then(|data| checkpoint::load(&data, memory_bytes_max).map_err(|e| e.0));
+            let result = match storage.read(&name) {
+                Err(e) => Err(e.to_string()),
+                Ok(data) => match checkpoint::load(&data, memory_bytes_max) {
+                    Ok(l) => Ok(l),
+                    Err(checkpoint::LoadError::Corrupt(e)) => Err(e.0),
+                    Err(checkpoint::LoadError::State(e)) => return Err(DurableError::State(e)),
+                },
+            };
             match result {
                 Ok(l) if loaded.is_none() => {
                     checkpoints.push(l.meta);

@@ -399,6 +399,16 @@ fn a_full_state_store_is_a_clear_error_on_recovery() {
 }
 
 #[test]
+fn a_checkpoint_larger_than_the_memory_cap_is_an_error_not_a_fallback() {
+    let w = workload(5, 6);
+    let sim = SimStorage::new();
+    run(&sim, &w, 2);
+    let err = Durable::open(Box::new(sim), 10).err().unwrap();
+    assert!(matches!(err, DurableError::State(_)), "{err}");
+    assert!(err.to_string().contains("memory_bytes_max"), "{err}");
+}
+
+#[test]
 fn the_store_journal_replays_to_the_same_state() {
     let mut a = crate::state::MemoryStore::new();
     a.enable_journal();

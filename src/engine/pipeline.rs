@@ -38,6 +38,9 @@ const WARN_INTERVAL: Duration = Duration::from_secs(10);
 /// Output an exactly-once sink may hold for the open epoch; beyond it the epoch closes
 /// early, so the memory it takes is bounded.
 pub const EPOCH_STAGED_BYTES_MAX: usize = 64 << 20;
+/// How long the last epoch may take after SIGTERM/SIGINT (a broker that stopped
+/// answering must not hold the process past an orchestrator's grace period).
+pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(20);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -63,6 +66,11 @@ pub enum RunError {
     },
     #[error(transparent)]
     Durable(#[from] DurableError),
+    #[error(
+        "the last epoch did not finish within {SHUTDOWN_TIMEOUT:?} of the stop signal: {what}; \
+         stopping without committing it (the next run resumes from the last commit)"
+    )]
+    ShutdownTimeout { what: String },
 }
 
 /// Settings that come from the command line rather than the file.
@@ -146,6 +154,8 @@ pub struct Pipeline {
     durable_stats: crate::durability::DurableStats,
     /// The last epoch committed (0: none).
     epoch: u64,
+    /// Set once a stop was requested: waits for the broker end there.
+    deadline: Option<Instant>,
     epoch_interval: Duration,
     /// Time spent blocked in sinks (writes, flushes): the idle-partition clock stops
     /// while the pipeline cannot read, so backpressure never makes a partition "idle".
@@ -379,6 +389,7 @@ impl Pipeline {
             durable_stats: crate::durability::DurableStats::default(),
             durable,
             epoch: commit.as_ref().map_or(0, |c| c.epoch),
+            deadline: None,
             sinks,
             dead_letters,
             epoch_interval: Duration::from_millis(config.state.checkpoint_interval_ms),
@@ -432,7 +443,7 @@ impl Pipeline {
             };
             let present = sink.read_back(commit.epoch, &starts).map_err(sink_error)?;
             let sent = sink
-                .deliver_epoch(commit.epoch, &records, &present)
+                .deliver_epoch(commit.epoch, &records, &present, None)
                 .map_err(sink_error)?;
             tracing::info!(sink = %name, epoch = commit.epoch, records = records.len(),
                 already_written = present.len(), sent,
@@ -496,6 +507,9 @@ impl Pipeline {
                 self.close_epoch(false)?;
                 epoch_started = Instant::now();
             }
+        }
+        if stop.load(Ordering::Relaxed) {
+            self.deadline = Some(Instant::now() + SHUTDOWN_TIMEOUT);
         }
         self.close_epoch(true)?;
         if self.sources.iter().all(|s| s.finished) {
@@ -769,10 +783,10 @@ impl Pipeline {
             if matches!(slot.sink, SinkHandle::ExactlyOnce(_)) {
                 continue;
             }
-            flush_until_done(slot.sink.sink(), &slot.name)?;
+            flush_until_done(slot.sink.sink(), &slot.name, self.deadline)?;
         }
         for sink in self.late_sinks.iter_mut().flatten() {
-            flush_until_done(sink, "late_data")?;
+            flush_until_done(sink, "late_data", self.deadline)?;
         }
         for query in &mut self.queries {
             StateView::open(&mut self.state, query.name())
@@ -837,7 +851,7 @@ impl Pipeline {
                 else {
                     continue;
                 };
-                sink.deliver_epoch(epoch, records, &none)
+                sink.deliver_epoch(epoch, records, &none, self.deadline)
                     .map_err(|source| RunError::Sink {
                         name: name.clone(),
                         source,
@@ -895,7 +909,11 @@ impl Pipeline {
 }
 
 /// Flushes `sink` until every record is acknowledged, warning while the broker is slow.
-fn flush_until_done(sink: &mut dyn Sink, name: &str) -> Result<(), RunError> {
+fn flush_until_done(
+    sink: &mut dyn Sink,
+    name: &str,
+    deadline: Option<Instant>,
+) -> Result<(), RunError> {
     let started = Instant::now();
     let mut warned = started;
     loop {
@@ -906,6 +924,11 @@ fn flush_until_done(sink: &mut dyn Sink, name: &str) -> Result<(), RunError> {
         match outcome {
             FlushOutcome::Done => return Ok(()),
             FlushOutcome::Pending { in_flight } => {
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    return Err(RunError::ShutdownTimeout {
+                        what: format!("sink `{name}` ({in_flight} records unacknowledged)"),
+                    });
+                }
                 if warned.elapsed() >= WARN_INTERVAL {
                     warned = Instant::now();
                     tracing::warn!(sink = %name, in_flight, waited_s = started.elapsed().as_secs(),

@@ -255,6 +255,7 @@ impl KafkaSink {
         epoch: u64,
         records: &[OutputRecord],
         skip: &HashSet<u64>,
+        deadline: Option<Instant>,
     ) -> Result<usize, SinkError> {
         self.check_failures()?;
         let transactional = self
@@ -302,6 +303,14 @@ impl KafkaSink {
             match self.flush(Duration::from_secs(1))? {
                 FlushOutcome::Done => break,
                 FlushOutcome::Pending { in_flight } => {
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        return Err(SinkError::Delivery {
+                            topic: self.options.topic.clone(),
+                            message: format!(
+                                "{in_flight} records of epoch {epoch} were not acknowledged before the shutdown deadline"
+                            ),
+                        });
+                    }
                     if warned.elapsed() >= QUEUE_FULL_LOG_INTERVAL {
                         warned = Instant::now();
                         tracing::warn!(sink = %self.options.name, in_flight, waited_s = started.elapsed().as_secs(),
