@@ -199,11 +199,7 @@ impl MemoryStore {
 
     /// Fills the empty namespace `name` with `entries` (keys strictly increasing), in
     /// one bulk build: loading a checkpoint.
-    pub fn load_sorted(
-        &mut self,
-        name: &str,
-        entries: SortedEntries,
-    ) -> Result<(), StateError> {
+    pub fn load_sorted(&mut self, name: &str, entries: SortedEntries) -> Result<(), StateError> {
         let ns = self.namespace(name)?;
         let corrupt = |message: &str| StateError::Corrupt {
             namespace: name.to_owned(),
