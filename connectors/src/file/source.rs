@@ -60,6 +60,21 @@ impl FileSource {
     }
 }
 
+impl FileSource {
+    /// Reads the next line into `self.line`; `false` at the end of the file.
+    fn read_line(&mut self) -> Result<bool, SourceError> {
+        self.line.clear();
+        let n = self
+            .reader
+            .read_until(b'\n', &mut self.line)
+            .map_err(|source| SourceError::Io {
+                path: self.options.path.clone(),
+                source,
+            })?;
+        Ok(n > 0)
+    }
+}
+
 impl Source for FileSource {
     fn schema(&self) -> SchemaRef {
         self.schema.clone()
@@ -72,15 +87,7 @@ impl Source for FileSource {
         let mut rejected = Vec::new();
         let mut records = 0;
         while records < self.options.batch_rows.clamp(1, BATCH_ROWS_MAX) {
-            self.line.clear();
-            let n = self
-                .reader
-                .read_until(b'\n', &mut self.line)
-                .map_err(|source| SourceError::Io {
-                    path: self.options.path.clone(),
-                    source,
-                })?;
-            if n == 0 {
+            if !self.read_line()? {
                 self.finished = true;
                 break;
             }
@@ -151,15 +158,7 @@ impl Source for FileSource {
             return Ok(());
         };
         while self.next_line < p.next_offset {
-            self.line.clear();
-            let n = self
-                .reader
-                .read_until(b'\n', &mut self.line)
-                .map_err(|source| SourceError::Io {
-                    path: self.options.path.clone(),
-                    source,
-                })?;
-            if n == 0 {
+            if !self.read_line()? {
                 return Err(SourceError::Fatal {
                     context: format!("source {}", self.options.name),
                     message: format!(

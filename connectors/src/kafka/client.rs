@@ -117,3 +117,18 @@ impl ConsumerContext for LogContext {
         }
     }
 }
+
+/// The partitions of `topic` in `metadata` (none when the topic is missing or in error).
+#[must_use]
+pub fn topic_partitions(metadata: &rdkafka::metadata::Metadata, topic: &str) -> Vec<i32> {
+    metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic && t.error().is_none())
+        .flat_map(|t| {
+            t.partitions()
+                .iter()
+                .map(rdkafka::metadata::MetadataPartition::id)
+        })
+        .collect()
+}

@@ -332,16 +332,7 @@ impl KafkaSink {
         let topic = &self.options.topic;
         let consumer = self.read_back_consumer()?;
         let metadata = consumer.fetch_metadata(Some(topic), READ_BACK_TIMEOUT)?;
-        let partitions: Vec<i32> = metadata
-            .topics()
-            .iter()
-            .filter(|t| t.name() == topic && t.error().is_none())
-            .flat_map(|t| {
-                t.partitions()
-                    .iter()
-                    .map(rdkafka::metadata::MetadataPartition::id)
-            })
-            .collect();
+        let partitions = super::client::topic_partitions(&metadata, topic);
         let mut found = HashSet::new();
         if partitions.is_empty() {
             return Ok(found);

@@ -217,15 +217,8 @@ impl KafkaSource {
                 return Ok(());
             }
         };
-        let partitions: Vec<i32> = metadata
-            .topics()
-            .iter()
-            .filter(|t| t.name() == topic && t.error().is_none())
-            .flat_map(|t| {
-                t.partitions()
-                    .iter()
-                    .map(rdkafka::metadata::MetadataPartition::id)
-            })
+        let partitions: Vec<i32> = super::client::topic_partitions(&metadata, topic)
+            .into_iter()
             .filter(|p| !self.assigned.contains(p))
             .collect();
         if partitions.is_empty() {
