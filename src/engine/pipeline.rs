@@ -442,9 +442,7 @@ impl Pipeline {
                 source,
             };
             let present = sink.read_back(commit.epoch, &starts).map_err(sink_error)?;
-            let sent = sink
-                .deliver_epoch(commit.epoch, &records, &present, None)
-                .map_err(sink_error)?;
+            let sent = deliver_epoch(sink, &name, commit.epoch, &records, &present, None)?;
             tracing::info!(sink = %name, epoch = commit.epoch, records = records.len(),
                 already_written = present.len(), sent,
                 "finished delivering the output of the epoch committed before the restart");
@@ -798,16 +796,17 @@ impl Pipeline {
         }
         let ops = self.state.take_journal();
         let epoch = self.epoch + 1;
+        // Per exactly-once sink (by index): the epoch's output.
         let mut staged = Vec::new();
         let mut sink_commits = Vec::new();
-        for slot in &mut self.sinks {
+        for (i, slot) in self.sinks.iter_mut().enumerate() {
             if let SinkHandle::ExactlyOnce(sink) = &mut slot.sink {
                 sink_commits.push(SinkCommit {
                     name: slot.name.clone(),
                     topic: sink.topic().to_owned(),
                     starts: sink.output_starts(),
                 });
-                staged.push((slot.name.clone(), sink.take_staged()));
+                staged.push((i, sink.take_staged()));
             }
         }
         let commit = CommitEntry {
@@ -825,7 +824,7 @@ impl Pipeline {
         };
         let outputs: Vec<(&str, &[crate::durability::entry::OutputRecord])> = staged
             .iter()
-            .map(|(name, records)| (name.as_str(), records.as_slice()))
+            .map(|(i, records)| (self.sinks[*i].name.as_str(), records.as_slice()))
             .collect();
         // An epoch in which nothing moved (no input, no state change, no output) is not
         // written: an idle pipeline does not fill the WAL with copies of one commit.
@@ -842,20 +841,11 @@ impl Pipeline {
         }
         if !idle && !staged.is_empty() {
             let none = HashSet::new();
-            for (name, records) in &staged {
-                let Some(SinkHandle::ExactlyOnce(sink)) = self
-                    .sinks
-                    .iter_mut()
-                    .find(|s| &s.name == name)
-                    .map(|s| &mut s.sink)
-                else {
-                    continue;
-                };
-                sink.deliver_epoch(epoch, records, &none, self.deadline)
-                    .map_err(|source| RunError::Sink {
-                        name: name.clone(),
-                        source,
-                    })?;
+            for (i, records) in &staged {
+                let slot = &mut self.sinks[*i];
+                if let SinkHandle::ExactlyOnce(sink) = &mut slot.sink {
+                    deliver_epoch(sink, &slot.name, epoch, records, &none, self.deadline)?;
+                }
             }
             laminar_connectors::crash::point("after-delivery");
             self.durable.delivered(epoch)?;
@@ -937,6 +927,26 @@ fn flush_until_done(
             }
         }
     }
+}
+
+/// Sends an exactly-once sink's output of `epoch` (but the sequence numbers in `skip`),
+/// waits for every acknowledgement and commits its transaction; returns records sent.
+fn deliver_epoch(
+    sink: &mut KafkaSink,
+    name: &str,
+    epoch: u64,
+    records: &[crate::durability::entry::OutputRecord],
+    skip: &HashSet<u64>,
+    deadline: Option<Instant>,
+) -> Result<usize, RunError> {
+    let sink_error = |source| RunError::Sink {
+        name: name.to_owned(),
+        source,
+    };
+    let sent = sink.send_epoch(epoch, records, skip).map_err(sink_error)?;
+    flush_until_done(sink, name, deadline)?;
+    sink.finish_epoch().map_err(sink_error)?;
+    Ok(sent)
 }
 
 /// A source's part of the commit entry: its next offsets and its watermark.

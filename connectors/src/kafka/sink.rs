@@ -6,7 +6,7 @@
 //!
 //! With `delivery: exactly_once` the sink does not send at `write`: it encodes and holds
 //! the rows ([`KafkaSink::take_staged`]) until the engine has made the epoch durable, then
-//! [`KafkaSink::deliver_epoch`] sends them with the headers [`EPOCH_HEADER`],
+//! [`KafkaSink::send_epoch`] sends them with the headers [`EPOCH_HEADER`],
 //! [`SEQ_HEADER`] and [`SINK_HEADER`] (in a transaction with `transactions: true`), and
 //! after a crash [`KafkaSink::read_back`] finds which of them the topic already holds.
 
@@ -125,6 +125,8 @@ pub struct KafkaSink {
     staged_bytes: usize,
     /// Exactly-once: the topic's end offsets when the sink started, per partition.
     start_ends: Option<BTreeMap<i32, i64>>,
+    /// A transaction was begun by `send_epoch` and not yet committed.
+    in_transaction: bool,
 }
 
 impl KafkaSink {
@@ -173,6 +175,7 @@ impl KafkaSink {
             staged: Vec::new(),
             staged_bytes: 0,
             start_ends: None,
+            in_transaction: false,
         })
     }
 
@@ -247,15 +250,14 @@ impl KafkaSink {
             .create()
     }
 
-    /// Exactly-once: sends `records` of `epoch`, except the sequence numbers in `skip`,
-    /// and returns once every one is acknowledged (and the transaction committed). The
-    /// wait never gives up on a slow broker; it logs instead.
-    pub fn deliver_epoch(
+    /// Exactly-once: sends `records` of `epoch`, except the sequence numbers in `skip`
+    /// (in a transaction with `transactions: true`); returns how many were sent. The
+    /// caller then waits for them with `flush` and calls [`KafkaSink::finish_epoch`].
+    pub fn send_epoch(
         &mut self,
         epoch: u64,
         records: &[OutputRecord],
         skip: &HashSet<u64>,
-        deadline: Option<Instant>,
     ) -> Result<usize, SinkError> {
         self.check_failures()?;
         let transactional = self
@@ -269,6 +271,7 @@ impl KafkaSink {
         }
         if transactional {
             self.producer.begin_transaction()?;
+            self.in_transaction = true;
         }
         let epoch_text = epoch.to_string();
         for (seq, record) in records.iter().enumerate() {
@@ -297,32 +300,17 @@ impl KafkaSink {
             self.send(record.key.as_deref(), &record.value, Some(headers))?;
             sent += 1;
         }
-        let started = Instant::now();
-        let mut warned = started;
-        loop {
-            match self.flush(Duration::from_secs(1))? {
-                FlushOutcome::Done => break,
-                FlushOutcome::Pending { in_flight } => {
-                    if deadline.is_some_and(|d| Instant::now() >= d) {
-                        return Err(SinkError::Delivery {
-                            topic: self.options.topic.clone(),
-                            message: format!(
-                                "{in_flight} records of epoch {epoch} were not acknowledged before the shutdown deadline"
-                            ),
-                        });
-                    }
-                    if warned.elapsed() >= QUEUE_FULL_LOG_INTERVAL {
-                        warned = Instant::now();
-                        tracing::warn!(sink = %self.options.name, in_flight, waited_s = started.elapsed().as_secs(),
-                            "waiting for the broker to acknowledge epoch {epoch} (is it reachable?)");
-                    }
-                }
-            }
-        }
-        if transactional {
-            self.producer.commit_transaction(TRANSACTION_TIMEOUT)?;
-        }
         Ok(sent)
+    }
+
+    /// Exactly-once: after `flush` returned `Done`, commits the epoch's transaction, if
+    /// one is open.
+    pub fn finish_epoch(&mut self) -> Result<(), SinkError> {
+        if self.in_transaction {
+            self.producer.commit_transaction(TRANSACTION_TIMEOUT)?;
+            self.in_transaction = false;
+        }
+        Ok(())
     }
 
     /// Exactly-once, after a crash: the sequence numbers of `epoch` that this sink's
