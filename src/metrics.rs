@@ -326,7 +326,7 @@ impl Metrics {
         }
         if let Some(c) = &now.last_checkpoint {
             self.checkpoint_size
-                .set(i64::try_from(c.bytes).unwrap_or(i64::MAX));
+                .set(i64::try_from(c.arena_len).unwrap_or(i64::MAX));
             self.checkpoint_last_epoch
                 .set(i64::try_from(c.epoch).unwrap_or(i64::MAX));
         }

@@ -9,9 +9,11 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 
 use crate::durability::Durable;
+use crate::durability::arena::ArenaOptions;
 use crate::durability::entry::CommitEntry;
 use crate::durability::storage::{DiskStorage, IoMode};
 use crate::durability::wal::Wal;
+use crate::state::mmap::MmapStore;
 use crate::state::{MemoryStore, StateStore};
 
 /// Bytes of key and value per state entry (16-byte key, 84-byte value).
@@ -81,23 +83,35 @@ pub fn run(state_mib: &[u64], wal_entries: u64, table: &mut String) -> anyhow::R
             syncs.last().map_or(0, Duration::as_micros)
         )?;
     }
-    let lookups = state_lookups(wal_entries.max(1), 200_000);
-    writeln!(
-        table,
-        "  state lookup ({wal_entries} keys, random, hit): p50 {} ns, p99 {} ns (timer included)",
-        percentile(&lookups, 0.5).as_nanos(),
-        percentile(&lookups, 0.99).as_nanos()
-    )?;
+    let keys = wal_entries.max(1);
+    let arena_dir = TempDir::new("arena")?;
+    let (_, recovered) = Durable::open_dir(&arena_dir.0, u64::MAX, ArenaOptions::default())?;
+    let mut mapped = recovered.store;
+    for (label, store) in [
+        ("memory-mapped", &mut mapped as &mut dyn StateStore),
+        ("in-memory BTreeMap", &mut MemoryStore::new()),
+    ] {
+        let lookups = state_lookups(store, keys, 200_000);
+        writeln!(
+            table,
+            "  state lookup, {label} store ({keys} keys, random, hit): p50 {} ns, p99 {} ns (timer included)",
+            percentile(&lookups, 0.5).as_nanos(),
+            percentile(&lookups, 0.99).as_nanos()
+        )?;
+    }
+    drop(mapped);
     for &mib in state_mib {
         let dir = TempDir::new(&format!("state{mib}"))?;
         let r = checkpoint_and_recovery(&dir.0, mib)?;
         writeln!(
             table,
-            "  state {mib:>5} MiB ({} entries): checkpoint {:.2} s ({:.0} MiB/s, {} MiB); recovery from the checkpoint {:.2} s; from the WAL alone {:.2} s",
+            "  state {mib:>5} MiB ({} entries, arena {} MiB): first checkpoint {:.2} s (pipeline held {:.1} ms); after 1% of keys changed {:.3} s (held {:.1} ms); recovery from the checkpoint {:.2} s; from the WAL alone {:.2} s",
             r.entries,
-            r.checkpoint.as_secs_f64(),
-            r.checkpoint_bytes as f64 / f64::from(1 << 20) / r.checkpoint.as_secs_f64(),
-            r.checkpoint_bytes >> 20,
+            r.arena_bytes >> 20,
+            r.full.as_secs_f64(),
+            r.full_pause.as_secs_f64() * 1e3,
+            r.incremental.as_secs_f64(),
+            r.incremental_pause.as_secs_f64() * 1e3,
             r.from_checkpoint.as_secs_f64(),
             r.from_wal.as_secs_f64()
         )?;
@@ -146,9 +160,8 @@ fn key(i: u64) -> [u8; 16] {
     k
 }
 
-/// Durations of `lookups` random hits in a store of `keys` entries, sorted.
-fn state_lookups(keys: u64, lookups: usize) -> Vec<Duration> {
-    let mut store = MemoryStore::new();
+/// Durations of `lookups` random hits in `store` after `keys` puts, sorted.
+fn state_lookups(store: &mut dyn StateStore, keys: u64, lookups: usize) -> Vec<Duration> {
     let Ok(ns) = store.namespace("bench") else {
         return Vec::new();
     };
@@ -174,8 +187,14 @@ fn state_lookups(keys: u64, lookups: usize) -> Vec<Duration> {
 
 struct RecoveryRun {
     entries: u64,
-    checkpoint: Duration,
-    checkpoint_bytes: u64,
+    /// The first checkpoint (the whole arena to sync): time the pipeline was held, and
+    /// time until the checkpoint was durable.
+    full_pause: Duration,
+    full: Duration,
+    /// A checkpoint after 1% of the keys changed.
+    incremental_pause: Duration,
+    incremental: Duration,
+    arena_bytes: u64,
     from_checkpoint: Duration,
     from_wal: Duration,
 }
@@ -190,14 +209,15 @@ fn commit_entry(epoch: u64) -> CommitEntry {
 }
 
 /// Fills `mib` MiB of state through epochs (WAL only), recovers from the WAL, writes a
-/// checkpoint, and recovers from it.
+/// checkpoint, changes 1% of the keys and writes another, and recovers from it.
 fn checkpoint_and_recovery(dir: &Path, mib: u64) -> anyhow::Result<RecoveryRun> {
     let entries = (mib << 20) / ENTRY_BYTES;
+    let mut value = [0u8; (ENTRY_BYTES - 16) as usize];
+    let options = ArenaOptions::default();
     {
-        let (mut durable, recovered) = Durable::open_dir(dir, u64::MAX)?;
+        let (mut durable, recovered) = Durable::open_dir(dir, u64::MAX, options)?;
         let mut store = recovered.store;
         let ns = store.namespace("bench")?;
-        let mut value = [0u8; (ENTRY_BYTES - 16) as usize];
         let mut epoch = 0;
         for i in 0..entries {
             value[..8].copy_from_slice(&i.to_le_bytes());
@@ -209,29 +229,47 @@ fn checkpoint_and_recovery(dir: &Path, mib: u64) -> anyhow::Result<RecoveryRun> 
         }
     }
     let started = Instant::now();
-    let (mut durable, recovered) = Durable::open_dir(dir, u64::MAX)?;
+    let (mut durable, recovered) = Durable::open_dir(dir, u64::MAX, options)?;
     let from_wal = started.elapsed();
-    let store = recovered.store;
+    let mut store = recovered.store;
     anyhow::ensure!(
-        store.entries().count() as u64 == entries,
+        store.keys() == entries,
         "recovered a different number of entries"
     );
-    let started = Instant::now();
-    durable.maybe_checkpoint(&store, true)?;
-    let checkpoint = started.elapsed();
-    let checkpoint_bytes = durable.stats().last_checkpoint.map_or(0, |c| c.bytes);
+    let mut epoch = recovered.commit.map_or(0, |c| c.epoch);
+    let checkpoint =
+        |durable: &mut Durable, store: &mut MmapStore| -> anyhow::Result<(Duration, Duration)> {
+            let started = Instant::now();
+            durable.start_checkpoint(store, false)?;
+            let pause = started.elapsed();
+            anyhow::ensure!(durable.wait_checkpoint(store)?, "no checkpoint was taken");
+            Ok((pause, started.elapsed()))
+        };
+    let (full_pause, full) = checkpoint(&mut durable, &mut store)?;
+    let ns = store.namespace("bench")?;
+    for i in (0..entries).step_by(100) {
+        value[..8].copy_from_slice(&(i + 1).to_le_bytes());
+        store.put(ns, &key(i), &value)?;
+    }
+    epoch += 1;
+    durable.commit(&store.take_journal(), &[], &commit_entry(epoch))?;
+    let (incremental_pause, incremental) = checkpoint(&mut durable, &mut store)?;
+    let arena_bytes = store.arena_bytes();
     drop((durable, store));
     let started = Instant::now();
-    let (_, recovered) = Durable::open_dir(dir, u64::MAX)?;
+    let (_, recovered) = Durable::open_dir(dir, u64::MAX, options)?;
     let from_checkpoint = started.elapsed();
     anyhow::ensure!(
-        recovered.checkpoint_epoch.is_some(),
-        "recovery did not use the checkpoint"
+        recovered.checkpoint_epoch == Some(epoch) && recovered.store.keys() == entries,
+        "recovery did not use the last checkpoint"
     );
     Ok(RecoveryRun {
         entries,
-        checkpoint,
-        checkpoint_bytes,
+        full_pause,
+        full,
+        incremental_pause,
+        incremental,
+        arena_bytes,
         from_checkpoint,
         from_wal,
     })

@@ -218,6 +218,8 @@ pub struct StateConfig {
     pub checkpoint_interval_ms: u64,
     /// `memory_bytes_max`: bound on operator state. Default 1 GiB.
     pub memory_bytes_max: u64,
+    /// `huge_pages`: ask for transparent huge pages on the state arena. Default false.
+    pub huge_pages: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -1122,12 +1124,18 @@ fn decode_state(r: &mut Reader, node: Option<&Node>, pipeline: &str) -> StateCon
         dir: format!("./state/{pipeline}"),
         checkpoint_interval_ms: DEFAULT_CHECKPOINT_INTERVAL_MS,
         memory_bytes_max: DEFAULT_MEMORY_BYTES_MAX,
+        huge_pages: false,
     };
     let Some(f) = node.and_then(|n| {
         r.mapping(
             n,
             "`state`",
-            &["dir", "checkpoint_interval_ms", "memory_bytes_max"],
+            &[
+                "dir",
+                "checkpoint_interval_ms",
+                "memory_bytes_max",
+                "huge_pages",
+            ],
         )
     }) else {
         return state;
@@ -1147,6 +1155,9 @@ fn decode_state(r: &mut Reader, node: Option<&Node>, pipeline: &str) -> StateCon
         .and_then(|n| r.u64(n, "`memory_bytes_max`"))
     {
         state.memory_bytes_max = v;
+    }
+    if let Some(v) = f.get("huge_pages").and_then(|n| r.bool(n, "`huge_pages`")) {
+        state.huge_pages = v;
     }
     state
 }

@@ -44,6 +44,7 @@
 //! A crash in the middle of a WAL write leaves a torn record at the tail, which open cuts
 //! off; corruption anywhere else stops the start with the file and offset.
 
+pub mod arena;
 pub mod checkpoint;
 pub mod entry;
 pub mod storage;
@@ -59,7 +60,8 @@ use entry::{
 use storage::{DiskStorage, Storage};
 use wal::{Wal, WalError, WalRecord};
 
-use crate::state::{MemoryStore, StateStore};
+use crate::state::StateStore;
+use crate::state::mmap::{MmapStore, OpenError};
 
 /// WAL bytes written since the last checkpoint that make the next one due, at least.
 /// A checkpoint is also due once the WAL since the last one outgrows the state itself,
@@ -90,7 +92,8 @@ const DRAINED: &str = "DRAINED";
 /// Deletes the WAL segments and checkpoints among `names`, then the tombstone.
 fn clear(storage: &mut dyn Storage, names: &[String]) -> std::io::Result<()> {
     for name in names {
-        if name.starts_with("wal-") || name.starts_with("checkpoint-") {
+        if name.starts_with("wal-") || name.starts_with("checkpoint-") || name.starts_with("arena-")
+        {
             storage.remove(name)?;
         }
     }
@@ -101,7 +104,7 @@ fn clear(storage: &mut dyn Storage, names: &[String]) -> std::io::Result<()> {
 
 /// What recovery found.
 pub struct Recovered {
-    pub store: MemoryStore,
+    pub store: MmapStore,
     /// The last complete commit entry; `None` on a first start.
     pub commit: Option<CommitEntry>,
     /// Output of the last committed epoch not recorded as delivered, per sink.
@@ -125,7 +128,18 @@ pub struct DurableStats {
     pub last_commit_epoch: u64,
 }
 
-impl Copy for checkpoint::CheckpointMeta {}
+/// A checkpoint whose arena is being synced on a checkpoint thread.
+struct Pending {
+    meta: checkpoint::CheckpointMeta,
+    commit: CommitEntry,
+    started: Instant,
+    job: std::thread::JoinHandle<std::io::Result<()>>,
+}
+
+/// The arena share of dead bytes past which a checkpoint compacts first.
+pub const COMPACT_DEAD_RATIO: f64 = 0.5;
+/// Arenas smaller than this are not compacted (the copy would buy little).
+pub const COMPACT_ARENA_MIN: u64 = 64 << 20;
 
 /// A pipeline's WAL and checkpoints in its state directory.
 pub struct Durable {
@@ -138,6 +152,15 @@ pub struct Durable {
     last_lsn: u64,
     last_commit: Option<CommitEntry>,
     stats: DurableStats,
+    /// The checkpoint in flight, if any: at most one.
+    pending: Option<Pending>,
+    /// Sync arenas for checkpoints on a thread of their own (tests turn it off to make
+    /// the order of sync calls deterministic).
+    background: bool,
+    /// A checkpoint compacts the arena first when its dead share is above `ratio` and it
+    /// holds at least `min` bytes ([`COMPACT_DEAD_RATIO`], [`COMPACT_ARENA_MIN`]).
+    compact_ratio: f64,
+    compact_min: u64,
     /// Held for the life of the process: a second laminar on the directory fails.
     #[allow(dead_code, reason = "held, never read")]
     lock: Option<std::fs::File>,
@@ -145,12 +168,17 @@ pub struct Durable {
 
 impl Durable {
     /// Opens the state directory `dir` (creating it), locks it, and recovers.
-    pub fn open_dir(dir: &Path, memory_bytes_max: u64) -> Result<(Self, Recovered), DurableError> {
+    pub fn open_dir(
+        dir: &Path,
+        memory_bytes_max: u64,
+        arena: arena::ArenaOptions,
+    ) -> Result<(Self, Recovered), DurableError> {
         let dir_error = |message: String| DurableError::Dir {
             dir: dir.display().to_string(),
             message,
         };
-        let storage = DiskStorage::open(dir).map_err(|e| dir_error(e.to_string()))?;
+        let mut storage = DiskStorage::open(dir).map_err(|e| dir_error(e.to_string()))?;
+        storage.set_arena_options(arena);
         let lock = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -200,34 +228,87 @@ impl Durable {
             .filter_map(|n| checkpoint::parse_name(n))
             .collect();
         epochs.sort_unstable();
-        let mut loaded = None;
+        // Newest first: the first whose file and arena verify is loaded; older valid ones
+        // are kept to fall back on. A checkpoint newer than the loaded one is deleted
+        // before anything is written: its arena bytes past the loaded length are about to
+        // be written over.
+        let mut loaded: Option<(checkpoint::CheckpointMeta, CommitEntry, MmapStore)> = None;
         let mut checkpoints = Vec::new();
+        let mut unusable = Vec::new();
         for &epoch in epochs.iter().rev() {
             let name = checkpoint::file_name(epoch);
             let file = storage.describe(&name);
-            let result = match storage.read(&name) {
+            let meta = match storage.read(&name) {
                 Err(e) => Err(e.to_string()),
-                Ok(data) => match checkpoint::load(&data, memory_bytes_max) {
-                    Ok(l) => Ok(l),
-                    Err(checkpoint::LoadError::Corrupt(e)) => Err(e.0),
-                    Err(checkpoint::LoadError::State(e)) => return Err(DurableError::State(e)),
-                },
+                Ok(data) => checkpoint::load(&data).map_err(|e| e.0),
+            };
+            let result = match meta {
+                Err(message) => Err(message),
+                Ok((meta, _)) if loaded.is_some() => Ok((meta, None)),
+                Ok((meta, commit)) => {
+                    let arena_name = checkpoint::arena_name(meta.generation);
+                    match storage.open_arena(&arena_name, Some(meta.arena_len)) {
+                        Err(e) => Err(format!("{}: {e}", storage.describe(&arena_name))),
+                        Ok(arena) => {
+                            match MmapStore::open(arena, meta.generation, memory_bytes_max) {
+                                Ok(store) => Ok((meta, Some((commit, store)))),
+                                Err(OpenError::Corrupt(e)) => {
+                                    Err(format!("{}: {e}", storage.describe(&arena_name)))
+                                }
+                                Err(OpenError::State(e)) => return Err(DurableError::State(e)),
+                            }
+                        }
+                    }
+                }
             };
             match result {
-                Ok(l) if loaded.is_none() => {
-                    checkpoints.push(l.meta);
-                    loaded = Some(l);
+                Ok((meta, Some((commit, store)))) => {
+                    checkpoints.push(meta);
+                    loaded = Some((meta, commit, store));
                 }
-                Ok(l) => checkpoints.push(l.meta),
+                Ok((meta, None)) => checkpoints.push(meta),
                 Err(message) => {
                     tracing::error!(
                         file,
                         "checkpoint is unusable ({message}); falling back to an older one"
                     );
+                    if loaded.is_none() {
+                        unusable.push(name);
+                    }
                 }
             }
         }
         checkpoints.reverse();
+        let io = |file: String| move |source| DurableError::Checkpoint { file, source };
+        for name in &unusable {
+            storage.remove(name).map_err(io(storage.describe(name)))?;
+        }
+        // Arenas no retained checkpoint needs: compactions after the last checkpoint, or
+        // every arena on a first start.
+        let mut first_arena = 1;
+        for name in &names {
+            if let Some(generation) = checkpoint::parse_arena_name(name) {
+                first_arena = first_arena.max(generation + 1);
+                if !checkpoints.iter().any(|c| c.generation == generation) {
+                    storage.remove(name).map_err(io(storage.describe(name)))?;
+                }
+            }
+        }
+        let (store, loaded) = if let Some((meta, commit, store)) = loaded {
+            (store, Some((meta, commit)))
+        } else {
+            let name = checkpoint::arena_name(first_arena);
+            let arena = storage
+                .open_arena(&name, None)
+                .map_err(io(storage.describe(&name)))?;
+            let store =
+                MmapStore::open(arena, first_arena, memory_bytes_max).map_err(|e| match e {
+                    OpenError::State(e) => DurableError::State(e),
+                    OpenError::Corrupt(e) => DurableError::Corrupt(e),
+                })?;
+            (store, None)
+        };
+        storage.sync_dir().map_err(io(storage.describe("")))?;
         let (wal, records) = Wal::open(storage)?;
         let mut durable = Self {
             wal,
@@ -236,25 +317,29 @@ impl Durable {
             last_lsn: 0,
             last_commit: None,
             stats: DurableStats::default(),
+            pending: None,
+            background: true,
+            compact_ratio: COMPACT_DEAD_RATIO,
+            compact_min: COMPACT_ARENA_MIN,
             lock: None,
         };
-        let recovered = durable.replay(loaded, &records, memory_bytes_max, started)?;
+        let recovered = durable.replay(store, loaded, &records, started)?;
         Ok((durable, recovered))
     }
 
     fn replay(
         &mut self,
-        loaded: Option<checkpoint::Loaded>,
+        mut store: MmapStore,
+        loaded: Option<(checkpoint::CheckpointMeta, CommitEntry)>,
         records: &[WalRecord],
-        memory_bytes_max: u64,
         started: Instant,
     ) -> Result<Recovered, DurableError> {
         let corrupt = |lsn: u64, e: crate::state::codec::CodecError| {
             DurableError::Corrupt(format!("WAL record {lsn}: {}", e.0))
         };
-        let (mut store, mut commit, from_lsn, checkpoint_epoch) = match loaded {
-            Some(l) => (l.store, Some(l.commit), l.meta.lsn, Some(l.meta.epoch)),
-            None => (MemoryStore::with_limit(memory_bytes_max), None, 0, None),
+        let (mut commit, from_lsn, checkpoint_epoch) = match loaded {
+            Some((meta, commit)) => (Some(commit), meta.lsn, Some(meta.epoch)),
+            None => (None, 0, None),
         };
         if let Some(first) = records.first()
             && first.lsn > from_lsn + 1
@@ -391,35 +476,151 @@ impl Durable {
         Ok(())
     }
 
-    /// Writes a checkpoint of `store` when one is due (or `force`), then deletes the
-    /// checkpoints and WAL segments it makes unnecessary. Call after `delivered`.
+    /// Starts a checkpoint of `store` when one is due (or `force`), after finishing the
+    /// one in flight if its arena sync is done. Call after `delivered`.
+    ///
+    /// A checkpoint records the arena's length as of the last commit; its arena is synced
+    /// on a checkpoint thread while the pipeline goes on, and the checkpoint file is
+    /// written, and the checkpoints, arenas and WAL segments it makes unnecessary are
+    /// deleted, at a later call once the sync is done. With `force` (the last epoch of a
+    /// run) it all happens before the call returns.
     pub fn maybe_checkpoint(
         &mut self,
-        store: &MemoryStore,
+        store: &mut MmapStore,
         force: bool,
     ) -> Result<bool, DurableError> {
+        let finished = self.finish_pending(force, store.generation())?;
         let Some(commit) = self.last_commit.clone() else {
-            return Ok(false);
+            return Ok(finished);
         };
         let since = self.wal.stats().bytes - self.wal_bytes_at_checkpoint;
         let due = since >= CHECKPOINT_WAL_BYTES.max(store.bytes());
         if !(due || force)
+            || self.pending.is_some()
             || self
                 .checkpoints
                 .last()
                 .is_some_and(|c| c.epoch == commit.epoch)
         {
-            return Ok(false);
+            return Ok(finished);
         }
+        self.start_checkpoint(store, force)?;
+        Ok(true)
+    }
+
+    /// Starts a checkpoint of `store` as of the last commit, now; with `wait`, finishes
+    /// it before returning. Does nothing while another is in flight or before a commit.
+    pub fn start_checkpoint(
+        &mut self,
+        store: &mut MmapStore,
+        wait: bool,
+    ) -> Result<(), DurableError> {
+        let Some(commit) = self.last_commit.clone() else {
+            return Ok(());
+        };
+        if self.pending.is_some() {
+            return Ok(());
+        }
+        let started = Instant::now();
         // The delivered record (if any) must be durable before a checkpoint covers it.
         self.wal.sync()?;
-        let lsn = self.last_lsn;
-        let name = checkpoint::file_name(commit.epoch);
-        let (meta, took) = checkpoint::write(self.wal.storage(), store, &commit, lsn)
-            .map_err(|source| DurableError::Checkpoint { file: name, source })?;
+        if store.fragmentation() > self.compact_ratio && store.arena_bytes() >= self.compact_min {
+            self.compact(store)?;
+        }
+        let meta = checkpoint::CheckpointMeta {
+            epoch: commit.epoch,
+            lsn: self.last_lsn,
+            wall_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64),
+            generation: store.generation(),
+            arena_len: store.arena_bytes(),
+            live_bytes: store.bytes(),
+            keys: store.keys(),
+        };
+        let arena_name = checkpoint::arena_name(meta.generation);
+        let sync = store.syncer().map_err(|source| DurableError::Checkpoint {
+            file: self.wal.storage().describe(&arena_name),
+            source,
+        })?;
+        let job = if self.background && !wait {
+            std::thread::Builder::new()
+                .name("laminar-checkpoint".to_owned())
+                .spawn(sync)
+                .map_err(|source| DurableError::Checkpoint {
+                    file: arena_name,
+                    source,
+                })?
+        } else {
+            let result = sync();
+            std::thread::spawn(move || result)
+        };
+        self.pending = Some(Pending {
+            meta,
+            commit,
+            started,
+            job,
+        });
+        if wait || !self.background {
+            self.finish_pending(true, store.generation())?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the checkpoint in flight, if any, and finishes it.
+    pub fn wait_checkpoint(&mut self, store: &MmapStore) -> Result<bool, DurableError> {
+        self.finish_pending(true, store.generation())
+    }
+
+    /// Copies the live state into a new arena generation.
+    fn compact(&mut self, store: &mut MmapStore) -> Result<(), DurableError> {
+        let started = Instant::now();
+        let generation = store.generation() + 1;
+        let name = checkpoint::arena_name(generation);
+        let storage = self.wal.storage();
+        let io = |file: String| move |source| DurableError::Checkpoint { file, source };
+        let arena = storage
+            .open_arena(&name, None)
+            .map_err(io(storage.describe(&name)))?;
+        storage.sync_dir().map_err(io(storage.describe("")))?;
+        let (before, fragmentation) = (store.arena_bytes(), store.fragmentation());
+        drop(store.compact(arena, generation)?);
+        tracing::info!(
+            generation,
+            before_bytes = before,
+            after_bytes = store.arena_bytes(),
+            fragmentation,
+            took_ms = started.elapsed().as_millis() as u64,
+            "state arena compacted"
+        );
+        Ok(())
+    }
+
+    /// Finishes the checkpoint in flight once its arena is durable (waiting for it when
+    /// `wait`): writes its file and deletes what it makes unnecessary. `current` is the
+    /// store's arena generation, which is never deleted.
+    fn finish_pending(&mut self, wait: bool, current: u64) -> Result<bool, DurableError> {
+        let Some(pending) = self.pending.take_if(|p| wait || p.job.is_finished()) else {
+            return Ok(false);
+        };
+        let Pending {
+            meta,
+            commit,
+            started,
+            job,
+        } = pending;
+        let arena_name = checkpoint::arena_name(meta.generation);
+        let storage = self.wal.storage();
+        let io = |file: String| move |source| DurableError::Checkpoint { file, source };
+        job.join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the checkpoint thread panicked")))
+            .map_err(io(storage.describe(&arena_name)))?;
+        let name = checkpoint::file_name(meta.epoch);
+        checkpoint::write(storage, &meta, &commit).map_err(io(storage.describe(&name)))?;
+        let took = started.elapsed();
         tracing::debug!(
             epoch = meta.epoch,
-            bytes = meta.bytes,
+            arena_bytes = meta.arena_len,
             took_ms = took.as_millis() as u64,
             "checkpoint written"
         );
@@ -431,10 +632,19 @@ impl Durable {
         while self.checkpoints.len() > checkpoint::RETAINED {
             let old = self.checkpoints.remove(0);
             let name = checkpoint::file_name(old.epoch);
-            self.wal
-                .storage()
-                .remove(&name)
-                .map_err(|source| DurableError::Checkpoint { file: name, source })?;
+            let storage = self.wal.storage();
+            storage.remove(&name).map_err(io(storage.describe(&name)))?;
+        }
+        // Arenas neither a retained checkpoint nor the store needs: generations that
+        // compaction replaced.
+        let storage = self.wal.storage();
+        for name in storage.list().map_err(io(storage.describe("")))? {
+            if let Some(generation) = checkpoint::parse_arena_name(&name)
+                && generation != current
+                && !self.checkpoints.iter().any(|c| c.generation == generation)
+            {
+                storage.remove(&name).map_err(io(storage.describe(&name)))?;
+            }
         }
         // The WAL is kept from the oldest retained checkpoint on, for the fallback.
         let oldest = self.checkpoints[0].lsn;
@@ -442,10 +652,27 @@ impl Durable {
         Ok(true)
     }
 
+    /// Syncs arenas for checkpoints on the calling thread (deterministic sync order, for
+    /// crash tests).
+    pub fn set_background_checkpoints(&mut self, on: bool) {
+        self.background = on;
+    }
+
+    /// Compacts the arena at a checkpoint when its dead share is above `ratio` and it
+    /// holds at least `min` bytes.
+    pub fn set_compaction(&mut self, ratio: f64, min: u64) {
+        self.compact_ratio = ratio;
+        self.compact_min = min;
+    }
+
     /// Every source is drained and every result delivered: nothing is left to resume,
     /// so the WAL and checkpoints are deleted and the next run starts from the beginning.
     /// A tombstone written first makes a crash half-way finish the job at the next open.
     pub fn finish_drained(mut self) -> Result<(), DurableError> {
+        if let Some(pending) = self.pending.take() {
+            // Its arena is about to be deleted: only wait for the thread.
+            let _ = pending.job.join();
+        }
         self.wal.sync()?;
         let storage = self.wal.storage();
         let io = |source| DurableError::Checkpoint {

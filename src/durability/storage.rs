@@ -13,6 +13,8 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use super::arena::{ArenaFile, ArenaOptions, MappedArena, SimArena};
+
 /// A directory of files, as the WAL and checkpoints need it.
 pub trait Storage: Send {
     /// Names of the files in the directory (not sorted).
@@ -36,6 +38,9 @@ pub trait Storage: Send {
     fn sync_dir(&mut self) -> io::Result<()>;
     /// Where the files are, for messages.
     fn describe(&self, name: &str) -> String;
+    /// Opens the state arena `name`: new and empty (replacing a file of that name) when
+    /// `len` is `None`, else an existing one whose data is its first `len` bytes.
+    fn open_arena(&mut self, name: &str, len: Option<u64>) -> io::Result<Box<dyn ArenaFile>>;
 }
 
 /// How [`DiskStorage`] writes and syncs the WAL.
@@ -65,6 +70,7 @@ pub struct DiskStorage {
     /// Files open for appending.
     open: HashMap<String, File>,
     uring: Option<uring::Ring>,
+    arena_options: ArenaOptions,
 }
 
 impl DiskStorage {
@@ -84,7 +90,13 @@ impl DiskStorage {
             dir: dir.to_path_buf(),
             open: HashMap::new(),
             uring,
+            arena_options: ArenaOptions::default(),
         })
+    }
+
+    /// How state arenas are mapped.
+    pub fn set_arena_options(&mut self, options: ArenaOptions) {
+        self.arena_options = options;
     }
 
     /// Whether WAL writes go through `io_uring`.
@@ -180,6 +192,14 @@ impl Storage for DiskStorage {
 
     fn describe(&self, name: &str) -> String {
         self.dir.join(name).display().to_string()
+    }
+
+    fn open_arena(&mut self, name: &str, len: Option<u64>) -> io::Result<Box<dyn ArenaFile>> {
+        Ok(Box::new(MappedArena::open(
+            &self.dir.join(name),
+            len,
+            self.arena_options,
+        )?))
     }
 }
 
@@ -521,5 +541,9 @@ impl Storage for SimStorage {
 
     fn describe(&self, name: &str) -> String {
         format!("sim:{name}")
+    }
+
+    fn open_arena(&mut self, name: &str, len: Option<u64>) -> io::Result<Box<dyn ArenaFile>> {
+        Ok(Box::new(SimArena::open(self.clone(), name, len)?))
     }
 }

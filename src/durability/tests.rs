@@ -10,6 +10,7 @@ use super::storage::{Fault, SimStorage, Storage};
 use super::wal::{RECORD_HEADER_BYTES, SEGMENT_HEADER_BYTES, Wal, WalError};
 use super::{Durable, DurableError};
 use crate::state::StateStore;
+use crate::state::mmap::MmapStore;
 
 const SEGMENT: &str = "wal-0000000000000001.log";
 
@@ -236,11 +237,16 @@ fn workload(seed: u64, epochs: usize) -> Workload {
     out
 }
 
-fn store_contents(store: &crate::state::MemoryStore) -> BTreeMap<(String, Vec<u8>), Vec<u8>> {
-    store
-        .entries()
+fn contents<'a>(
+    entries: impl Iterator<Item = (&'a str, &'a [u8], &'a [u8])>,
+) -> BTreeMap<(String, Vec<u8>), Vec<u8>> {
+    entries
         .map(|(ns, k, v)| ((ns.to_owned(), k.to_vec()), v.to_vec()))
         .collect()
+}
+
+fn store_contents(store: &MmapStore) -> BTreeMap<(String, Vec<u8>), Vec<u8>> {
+    contents(store.entries())
 }
 
 fn output(e: u64) -> Vec<OutputRecord> {
@@ -255,14 +261,26 @@ fn output(e: u64) -> Vec<OutputRecord> {
 /// Runs the workload until the storage fails; returns the last epoch whose commit
 /// returned Ok and the epoch being committed when it failed.
 fn run(sim: &SimStorage, w: &Workload, checkpoint_every: u64) -> (u64, u64) {
+    run_with(sim, w, checkpoint_every, false)
+}
+
+/// [`run`], compacting the arena at every checkpoint when `compact`.
+fn run_with(sim: &SimStorage, w: &Workload, checkpoint_every: u64, compact: bool) -> (u64, u64) {
     let Ok((mut durable, recovered)) = Durable::open(Box::new(sim.clone()), u64::MAX) else {
         return (0, 0);
     };
+    durable.set_background_checkpoints(false);
+    if compact {
+        durable.set_compaction(0.0, 0);
+    }
     let mut store = recovered.store;
     let mut done = 0;
     for (ops, commit) in &w.epochs {
         for op in ops {
-            store.apply(op).unwrap();
+            // The arena is on the same disk: its appends fail too.
+            if store.apply(op).is_err() {
+                return (done, done);
+            }
         }
         let journal = store.take_journal();
         let out = output(commit.epoch);
@@ -274,7 +292,7 @@ fn run(sim: &SimStorage, w: &Workload, checkpoint_every: u64) -> (u64, u64) {
             return (done, done);
         }
         if durable
-            .maybe_checkpoint(&store, commit.epoch % checkpoint_every == 0)
+            .maybe_checkpoint(&mut store, commit.epoch % checkpoint_every == 0)
             .is_err()
         {
             return (done, done);
@@ -351,6 +369,86 @@ fn recovery_is_right_after_a_crash_at_every_sync_point() {
 }
 
 #[test]
+fn recovery_is_right_after_a_crash_at_every_sync_point_with_compaction() {
+    let w = workload(13, 10);
+    let clean = SimStorage::new();
+    run_with(&clean, &w, 3, true);
+    let arenas = |sim: &SimStorage| -> Vec<String> {
+        let mut names: Vec<String> = sim
+            .list()
+            .unwrap()
+            .into_iter()
+            .filter(|n| n.starts_with("arena-"))
+            .collect();
+        names.sort();
+        names
+    };
+    // Every checkpoint compacted into a new generation; the two retained checkpoints
+    // keep theirs, the older ones are gone.
+    let kept = arenas(&clean);
+    assert!(
+        kept.len() == 2 && kept[1].as_str() > "arena-0000000000000002.dat",
+        "{kept:?}"
+    );
+    for n in 1..=clean.syncs() {
+        for tear in [|_| 0, |u: usize| u / 2, |u| u] {
+            let sim = SimStorage::new();
+            sim.fail_sync(n, Fault::Crash);
+            let (done, attempted) = run_with(&sim, &w, 3, true);
+            sim.crash(tear);
+            check_recovery(&sim, &w, done, attempted);
+        }
+    }
+}
+
+#[test]
+fn a_corrupt_arena_record_falls_back_to_the_checkpoint_before_it() {
+    let w = workload(3, 9);
+    let sim = SimStorage::new();
+    let (done, _) = run(&sim, &w, 2);
+    assert_eq!(done, 9);
+    let mut metas: Vec<super::checkpoint::CheckpointMeta> = sim
+        .list()
+        .unwrap()
+        .into_iter()
+        .filter(|n| n.starts_with("checkpoint-") && !n.contains(".tmp"))
+        .map(|n| super::checkpoint::load(&sim.read(&n).unwrap()).unwrap().0)
+        .collect();
+    metas.sort_by_key(|m| m.epoch);
+    let [older, newer] = [metas[0], metas[1]];
+    assert_eq!(older.generation, newer.generation);
+    assert!(newer.arena_len > older.arena_len);
+    let arena = super::checkpoint::arena_name(newer.generation);
+    // A flipped bit in what only the newer checkpoint covers: fall back to the older.
+    let sim2 = SimStorage::new();
+    for name in sim.list().unwrap() {
+        sim2.clone().create(&name).unwrap();
+        sim2.clone()
+            .append(&name, &sim.read(&name).unwrap())
+            .unwrap();
+    }
+    sim2.flip_bit(&arena, newer.arena_len as usize - 3, 1);
+    let (_, recovered) = Durable::open(Box::new(sim2.clone()), u64::MAX).unwrap();
+    assert_eq!(recovered.checkpoint_epoch, Some(older.epoch));
+    assert_eq!(recovered.commit.unwrap().epoch, 9);
+    assert_eq!(store_contents(&recovered.store), w.states[8]);
+    // ... and the newer checkpoint, whose arena tail is about to be written over, is gone.
+    assert!(
+        !sim2
+            .list()
+            .unwrap()
+            .contains(&super::checkpoint::file_name(newer.epoch))
+    );
+    // A flipped bit that both checkpoints cover: neither is usable, and this WAL still
+    // reaches back to its first record, so recovery replays all of it.
+    sim.flip_bit(&arena, 70, 0);
+    let (_, recovered) = Durable::open(Box::new(sim), u64::MAX).unwrap();
+    assert_eq!(recovered.checkpoint_epoch, None);
+    assert_eq!(recovered.commit.unwrap().epoch, 9);
+    assert_eq!(store_contents(&recovered.store), w.states[8]);
+}
+
+#[test]
 fn eio_and_enospc_on_any_call_lose_nothing_committed() {
     let w = workload(11, 8);
     let clean = SimStorage::new();
@@ -416,14 +514,22 @@ fn the_store_journal_replays_to_the_same_state() {
     a.put(ns, b"k1", b"v1").unwrap();
     a.put(ns, b"k2", b"v2").unwrap();
     a.put(ns, b"k3", b"v3").unwrap();
-    a.delete(ns, b"k1");
-    a.delete_range(ns, b"k3", None);
-    let mut b = crate::state::MemoryStore::new();
+    a.delete(ns, b"k1").unwrap();
+    a.delete_range(ns, b"k3", None).unwrap();
+    let mut sim = SimStorage::new();
+    let arena = sim.open_arena("arena", None).unwrap();
+    let mut b = MmapStore::open(arena, 1, u64::MAX).unwrap();
+    b.enable_journal();
     for op in a.take_journal() {
         b.apply(&op).unwrap();
     }
-    assert_eq!(store_contents(&a), store_contents(&b));
+    assert_eq!(contents(a.entries()), store_contents(&b));
     assert!(a.take_journal().is_empty());
+    let mut c = crate::state::MemoryStore::new();
+    for op in b.take_journal() {
+        c.apply(&op).unwrap();
+    }
+    assert_eq!(contents(c.entries()), store_contents(&b));
 }
 
 #[test]

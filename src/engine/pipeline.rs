@@ -27,7 +27,8 @@ use crate::metrics::{Metrics, QueryMetrics, SourceMetrics, watermark_seconds};
 use crate::operator::watermark::{IdleClock, WatermarkTracker};
 use crate::operator::{LateRows, Operator};
 use crate::sql::PlannedPipeline;
-use crate::state::{MemoryStore, StateError, StateView};
+use crate::state::mmap::MmapStore;
+use crate::state::{StateError, StateView};
 
 /// How long one poll of one source may block when nothing arrives.
 const POLL_TIMEOUT: Duration = Duration::from_millis(50);
@@ -148,7 +149,7 @@ pub struct Pipeline {
     sinks: Vec<SinkSlot>,
     dead_letters: Vec<SinkSlot>,
     /// Where operators write their state when an epoch closes; its journal goes to the WAL.
-    state: MemoryStore,
+    state: MmapStore,
     durable: Durable,
     /// Durability counters as last published.
     durable_stats: crate::durability::DurableStats,
@@ -349,8 +350,13 @@ impl Pipeline {
                 _ => None,
             });
         }
-        let (durable, recovered) =
-            Durable::open_dir(Path::new(&config.state.dir), config.state.memory_bytes_max)?;
+        let (durable, recovered) = Durable::open_dir(
+            Path::new(&config.state.dir),
+            config.state.memory_bytes_max,
+            crate::durability::arena::ArenaOptions {
+                huge_pages: config.state.huge_pages,
+            },
+        )?;
         let Recovered {
             store: mut state,
             commit,
@@ -861,7 +867,7 @@ impl Pipeline {
                     source: Box::new(source),
                 })?;
         }
-        self.durable.maybe_checkpoint(&self.state, last)?;
+        self.durable.maybe_checkpoint(&mut self.state, last)?;
         let stats = self.durable.stats();
         self.metrics.durability(&self.durable_stats, &stats);
         self.durable_stats = stats;

@@ -839,7 +839,7 @@ impl Operator for WindowAggregateOperator {
             Some(&first) => fixed_state_key(&mut key, first, &[]),
             None => key.push(STATE_FIXED + 1),
         }
-        state.delete_range(&[STATE_FIXED], Some(&key));
+        state.delete_range(&[STATE_FIXED], Some(&key))?;
         let n = self.plan.aggregates.len();
         for (&start, groups) in &mut self.fixed {
             for slot in 0..groups.keys.len() {
@@ -872,7 +872,7 @@ impl Operator for WindowAggregateOperator {
                     encode_sessions(&mut w, sessions);
                     state.put(&key, &w.buf)?;
                 }
-                None => state.delete(&key),
+                None => state.delete(&key)?,
             }
         }
         Ok(())

@@ -11,9 +11,11 @@
 //! strings ordered bytewise, so operators lay out keys for the prefix scans and range
 //! deletes they need (a window operator puts the window start first, big-endian, so that
 //! freeing every closed window is one range delete). [`MemoryStore`] is the in-memory
-//! implementation; the memory-mapped, checkpointed store implements the same trait.
+//! implementation, for tests and runs without a state directory; [`mmap::MmapStore`] is
+//! the memory-mapped store a pipeline checkpoints.
 
 pub mod codec;
+pub mod mmap;
 
 use std::collections::BTreeMap;
 
@@ -49,11 +51,16 @@ pub trait StateStore: Send {
 
     fn put(&mut self, ns: Namespace, key: &[u8], value: &[u8]) -> Result<(), StateError>;
 
-    fn delete(&mut self, ns: Namespace, key: &[u8]);
+    fn delete(&mut self, ns: Namespace, key: &[u8]) -> Result<(), StateError>;
 
     /// Deletes every key in `[start, end)` (none when `end <= start`); `end: None` means
     /// to the end of the namespace.
-    fn delete_range(&mut self, ns: Namespace, start: &[u8], end: Option<&[u8]>);
+    fn delete_range(
+        &mut self,
+        ns: Namespace,
+        start: &[u8],
+        end: Option<&[u8]>,
+    ) -> Result<(), StateError>;
 
     /// Every entry whose key starts with `prefix`, in key order. Visits only those keys.
     fn scan_prefix<'a>(
@@ -97,12 +104,12 @@ impl<'a> StateView<'a> {
         self.store.put(self.ns, key, value)
     }
 
-    pub fn delete(&mut self, key: &[u8]) {
-        self.store.delete(self.ns, key);
+    pub fn delete(&mut self, key: &[u8]) -> Result<(), StateError> {
+        self.store.delete(self.ns, key)
     }
 
-    pub fn delete_range(&mut self, start: &[u8], end: Option<&[u8]>) {
-        self.store.delete_range(self.ns, start, end);
+    pub fn delete_range(&mut self, start: &[u8], end: Option<&[u8]>) -> Result<(), StateError> {
+        self.store.delete_range(self.ns, start, end)
     }
 
     #[must_use]
@@ -232,13 +239,11 @@ impl MemoryStore {
             StateOp::Put { ns, key, value } => self.put_named(ns, key, value),
             StateOp::Delete { ns, key } => {
                 let ns = self.namespace(ns)?;
-                self.delete(ns, key);
-                Ok(())
+                self.delete(ns, key)
             }
             StateOp::DeleteRange { ns, start, end } => {
                 let ns = self.namespace(ns)?;
-                self.delete_range(ns, start, end.as_deref());
-                Ok(())
+                self.delete_range(ns, start, end.as_deref())
             }
         }
     }
@@ -309,7 +314,7 @@ impl StateStore for MemoryStore {
         Ok(())
     }
 
-    fn delete(&mut self, ns: Namespace, key: &[u8]) {
+    fn delete(&mut self, ns: Namespace, key: &[u8]) -> Result<(), StateError> {
         if let Some(old) = self.tables[ns.0 as usize].remove(key) {
             self.bytes -= entry_bytes(key, &old);
             self.record(
@@ -320,11 +325,17 @@ impl StateStore for MemoryStore {
                 ns,
             );
         }
+        Ok(())
     }
 
-    fn delete_range(&mut self, ns: Namespace, start: &[u8], end: Option<&[u8]>) {
+    fn delete_range(
+        &mut self,
+        ns: Namespace,
+        start: &[u8],
+        end: Option<&[u8]>,
+    ) -> Result<(), StateError> {
         if end.is_some_and(|end| end <= start) {
-            return;
+            return Ok(());
         }
         let table = &mut self.tables[ns.0 as usize];
         let doomed: Vec<Box<[u8]>> = table
@@ -335,7 +346,7 @@ impl StateStore for MemoryStore {
             .map(|(k, _)| k.clone())
             .collect();
         if doomed.is_empty() {
-            return;
+            return Ok(());
         }
         for k in doomed {
             if let Some(v) = table.remove(&k) {
@@ -350,6 +361,7 @@ impl StateStore for MemoryStore {
             },
             ns,
         );
+        Ok(())
     }
 
     fn scan_prefix<'a>(
@@ -411,11 +423,11 @@ mod tests {
                         model[n].insert(k, v);
                     }
                     Op::Delete(k) => {
-                        store.delete(ns[n], &k);
+                        store.delete(ns[n], &k).unwrap();
                         model[n].remove(&k);
                     }
                     Op::DeleteRange(a, b) => {
-                        store.delete_range(ns[n], &a, b.as_deref());
+                        store.delete_range(ns[n], &a, b.as_deref()).unwrap();
                         model[n].retain(|k, _| !(*k >= a && b.as_ref().is_none_or(|b| k < b)));
                     }
                 }

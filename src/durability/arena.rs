@@ -1,0 +1,300 @@
+//! The state store's arena: an append-only file that is read through memory.
+//!
+//! [`MappedArena`] maps the file with `mmap` (shared, so the page cache is the only copy
+//! and the kernel may write cold pages back and drop them: state larger than RAM pages
+//! out instead of getting the process killed). Space is preallocated with
+//! `posix_fallocate` before the mapping grows over it, so a full disk is an `ENOSPC` from
+//! [`ArenaFile::append`], never a `SIGBUS` on a later write to a hole. [`SimArena`] is the
+//! same file on a [`super::storage::SimStorage`], for crash tests.
+//!
+//! Nothing below the arena's length is ever written again: a checkpoint that records a
+//! length `L` sees the same bytes `[0, L)` however many appends follow. That is the
+//! checkpoint's isolation (copy-on-write by construction: new versions of a key are
+//! appended, never written over the old one), and it lets [`ArenaFile::syncer`] make
+//! `[0, L)` durable on another thread while the reactor keeps appending.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::path::Path;
+
+use memmap2::{Advice, MmapMut, MmapOptions};
+
+/// The mapping grows in steps of at least this many bytes (a multiple of the 2 MiB huge
+/// page), and at least doubles.
+pub const ARENA_GROW_MIN: u64 = 8 << 20;
+
+/// How the arena is about to be read, for `madvise`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// A scan from start to end (recovery, compaction): read ahead aggressively.
+    Sequential,
+    /// Point lookups (the steady state): no read-ahead.
+    Random,
+}
+
+/// Makes the bytes written so far durable; runs on a checkpoint thread.
+pub type Syncer = Box<dyn FnOnce() -> io::Result<()> + Send>;
+
+/// An append-only file read through memory.
+pub trait ArenaFile: Send {
+    /// The bytes written so far: `[0, len)`.
+    fn bytes(&self) -> &[u8];
+    /// Appends `data` (growing the file first; a full disk is an error here).
+    fn append(&mut self, data: &[u8]) -> io::Result<()>;
+    /// A job that makes `[0, len)` as of now durable (`fdatasync`), to run on another
+    /// thread while appends go on.
+    fn syncer(&self) -> io::Result<Syncer>;
+    /// Tells the kernel how the arena is about to be read.
+    fn advise(&self, access: Access);
+}
+
+/// Options of a [`MappedArena`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ArenaOptions {
+    /// Ask for transparent huge pages on the mapping (`MADV_HUGEPAGE`): fewer TLB misses
+    /// on large state where the kernel and file system support it.
+    pub huge_pages: bool,
+}
+
+/// An arena file mapped into memory.
+pub struct MappedArena {
+    file: File,
+    /// `None` while the file is empty (a zero-length mapping is an error).
+    map: Option<MmapMut>,
+    /// Bytes of data: `[0, len)`.
+    len: u64,
+    /// Bytes allocated in the file and mapped.
+    cap: u64,
+    options: ArenaOptions,
+}
+
+impl MappedArena {
+    /// Opens the arena at `path`: a new empty one (replacing any file there) when `len`
+    /// is `None`, else an existing one whose first `len` bytes are its data (anything
+    /// after them is garbage of a run that never checkpointed it, and is written over).
+    pub fn open(path: &Path, len: Option<u64>, options: ArenaOptions) -> io::Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(len.is_none())
+            .truncate(len.is_none())
+            .open(path)?;
+        let cap = file.metadata()?.len();
+        let len = len.unwrap_or(0);
+        if cap < len {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "{} holds {cap} bytes, the checkpoint needs {len}",
+                    path.display()
+                ),
+            ));
+        }
+        let mut arena = Self {
+            file,
+            map: None,
+            len,
+            cap,
+            options,
+        };
+        arena.remap()?;
+        Ok(arena)
+    }
+
+    fn remap(&mut self) -> io::Result<()> {
+        self.map = None;
+        if self.cap == 0 {
+            return Ok(());
+        }
+        // SAFETY: the file is ours alone: the state directory's LOCK keeps every other
+        // laminar process out, and nothing else writes it. The mapping never outlives
+        // `self`, and slices into it borrow `self`, so a remap (which needs `&mut self`)
+        // cannot leave one dangling.
+        let map = unsafe {
+            MmapOptions::new()
+                .len(self.cap as usize)
+                .map_mut(&self.file)?
+        };
+        if self.options.huge_pages
+            && let Err(e) = map.advise(Advice::HugePage)
+        {
+            tracing::warn!("the kernel refused huge pages for the state arena: {e}");
+        }
+        self.map = Some(map);
+        Ok(())
+    }
+
+    /// Preallocates and maps at least `needed` bytes.
+    fn grow(&mut self, needed: u64) -> io::Result<()> {
+        let cap = needed
+            .max(self.cap.saturating_mul(2))
+            .max(ARENA_GROW_MIN)
+            .next_multiple_of(2 << 20);
+        fallocate(&self.file, self.cap, cap - self.cap)?;
+        self.cap = cap;
+        self.remap()
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn fallocate(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain system call on a file descriptor we own; no memory is shared.
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), offset as i64, len as i64) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(rc))
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn fallocate(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    // Without posix_fallocate, write zeros: the blocks exist before the mapping covers
+    // them, so a full disk is an error here too.
+    use std::io::{Seek, SeekFrom, Write};
+    let mut f = file;
+    f.seek(SeekFrom::Start(offset))?;
+    let zeros = vec![0u8; 1 << 20];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(zeros.len() as u64) as usize;
+        f.write_all(&zeros[..n])?;
+        left -= n as u64;
+    }
+    Ok(())
+}
+
+impl ArenaFile for MappedArena {
+    fn bytes(&self) -> &[u8] {
+        match &self.map {
+            Some(map) => &map[..self.len as usize],
+            None => &[],
+        }
+    }
+
+    fn append(&mut self, data: &[u8]) -> io::Result<()> {
+        let end = self.len + data.len() as u64;
+        if end > self.cap {
+            self.grow(end)?;
+        }
+        let Some(map) = &mut self.map else {
+            return Err(io::Error::other("state arena is not mapped"));
+        };
+        map[self.len as usize..end as usize].copy_from_slice(data);
+        self.len = end;
+        Ok(())
+    }
+
+    fn syncer(&self) -> io::Result<Syncer> {
+        // On Linux the page cache is one: `fdatasync` on the file writes back the pages
+        // dirtied through the shared mapping (as `msync(MS_SYNC)` would) and the
+        // allocation made by `posix_fallocate`.
+        let file = self.file.try_clone()?;
+        Ok(Box::new(move || file.sync_data()))
+    }
+
+    fn advise(&self, access: Access) {
+        if let Some(map) = &self.map {
+            let advice = match access {
+                Access::Sequential => Advice::Sequential,
+                Access::Random => Advice::Random,
+            };
+            // A hint: a kernel that ignores it costs only speed.
+            let _ = map.advise(advice);
+        }
+    }
+}
+
+/// An arena on a simulated disk: every append goes through the [`super::storage::Storage`]
+/// seam, so a simulated crash loses what was not synced.
+pub struct SimArena {
+    storage: super::storage::SimStorage,
+    name: String,
+    data: Vec<u8>,
+}
+
+impl SimArena {
+    /// Opens `name` like [`MappedArena::open`].
+    pub fn open(
+        mut storage: super::storage::SimStorage,
+        name: &str,
+        len: Option<u64>,
+    ) -> io::Result<Self> {
+        use super::storage::Storage;
+        let data = match len {
+            None => {
+                storage.create(name)?;
+                Vec::new()
+            }
+            Some(len) => {
+                let mut data = storage.read(name)?;
+                if (data.len() as u64) < len {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!(
+                            "sim:{name} holds {} bytes, the checkpoint needs {len}",
+                            data.len()
+                        ),
+                    ));
+                }
+                data.truncate(len as usize);
+                storage.truncate(name, len)?;
+                data
+            }
+        };
+        Ok(Self {
+            storage,
+            name: name.to_owned(),
+            data,
+        })
+    }
+}
+
+impl ArenaFile for SimArena {
+    fn bytes(&self) -> &[u8] {
+        &self.data
+    }
+
+    fn append(&mut self, data: &[u8]) -> io::Result<()> {
+        use super::storage::Storage;
+        self.storage.append(&self.name, data)?;
+        self.data.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn syncer(&self) -> io::Result<Syncer> {
+        use super::storage::Storage;
+        let mut storage = self.storage.clone();
+        let name = self.name.clone();
+        Ok(Box::new(move || storage.sync(&name)))
+    }
+
+    fn advise(&self, _: Access) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mapped_arena_grows_and_reopens_at_a_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("arena");
+        let mut arena = MappedArena::open(&path, None, ArenaOptions::default()).unwrap();
+        assert!(arena.bytes().is_empty());
+        let chunk = vec![7u8; 3 << 20];
+        for _ in 0..4 {
+            arena.append(&chunk).unwrap();
+        }
+        assert_eq!(arena.bytes().len(), 12 << 20);
+        arena.syncer().unwrap()().unwrap();
+        drop(arena);
+        let mut arena =
+            MappedArena::open(&path, Some(5 << 20), ArenaOptions { huge_pages: true }).unwrap();
+        assert_eq!(arena.bytes().len(), 5 << 20);
+        arena.append(b"tail").unwrap();
+        assert_eq!(&arena.bytes()[5 << 20..], b"tail");
+        assert!(MappedArena::open(&path, Some(1 << 40), ArenaOptions::default()).is_err());
+    }
+}
