@@ -169,14 +169,14 @@ impl Metrics {
         let checkpoint_duration = histogram(
             r,
             "laminar_checkpoint_duration_seconds",
-            "Time to write a checkpoint of the state.",
+            "Time from starting a checkpoint until it is durable.",
             prometheus::exponential_buckets(0.001, 2.0, 16).unwrap_or_default(),
         )
         .with_label_values(&one);
         let checkpoint_size = int_gauge(
             r,
             "laminar_checkpoint_size_bytes",
-            "Size of the last checkpoint.",
+            "Bytes of state arena the last checkpoint covers.",
             p,
         )
         .with_label_values(&one);

@@ -534,13 +534,21 @@ impl WindowAggregateOperator {
 ///
 /// | key | value |
 /// |---|---|
-/// | `m` | format version (u8), watermark (i64) |
+/// | `m` | [`WindowMeta`], an rkyv archive |
 /// | `w` start (8 bytes) group key | dirty (u8), one accumulator per aggregate |
 /// | `s` group key | session count (u32), then per session start, last (i64), dirty (u8), accumulators |
 const STATE_META: &[u8] = b"m";
 const STATE_FIXED: u8 = b'w';
 const STATE_SESSIONS: u8 = b's';
-const STATE_VERSION: u8 = 1;
+const STATE_VERSION: u8 = 2;
+
+/// The operator's own record in its namespace.
+#[derive(Debug, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+struct WindowMeta {
+    /// Layout of the other entries ([`STATE_VERSION`]).
+    version: u8,
+    watermark: i64,
+}
 
 fn fixed_state_key(buf: &mut Vec<u8>, start: i64, key: &[u8]) {
     buf.clear();
@@ -829,10 +837,14 @@ impl Operator for WindowAggregateOperator {
     }
 
     fn checkpoint(&mut self, state: &mut StateView<'_>) -> Result<(), StateError> {
+        state.put_typed(
+            STATE_META,
+            &WindowMeta {
+                version: STATE_VERSION,
+                watermark: self.watermark,
+            },
+        )?;
         let mut w = Writer::default();
-        w.u8(STATE_VERSION);
-        w.i64(self.watermark);
-        state.put(STATE_META, &w.buf)?;
         // Closed windows are every window below the first open one: one range delete.
         let mut key = Vec::new();
         match self.fixed.keys().next() {
@@ -885,17 +897,16 @@ impl Operator for WindowAggregateOperator {
         self.closed_session_keys.clear();
         (self.groups, self.key_bytes) = (0, 0);
         self.watermark = i64::MIN;
-        let Some(meta) = state.get(STATE_META) else {
+        let Some(meta) = state.get_typed::<WindowMeta>(STATE_META)? else {
             return Ok(());
         };
-        let mut r = Reader::new(meta);
-        let version = r.u8().map_err(|e| state.corrupt(e.0))?;
-        if version != STATE_VERSION {
+        if meta.version != STATE_VERSION {
             return Err(state.corrupt(format!(
-                "window state format {version}, this build reads {STATE_VERSION}"
+                "window state format {}, this build reads {STATE_VERSION}",
+                meta.version
             )));
         }
-        self.watermark = r.i64().map_err(|e| state.corrupt(e.0))?;
+        self.watermark = meta.watermark;
         for (key, value) in state.scan_prefix(&[STATE_FIXED]) {
             self.restore_fixed(key, value)
                 .map_err(|e| state.corrupt(format!("window entry: {}", e.0)))?;

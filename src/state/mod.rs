@@ -16,6 +16,7 @@
 
 pub mod codec;
 pub mod mmap;
+pub mod typed;
 
 use std::collections::BTreeMap;
 
