@@ -45,7 +45,7 @@ fn bench_durability_measures_the_wal_lookups_checkpoints_and_recovery() {
     for needle in [
         "blocking append, 100 B entries, fdatasync every 1000",
         "4 KiB append + fdatasync: p50",
-        "state lookup, memory-mapped store (20000 keys",
+        "state lookup, memory-mapped store (20000 keys, random, hit, value read)",
         "state     2 MiB",
         "recovery from the checkpoint",
     ] {

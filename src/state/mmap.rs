@@ -4,7 +4,8 @@
 //! Every change is a record appended to the arena (a put, a delete, a range delete, or
 //! the binding of a namespace id to its name); nothing in the arena is written twice.
 //! The index maps each live key to its newest record: an `FxHashMap` for point lookups
-//! and a `BTreeSet` of the same keys (shared `Arc`s) for prefix scans and range deletes
+//! and a `BTreeSet` of the same keys (up to 22 bytes inline, longer ones in shared
+//! `Arc`s) for prefix scans and range deletes
 //! in key order, without a full scan. A value is read straight from the mapping.
 //!
 //! The arena is self-describing, so the index survives a restart by being rebuilt from
@@ -67,11 +68,95 @@ const fn record_len(key_len: usize, value_len: usize) -> usize {
     RECORD_HEADER + pad8(key_len) + pad8(value_len)
 }
 
+/// Keys up to this many bytes live inside the index (no pointer to chase on a lookup).
+const INLINE_KEY: usize = 22;
+
+/// A key in the index: short ones inline, longer ones shared by the two indexes.
+#[derive(Clone)]
+enum Key {
+    Inline(u8, [u8; INLINE_KEY]),
+    Heap(Arc<[u8]>),
+}
+
+impl Key {
+    fn new(key: &[u8]) -> Self {
+        if key.len() <= INLINE_KEY {
+            let mut bytes = [0; INLINE_KEY];
+            bytes[..key.len()].copy_from_slice(key);
+            Self::Inline(key.len() as u8, bytes)
+        } else {
+            Self::Heap(key.into())
+        }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Self::Inline(len, bytes) => &bytes[..*len as usize],
+            Self::Heap(bytes) => bytes,
+        }
+    }
+}
+
+impl std::ops::Deref for Key {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+impl std::borrow::Borrow<[u8]> for Key {
+    fn borrow(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+// Hash, equality and order are the bytes', as `Borrow` requires.
+impl std::hash::Hash for Key {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_slice().hash(state);
+    }
+}
+
+impl PartialEq for Key {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl Eq for Key {}
+
+impl PartialOrd for Key {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Key {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_slice().cmp(other.as_slice())
+    }
+}
+
 /// One namespace's index.
 #[derive(Default)]
 struct Table {
-    index: FxHashMap<Arc<[u8]>, Loc>,
-    order: BTreeSet<Arc<[u8]>>,
+    index: FxHashMap<Key, Loc>,
+    /// The same keys in order. Not kept while [`MmapStore::open`] rebuilds the index (a
+    /// sort at the end is far cheaper than random inserts), then always.
+    order: BTreeSet<Key>,
+    ordered: bool,
+}
+
+impl Table {
+    /// Builds `order` from `index` if it is not kept yet.
+    fn build_order(&mut self) {
+        if !self.ordered {
+            let mut keys: Vec<Key> = self.index.keys().cloned().collect();
+            keys.sort_unstable();
+            self.order = keys.into_iter().collect();
+            self.ordered = true;
+        }
+    }
 }
 
 /// Why an arena could not be opened.
@@ -131,6 +216,9 @@ impl MmapStore {
         };
         store.arena.advise(Access::Sequential);
         store.replay()?;
+        for table in &mut store.tables {
+            table.build_order();
+        }
         store.arena.advise(Access::Random);
         Ok(store)
     }
@@ -251,8 +339,10 @@ impl MmapStore {
             if self.live + new > self.bytes_max {
                 return Err(full(self.live, self.bytes_max));
             }
-            let key: Arc<[u8]> = key.into();
-            table.order.insert(Arc::clone(&key));
+            let key = Key::new(key);
+            if table.ordered {
+                table.order.insert(key.clone());
+            }
             table.index.insert(key, loc);
             self.live += new;
         }
@@ -265,7 +355,9 @@ impl MmapStore {
         let Some(old) = table.index.remove(key) else {
             return false;
         };
-        table.order.remove(key);
+        if table.ordered {
+            table.order.remove(key);
+        }
         self.live -= key.len() as u64 + u64::from(old.value_len);
         self.dead += record_len(key.len(), old.value_len as usize) as u64;
         true
@@ -277,7 +369,8 @@ impl MmapStore {
             return 0;
         }
         let table = &mut self.tables[ns.0 as usize];
-        let doomed: Vec<Arc<[u8]>> = table
+        table.build_order();
+        let doomed: Vec<Key> = table
             .order
             .range::<[u8], _>((
                 Bound::Included(start),
@@ -518,7 +611,9 @@ impl StateStore for MmapStore {
         }
         let id = Namespace(self.tables.len() as u32);
         self.append(KIND_NAMESPACE, 0, id, name.as_bytes(), &[])?;
-        Ok(self.add_namespace(name))
+        let ns = self.add_namespace(name);
+        self.tables[ns.0 as usize].ordered = true;
+        Ok(ns)
     }
 
     fn get(&self, ns: Namespace, key: &[u8]) -> Option<&[u8]> {
