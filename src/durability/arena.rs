@@ -19,9 +19,9 @@ use std::path::Path;
 
 use memmap2::{Advice, MmapMut, MmapOptions};
 
-/// The mapping grows in steps of at least this many bytes (a multiple of the 2 MiB huge
-/// page), and at least doubles.
-pub const ARENA_GROW_MIN: u64 = 8 << 20;
+/// The mapping grows to at least this many bytes, in multiples of it, and at least
+/// doubles each time.
+pub const ARENA_GROW_MIN: u64 = 1 << 20;
 
 /// How the arena is about to be read, for `madvise`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +58,7 @@ pub struct ArenaOptions {
 
 /// An arena file mapped into memory.
 pub struct MappedArena {
+    path: std::path::PathBuf,
     file: File,
     /// `None` while the file is empty (a zero-length mapping is an error).
     map: Option<MmapMut>,
@@ -91,6 +92,7 @@ impl MappedArena {
             ));
         }
         let mut arena = Self {
+            path: path.to_path_buf(),
             file,
             map: None,
             len,
@@ -129,10 +131,13 @@ impl MappedArena {
         let cap = needed
             .max(self.cap.saturating_mul(2))
             .max(ARENA_GROW_MIN)
-            .next_multiple_of(2 << 20);
-        fallocate(&self.file, self.cap, cap - self.cap)?;
+            .next_multiple_of(ARENA_GROW_MIN);
+        let path = self.path.display().to_string();
+        let with_path =
+            |e: io::Error| io::Error::new(e.kind(), format!("{path}: growing to {cap} bytes: {e}"));
+        fallocate(&self.file, self.cap, cap - self.cap).map_err(with_path)?;
         self.cap = cap;
-        self.remap()
+        self.remap().map_err(with_path)
     }
 }
 
