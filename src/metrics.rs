@@ -38,6 +38,13 @@ pub struct Metrics {
     sink_records: IntCounterVec,
     query_late_records: IntCounterVec,
     query_state_keys: IntGaugeVec,
+    query_state_bytes: IntGaugeVec,
+    query_windows_open: IntGaugeVec,
+    query_windows_closed: IntCounterVec,
+    state_store_bytes: IntGauge,
+    state_store_keys: IntGauge,
+    state_arena_bytes: IntGauge,
+    state_arena_dead_ratio: Gauge,
     epochs: IntCounter,
     last_epoch: IntGauge,
     process_resident_memory: Gauge,
@@ -70,6 +77,18 @@ pub struct SourceMetrics {
 pub struct QueryMetrics {
     pub late_records: IntCounter,
     pub state_keys: IntGauge,
+    pub state_bytes: IntGauge,
+    pub windows_open: IntGauge,
+    pub windows_closed: IntCounter,
+}
+
+/// The state store, sampled when an epoch closes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StoreSample {
+    pub live_bytes: u64,
+    pub keys: u64,
+    pub arena_bytes: u64,
+    pub dead_ratio: f64,
 }
 
 /// Registers `metric` (a bug if its name or labels are invalid or taken).
@@ -194,7 +213,57 @@ impl Metrics {
             p,
         )
         .with_label_values(&one);
+        let state_store_bytes = int_gauge(
+            r,
+            "laminar_state_store_bytes",
+            "Bytes of live keys and values in the state store (what state.memory_bytes_max bounds).",
+            p,
+        )
+        .with_label_values(&one);
+        let state_store_keys = int_gauge(
+            r,
+            "laminar_state_store_keys",
+            "Live keys in the state store, every query's namespace together.",
+            p,
+        )
+        .with_label_values(&one);
+        let state_arena_bytes = int_gauge(
+            r,
+            "laminar_state_arena_bytes",
+            "Bytes in the state store's arena file, live and superseded.",
+            p,
+        )
+        .with_label_values(&one);
+        let state_arena_dead_ratio = gauge(
+            r,
+            "laminar_state_arena_dead_ratio",
+            "Share of the arena held by superseded records (compaction frees them).",
+            p,
+        )
+        .with_label_values(&one);
         Arc::new(Self {
+            state_store_bytes,
+            state_store_keys,
+            state_arena_bytes,
+            state_arena_dead_ratio,
+            query_state_bytes: int_gauge(
+                r,
+                "laminar_query_state_bytes",
+                "Estimated bytes of window state the query holds in memory.",
+                query,
+            ),
+            query_windows_open: int_gauge(
+                r,
+                "laminar_query_windows_open",
+                "Windows open now (distinct fixed windows, or sessions).",
+                query,
+            ),
+            query_windows_closed: counter(
+                r,
+                "laminar_query_windows_closed_total",
+                "Windows closed by the watermark (their final results emitted, as the EMIT policy says).",
+                query,
+            ),
             wal_appends,
             wal_bytes,
             wal_fdatasync,
@@ -291,7 +360,19 @@ impl Metrics {
         QueryMetrics {
             late_records: self.query_late_records.with_label_values(&l),
             state_keys: self.query_state_keys.with_label_values(&l),
+            state_bytes: self.query_state_bytes.with_label_values(&l),
+            windows_open: self.query_windows_open.with_label_values(&l),
+            windows_closed: self.query_windows_closed.with_label_values(&l),
         }
+    }
+
+    /// The state store as of the last epoch.
+    pub fn state_store(&self, sample: StoreSample) {
+        let int = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.state_store_bytes.set(int(sample.live_bytes));
+        self.state_store_keys.set(int(sample.keys));
+        self.state_arena_bytes.set(int(sample.arena_bytes));
+        self.state_arena_dead_ratio.set(sample.dead_ratio);
     }
 
     /// An epoch closed.

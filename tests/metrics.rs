@@ -104,6 +104,20 @@ state:
         .is_some(),
         "{metrics}"
     );
+    // Windows have closed (the sink has their rows); the current one is open, in the
+    // operator's memory and in the state store's arena.
+    let value = |series: &str| sample(&metrics, series).unwrap_or_else(|| panic!("no {series}"));
+    assert!(
+        value(r#"laminar_query_windows_closed_total{pipeline="scraped",query="per_auction"}"#)
+            >= 1.0
+    );
+    assert!(value(r#"laminar_query_windows_open{pipeline="scraped",query="per_auction"}"#) >= 0.0);
+    assert!(value(r#"laminar_query_state_bytes{pipeline="scraped",query="per_auction"}"#) >= 0.0);
+    assert!(value(r#"laminar_state_arena_bytes{pipeline="scraped"}"#) >= 64.0);
+    assert!(value(r#"laminar_state_store_keys{pipeline="scraped"}"#) >= 0.0);
+    assert!(value(r#"laminar_state_store_bytes{pipeline="scraped"}"#) >= 0.0);
+    let dead = value(r#"laminar_state_arena_dead_ratio{pipeline="scraped"}"#);
+    assert!((0.0..=1.0).contains(&dead), "{dead}");
     assert!(
         sample(
             &metrics,

@@ -899,7 +899,19 @@ impl Pipeline {
         }
         for (query, m) in self.queries.iter().zip(&self.query_metrics) {
             m.state_keys.set(query.state_groups() as i64);
+            m.state_bytes
+                .set(i64::try_from(query.state_bytes()).unwrap_or(i64::MAX));
+            m.windows_open.set(query.windows_open() as i64);
+            let closed = query.windows_closed();
+            m.windows_closed
+                .inc_by(closed.saturating_sub(m.windows_closed.get()));
         }
+        self.metrics.state_store(crate::metrics::StoreSample {
+            live_bytes: crate::state::StateStore::bytes(&self.state),
+            keys: self.state.keys(),
+            arena_bytes: self.state.arena_bytes(),
+            dead_ratio: self.state.fragmentation(),
+        });
         self.metrics.epoch_closed(self.summary.epochs);
     }
 }

@@ -67,6 +67,18 @@ pub trait Operator: Send {
     fn state_groups(&self) -> usize {
         0
     }
+    /// Estimated bytes of state held in memory.
+    fn state_bytes(&self) -> u64 {
+        0
+    }
+    /// Windows open now: distinct fixed windows, or sessions.
+    fn windows_open(&self) -> usize {
+        0
+    }
+    /// Windows closed by the watermark since the operator was built.
+    fn windows_closed(&self) -> u64 {
+        0
+    }
     /// Writes what changed since the last checkpoint into `state` (the operator's own
     /// namespace), so that `state` then holds everything the operator holds.
     fn checkpoint(&mut self, _state: &mut StateView<'_>) -> Result<(), StateError> {

@@ -123,6 +123,8 @@ pub struct WindowAggregateOperator {
     key_bytes: usize,
     /// Keys that lost a session (closed) since the last checkpoint.
     closed_session_keys: Vec<Box<[u8]>>,
+    /// Windows (fixed, or sessions) closed by the watermark, for metrics.
+    windows_closed: u64,
 }
 
 /// A group ready to emit.
@@ -161,6 +163,7 @@ impl WindowAggregateOperator {
             last_periodic_emit: Instant::now(),
             groups: 0,
             key_bytes: 0,
+            windows_closed: 0,
             closed_session_keys: Vec::new(),
         })
     }
@@ -669,6 +672,19 @@ impl Operator for WindowAggregateOperator {
         self.groups
     }
 
+    fn state_bytes(&self) -> u64 {
+        WindowAggregateOperator::state_bytes(self) as u64
+    }
+
+    fn windows_open(&self) -> usize {
+        // Every session is a window of its own; fixed windows are shared by their keys.
+        self.fixed.len() + self.sessions.values().map(Vec::len).sum::<usize>()
+    }
+
+    fn windows_closed(&self) -> u64 {
+        self.windows_closed
+    }
+
     fn process_batch(
         &mut self,
         batch: &RecordBatch,
@@ -755,6 +771,7 @@ impl Operator for WindowAggregateOperator {
             let Some(groups) = self.remove_window(start) else {
                 continue;
             };
+            self.windows_closed += 1;
             if emit_all || emit_dirty {
                 let end = self.plan.kind.end(start);
                 let rows: Vec<Emitted<'_>> = (0..groups.keys.len())
@@ -794,6 +811,7 @@ impl Operator for WindowAggregateOperator {
                         < watermark
                     {
                         closed.push((key.clone(), sessions.remove(i)));
+                        self.windows_closed += 1;
                         self.closed_session_keys.push(key.clone());
                         self.groups -= 1;
                         self.key_bytes -= key.len();
