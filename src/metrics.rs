@@ -35,6 +35,9 @@ pub struct Metrics {
     source_watermark: GaugeVec,
     source_watermark_lag: GaugeVec,
     source_alignment_pauses: IntCounterVec,
+    partition_records: IntCounterVec,
+    partition_bytes: IntCounterVec,
+    partition_lag: IntGaugeVec,
     sink_records: IntCounterVec,
     query_late_records: IntCounterVec,
     query_state_keys: IntGaugeVec,
@@ -308,6 +311,24 @@ impl Metrics {
                 "Times watermark alignment paused partitions of the source.",
                 source,
             ),
+            partition_records: counter(
+                r,
+                "laminar_source_partition_records_total",
+                "Records read from the partition, decoded or not.",
+                &["pipeline", "source", "partition"],
+            ),
+            partition_bytes: counter(
+                r,
+                "laminar_source_partition_bytes_total",
+                "Bytes of keys and values read from the partition.",
+                &["pipeline", "source", "partition"],
+            ),
+            partition_lag: int_gauge(
+                r,
+                "laminar_source_partition_lag_records",
+                "Records in the partition after the last one read (the broker's high watermark minus the position).",
+                &["pipeline", "source", "partition"],
+            ),
             sink_records: counter(
                 r,
                 "laminar_sink_records_total",
@@ -363,6 +384,19 @@ impl Metrics {
             state_bytes: self.query_state_bytes.with_label_values(&l),
             windows_open: self.query_windows_open.with_label_values(&l),
             windows_closed: self.query_windows_closed.with_label_values(&l),
+        }
+    }
+
+    /// A source partition's counters (totals since start) and lag.
+    pub fn source_partition(&self, source: &str, stats: &laminar_connectors::PartitionStats) {
+        let partition = stats.partition.to_string();
+        let l = [self.pipeline.as_str(), source, partition.as_str()];
+        let records = self.partition_records.with_label_values(&l);
+        records.inc_by(stats.records.saturating_sub(records.get()));
+        let bytes = self.partition_bytes.with_label_values(&l);
+        bytes.inc_by(stats.bytes.saturating_sub(bytes.get()));
+        if let Some(lag) = stats.lag {
+            self.partition_lag.with_label_values(&l).set(lag);
         }
     }
 

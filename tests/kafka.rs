@@ -7,7 +7,7 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use laminar_testcontainers::{Broker, Record, consume, free_port, produce};
 use support::{LAMINAR, Running, TempDir};
@@ -85,8 +85,44 @@ fn kafka_pipeline_filters_keys_dead_letters_and_commits() {
 
     let dir = TempDir::new("kafka");
     let file = pipeline(&dir, broker.bootstrap());
-    let mut laminar = Running::start(&["run", &file], &[], &dir);
+    let addr = format!("127.0.0.1:{}", free_port().unwrap());
+    let mut laminar = Running::start(&["run", &file, "--metrics-addr", &addr], &[], &dir);
     let out = consume(broker.bootstrap(), "priced", expected.len(), QUIET, TIMEOUT).unwrap();
+    // Per partition: every record read and counted, its bytes, and the lag down to 0.
+    let bytes: Vec<f64> = (0..4)
+        .map(|p| {
+            values
+                .iter()
+                .filter(|(q, _, _)| *q == Some(p))
+                .map(|(_, k, v)| (k.len() + v.len()) as f64)
+                .sum()
+        })
+        .collect();
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let metrics = support::get(&addr, "/metrics")
+            .map(|(_, body)| body)
+            .unwrap_or_default();
+        let series = |name: &str, p: i32| {
+            support::sample(
+                &metrics,
+                &format!(r#"{name}{{partition="{p}",pipeline="kafka-test",source="bids"}}"#),
+            )
+        };
+        let settled = (0..4).all(|p| {
+            series("laminar_source_partition_records_total", p) == Some(100.0)
+                && series("laminar_source_partition_bytes_total", p) == Some(bytes[p as usize])
+                && series("laminar_source_partition_lag_records", p) == Some(0.0)
+        });
+        if settled {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "partition metrics never settled:\n{metrics}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     laminar.signal("TERM");
     assert!(
         laminar.wait(Duration::from_secs(30)).success(),

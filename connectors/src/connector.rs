@@ -151,6 +151,25 @@ pub trait Source: Send {
     /// Makes `positions` durable where the source keeps them (a Kafka consumer group).
     /// Called only after every record read before them has been acknowledged by the sinks.
     fn commit(&mut self, positions: &[SourcePosition], blocking: bool) -> Result<(), SourceError>;
+
+    /// Records and bytes read, and lag, per partition, for metrics (none for sources
+    /// without partitions).
+    fn partition_stats(&self) -> Vec<PartitionStats> {
+        Vec::new()
+    }
+}
+
+/// One partition's counters, since the source was built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionStats {
+    pub partition: i32,
+    /// Records read (decoded or not).
+    pub records: u64,
+    /// Bytes of keys and values read.
+    pub bytes: u64,
+    /// Records in the partition after the last one read, as of the broker's last
+    /// report (`None` until there is one).
+    pub lag: Option<i64>,
 }
 
 /// Where records go. `write` may buffer; `flush` returns once everything written so far is

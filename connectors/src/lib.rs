@@ -25,6 +25,6 @@ pub mod stdout;
 mod connector;
 
 pub use connector::{
-    BATCH_ROWS_MAX, DecodeErrorPolicy, FlushOutcome, Rejected, Sink, SinkError, Source,
-    SourceBatch, SourceError, SourcePoll, SourcePosition,
+    BATCH_ROWS_MAX, DecodeErrorPolicy, FlushOutcome, PartitionStats, Rejected, Sink, SinkError,
+    Source, SourceBatch, SourceError, SourcePoll, SourcePosition,
 };

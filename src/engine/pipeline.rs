@@ -897,6 +897,11 @@ impl Pipeline {
                     .set((now_ms as f64 / 1000.0 - seconds).max(0.0));
             }
         }
+        for slot in &self.sources {
+            for stats in slot.source.partition_stats() {
+                self.metrics.source_partition(&slot.name, &stats);
+            }
+        }
         for (query, m) in self.queries.iter().zip(&self.query_metrics) {
             m.state_keys.set(query.state_groups() as i64);
             m.state_bytes

@@ -41,6 +41,8 @@ impl KafkaClientOptions {
 pub struct LogContext {
     name: String,
     last_error: Mutex<Option<Instant>>,
+    /// Each partition's high watermark, from librdkafka's statistics.
+    high_watermarks: Mutex<std::collections::BTreeMap<(String, i32), i64>>,
 }
 
 impl LogContext {
@@ -49,7 +51,16 @@ impl LogContext {
         Self {
             name: name.to_owned(),
             last_error: Mutex::new(None),
+            high_watermarks: Mutex::new(std::collections::BTreeMap::new()),
         }
+    }
+
+    /// The high watermark of `topic`'s `partition` at librdkafka's last statistics
+    /// report (`statistics.interval.ms`).
+    #[must_use]
+    pub fn high_watermark(&self, topic: &str, partition: i32) -> Option<i64> {
+        let marks = self.high_watermarks.lock().ok()?;
+        marks.get(&(topic.to_owned(), partition)).copied()
     }
 
     /// True at most once per [`ERROR_LOG_INTERVAL`].
@@ -86,6 +97,20 @@ impl ClientContext for LogContext {
             }
             RDKafkaLogLevel::Debug => {
                 tracing::debug!(connector = %name, "kafka {fac}: {log_message}");
+            }
+        }
+    }
+
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let Ok(mut marks) = self.high_watermarks.lock() else {
+            return;
+        };
+        for (topic, t) in statistics.topics {
+            for (&partition, p) in &t.partitions {
+                // Partition -1 is librdkafka's internal "unassigned" queue.
+                if partition >= 0 && p.hi_offset >= 0 {
+                    marks.insert((topic.clone(), partition), p.hi_offset);
+                }
             }
         }
     }

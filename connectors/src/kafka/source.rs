@@ -28,8 +28,8 @@ use crate::format::DecodeError;
 use crate::format::json::{DecodeColumn, JsonDecoder};
 use crate::format::types::{TIMESTAMP_TZ, timestamp_ms_type};
 use crate::{
-    BATCH_ROWS_MAX, DecodeErrorPolicy, Rejected, Source, SourceBatch, SourceError, SourcePoll,
-    SourcePosition,
+    BATCH_ROWS_MAX, DecodeErrorPolicy, PartitionStats, Rejected, Source, SourceBatch, SourceError,
+    SourcePoll, SourcePosition,
 };
 
 /// Where to start reading a partition that has no committed position for this pipeline.
@@ -131,7 +131,12 @@ pub struct KafkaSource {
     /// Where to resume partitions (a commit entry) instead of `start_from`.
     resume: BTreeMap<i32, i64>,
     last_metadata: Option<Instant>,
+    /// Records and bytes read per partition, for metrics.
+    counts: BTreeMap<i32, (u64, u64)>,
 }
+
+/// How often librdkafka reports partition high watermarks (for the lag metric).
+const STATISTICS_INTERVAL_MS: &str = "1000";
 
 /// How often the topic's partition count is checked once partitions are assigned.
 const METADATA_REFRESH: Duration = Duration::from_secs(5);
@@ -167,6 +172,7 @@ impl KafkaSource {
             ("auto.offset.reset", options.start_from.auto_offset_reset()),
             // Bounds the prefetch queue: at most this many KiB buffered per partition.
             ("queued.max.messages.kbytes", "16384"),
+            ("statistics.interval.ms", STATISTICS_INTERVAL_MS),
         ]);
         let consumer: BaseConsumer<LogContext> =
             config.create_with_context(LogContext::new(&options.name))?;
@@ -192,6 +198,7 @@ impl KafkaSource {
             assigned: Vec::new(),
             resume: BTreeMap::new(),
             last_metadata: None,
+            counts: BTreeMap::new(),
         })
     }
 
@@ -317,6 +324,9 @@ impl Source for KafkaSource {
             records += 1;
             let (partition, offset) = (message.partition(), message.offset());
             self.positions.insert(partition, offset + 1);
+            let count = self.counts.entry(partition).or_default();
+            count.0 += 1;
+            count.1 += (message.payload_len() + message.key().map_or(0, <[u8]>::len)) as u64;
             let decoded = match message.payload() {
                 None => Err(DecodeError::Empty),
                 Some(p) => self.decoder.decode(p),
@@ -399,6 +409,29 @@ impl Source for KafkaSource {
                 topic: self.options.topic.clone(),
                 partition,
                 next_offset,
+            })
+            .collect()
+    }
+
+    fn partition_stats(&self) -> Vec<PartitionStats> {
+        let context = self.consumer.context();
+        self.assigned
+            .iter()
+            .map(|&partition| {
+                let (records, bytes) = self.counts.get(&partition).copied().unwrap_or_default();
+                let high = context.high_watermark(&self.options.topic, partition);
+                let lag = match (high, self.positions.get(&partition)) {
+                    (Some(high), Some(&next)) => Some((high - next).max(0)),
+                    // Nothing read yet from an empty partition.
+                    (Some(0), None) => Some(0),
+                    _ => None,
+                };
+                PartitionStats {
+                    partition,
+                    records,
+                    bytes,
+                    lag,
+                }
             })
             .collect()
     }
