@@ -38,6 +38,7 @@ pub struct Metrics {
     partition_records: IntCounterVec,
     partition_bytes: IntCounterVec,
     partition_lag: IntGaugeVec,
+    sink_transactions: IntCounterVec,
     sink_records: IntCounterVec,
     query_late_records: IntCounterVec,
     query_state_keys: IntGaugeVec,
@@ -329,6 +330,12 @@ impl Metrics {
                 "Records in the partition after the last one read (the broker's high watermark minus the position).",
                 &["pipeline", "source", "partition"],
             ),
+            sink_transactions: counter(
+                r,
+                "laminar_sink_transactions_committed_total",
+                "Kafka transactions committed (exactly-once sinks with transactions: true; one per epoch with output).",
+                &["pipeline", "sink"],
+            ),
             sink_records: counter(
                 r,
                 "laminar_sink_records_total",
@@ -372,6 +379,12 @@ impl Metrics {
     #[must_use]
     pub fn sink(&self, name: &str) -> IntCounter {
         self.sink_records
+            .with_label_values(&[self.pipeline.as_str(), name])
+    }
+
+    #[must_use]
+    pub fn sink_transactions(&self, name: &str) -> IntCounter {
+        self.sink_transactions
             .with_label_values(&[self.pipeline.as_str(), name])
     }
 

@@ -292,7 +292,8 @@ fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     assert!(tears > 0, "the seed never tore the WAL; pick another");
     producer.join().unwrap();
     // The last run goes to the end.
-    let mut laminar = Running::start(&["run", &file], &[], &dir);
+    let addr = format!("127.0.0.1:{}", laminar_testcontainers::free_port().unwrap());
+    let mut laminar = Running::start(&["run", &file, "--metrics-addr", &addr], &[], &dir);
     let deadline = Duration::from_mins(2);
     let started = Instant::now();
     let counts = consume(
@@ -311,10 +312,25 @@ fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
         deadline.saturating_sub(started.elapsed()),
     )
     .unwrap();
+    // The transactional sink committed transactions in this run; the other none.
+    let metrics = support::get(&addr, "/metrics").unwrap().1;
+    let transactions = |sink: &str| {
+        support::sample(
+            &metrics,
+            &format!(
+                r#"laminar_sink_transactions_committed_total{{pipeline="chaos",sink="{sink}"}}"#
+            ),
+        )
+    };
     laminar.signal("TERM");
     let status = laminar.wait(Duration::from_secs(30));
     let stderr = laminar.stderr();
     assert!(status.success(), "{stderr}");
+    assert!(
+        transactions("copies_out").is_some_and(|n| n >= 1.0),
+        "{metrics}"
+    );
+    assert_eq!(transactions("counts_out"), Some(0.0), "{metrics}");
     let (got_counts, got_copies) = (rows(&counts), rows(&copies));
     assert!(
         got_copies == want_copies,

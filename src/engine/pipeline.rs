@@ -120,6 +120,8 @@ struct SinkSlot {
     from: String,
     sink: SinkHandle,
     records: prometheus::IntCounter,
+    /// Kafka transactions committed (exactly-once sinks with `transactions: true`).
+    transactions: prometheus::IntCounter,
 }
 
 enum SinkHandle {
@@ -249,6 +251,7 @@ impl Pipeline {
                     })?;
                     dead_letters.push(SinkSlot {
                         records: metrics.sink(&name),
+                        transactions: metrics.sink_transactions(&name),
                         name,
                         from: s.name.clone(),
                         sink: SinkHandle::AtLeastOnce(Box::new(sink)),
@@ -326,6 +329,7 @@ impl Pipeline {
             };
             sinks.push(SinkSlot {
                 records: metrics.sink(&s.name),
+                transactions: metrics.sink_transactions(&s.name),
                 name: s.name.clone(),
                 from: s.from.clone(),
                 sink,
@@ -448,7 +452,9 @@ impl Pipeline {
                 source,
             };
             let present = sink.read_back(commit.epoch, &starts).map_err(sink_error)?;
-            let sent = deliver_epoch(sink, &name, commit.epoch, &records, &present, None)?;
+            let (sent, committed) =
+                deliver_epoch(sink, &name, commit.epoch, &records, &present, None)?;
+            slot.transactions.inc_by(u64::from(committed));
             tracing::info!(sink = %name, epoch = commit.epoch, records = records.len(),
                 already_written = present.len(), sent,
                 "finished delivering the output of the epoch committed before the restart");
@@ -850,7 +856,9 @@ impl Pipeline {
             for (i, records) in &staged {
                 let slot = &mut self.sinks[*i];
                 if let SinkHandle::ExactlyOnce(sink) = &mut slot.sink {
-                    deliver_epoch(sink, &slot.name, epoch, records, &none, self.deadline)?;
+                    let (_, committed) =
+                        deliver_epoch(sink, &slot.name, epoch, records, &none, self.deadline)?;
+                    slot.transactions.inc_by(u64::from(committed));
                 }
             }
             laminar_connectors::crash::point("after-delivery");
@@ -953,7 +961,8 @@ fn flush_until_done(
 }
 
 /// Sends an exactly-once sink's output of `epoch` (but the sequence numbers in `skip`),
-/// waits for every acknowledgement and commits its transaction; returns records sent.
+/// waits for every acknowledgement and commits its transaction; returns records sent and
+/// whether a transaction was committed.
 fn deliver_epoch(
     sink: &mut KafkaSink,
     name: &str,
@@ -961,15 +970,15 @@ fn deliver_epoch(
     records: &[crate::durability::entry::OutputRecord],
     skip: &HashSet<u64>,
     deadline: Option<Instant>,
-) -> Result<usize, RunError> {
+) -> Result<(usize, bool), RunError> {
     let sink_error = |source| RunError::Sink {
         name: name.to_owned(),
         source,
     };
     let sent = sink.send_epoch(epoch, records, skip).map_err(sink_error)?;
     flush_until_done(sink, name, deadline)?;
-    sink.finish_epoch().map_err(sink_error)?;
-    Ok(sent)
+    let committed = sink.finish_epoch().map_err(sink_error)?;
+    Ok((sent, committed))
 }
 
 /// A source's part of the commit entry: its next offsets and its watermark.

@@ -304,13 +304,14 @@ impl KafkaSink {
     }
 
     /// Exactly-once: after `flush` returned `Done`, commits the epoch's transaction, if
-    /// one is open.
-    pub fn finish_epoch(&mut self) -> Result<(), SinkError> {
+    /// one is open; whether one was.
+    pub fn finish_epoch(&mut self) -> Result<bool, SinkError> {
         if self.in_transaction {
             self.producer.commit_transaction(TRANSACTION_TIMEOUT)?;
             self.in_transaction = false;
+            return Ok(true);
         }
-        Ok(())
+        Ok(false)
     }
 
     /// Exactly-once, after a crash: the sequence numbers of `epoch` that this sink's
