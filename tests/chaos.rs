@@ -312,7 +312,9 @@ fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
         deadline.saturating_sub(started.elapsed()),
     )
     .unwrap();
-    // The transactional sink committed transactions in this run; the other none.
+    // The counter is exported for each exactly-once sink, and the sink without
+    // transactions commits none. (Whether this last run still had output for the
+    // transactional sink depends on where the last kill fell.)
     let metrics = support::get(&addr, "/metrics").unwrap().1;
     let transactions = |sink: &str| {
         support::sample(
@@ -326,10 +328,7 @@ fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     let status = laminar.wait(Duration::from_secs(30));
     let stderr = laminar.stderr();
     assert!(status.success(), "{stderr}");
-    assert!(
-        transactions("copies_out").is_some_and(|n| n >= 1.0),
-        "{metrics}"
-    );
+    assert!(transactions("copies_out").is_some(), "{metrics}");
     assert_eq!(transactions("counts_out"), Some(0.0), "{metrics}");
     let (got_counts, got_copies) = (rows(&counts), rows(&copies));
     assert!(
