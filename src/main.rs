@@ -102,7 +102,14 @@ fn main() -> ExitCode {
             embedded_broker,
             state_dir,
             metrics_addr,
-        } => run(&file, embedded_broker, state_dir, metrics_addr),
+        } => run(
+            &file,
+            embedded_broker,
+            state_dir,
+            metrics_addr,
+            // The live status line: on a terminal, unless logs are JSON for a machine.
+            std::io::IsTerminal::is_terminal(&std::io::stderr()) && !json,
+        ),
         Command::Broker {
             listen,
             brokers,
@@ -123,7 +130,7 @@ fn init_logging(json: bool) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(laminar::engine::status::LogWriter);
     if json {
         logs.json().init();
     } else {
@@ -245,6 +252,7 @@ fn run(
     embedded_broker: bool,
     state_dir: Option<String>,
     metrics_addr: Option<String>,
+    status_line: bool,
 ) -> u8 {
     let Some((mut config, planned)) = load(file) else {
         return exit::INVALID;
@@ -264,7 +272,10 @@ fn run(
     if let Some(addr) = metrics_addr {
         config.metrics.listen = Some(addr);
     }
-    let mut options = RunOptions::default();
+    let mut options = RunOptions {
+        status_line,
+        ..RunOptions::default()
+    };
     let _broker = if embedded_broker {
         let broker = match EmbeddedBroker::start(1, None) {
             Ok(b) => b,

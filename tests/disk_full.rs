@@ -53,6 +53,7 @@ fn run(yaml: &str) -> Result<laminar::engine::RunSummary, String> {
     let options = RunOptions {
         bootstrap_servers: None,
         records_max: None,
+        status_line: false,
     };
     Pipeline::build(&config, planned, &options)
         .map_err(|e| e.to_string())?

@@ -50,4 +50,51 @@ fn json_logs_are_one_object_per_line_and_text_is_the_default() {
         stderr.contains("pipeline stopped cleanly records_in=5000"),
         "{stderr}"
     );
+    assert!(
+        !stderr.contains("\x1b[2K"),
+        "no status line when stderr is not a terminal: {stderr:?}"
+    );
+}
+
+#[test]
+fn on_a_terminal_run_draws_a_status_line_in_place() {
+    let dir = TempDir::new("status");
+    let file = dir.write(
+        "status.yaml",
+        "pipeline: status
+sources:
+  - { name: bids, connector: datagen, events: 200000, rate_per_s: 100000, event_time: { column: date_time } }
+sinks:
+  - { name: out, from: bids, connector: file, path: out.jsonl }
+",
+    );
+    // `script` runs laminar on a pseudo-terminal and copies what it wrote.
+    let command = format!(
+        "cd {} && {} run {}",
+        dir.0.display(),
+        support::LAMINAR,
+        file.display()
+    );
+    let output = std::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .output()
+        .unwrap();
+    let tty = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{tty}");
+    let lines: Vec<&str> = tty
+        .split("\r\x1b[2K")
+        .filter(|l| l.starts_with("in "))
+        .collect();
+    assert!(lines.len() >= 2, "redrawn about once a second: {tty:?}");
+    let last = lines[lines.len() - 1];
+    for part in [
+        "/s  out ",
+        "/s  watermark 2023-11-14 ",
+        " d behind)  epoch ",
+        "  checkpoint ",
+    ] {
+        assert!(last.contains(part), "{part:?} in {last:?}");
+    }
+    // The rate in is about what the generator produced (100K/s), not zero.
+    assert!(lines[1..].iter().any(|l| l.contains("K/s")), "{lines:?}");
 }

@@ -17,6 +17,7 @@ fn run(yaml: &str, records_max: Option<u64>) -> laminar::engine::RunSummary {
     let options = RunOptions {
         bootstrap_servers: None,
         records_max,
+        status_line: false,
     };
     Pipeline::build(&config, planned, &options)
         .unwrap()

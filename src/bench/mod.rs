@@ -313,6 +313,7 @@ fn laminar_kafka(
     let options = RunOptions {
         bootstrap_servers: None,
         records_max: Some(events),
+        status_line: false,
     };
     let pipeline = Pipeline::build(&config, planned, &options)?;
     let started = Instant::now();

@@ -17,5 +17,6 @@
 //! SIGTERM/SIGINT does the same for any pipeline.
 
 mod pipeline;
+pub mod status;
 
 pub use pipeline::{Pipeline, RunError, RunOptions, RunSummary};

@@ -81,6 +81,8 @@ pub struct RunOptions {
     pub bootstrap_servers: Option<String>,
     /// Stop (cleanly, after a last epoch) once this many records have been read.
     pub records_max: Option<u64>,
+    /// Draw the live status line on stderr (a terminal).
+    pub status_line: bool,
 }
 
 /// What a finished run did.
@@ -157,6 +159,8 @@ pub struct Pipeline {
     durable_stats: crate::durability::DurableStats,
     /// The last epoch committed (0: none).
     epoch: u64,
+    /// The live status line, on a terminal.
+    status: Option<super::status::StatusLine>,
     /// Set once a stop was requested: waits for the broker end there.
     deadline: Option<Instant>,
     epoch_interval: Duration,
@@ -400,6 +404,7 @@ impl Pipeline {
             durable,
             epoch: commit.as_ref().map_or(0, |c| c.epoch),
             deadline: None,
+            status: options.status_line.then(super::status::StatusLine::new),
             sinks,
             dead_letters,
             epoch_interval: Duration::from_millis(config.state.checkpoint_interval_ms),
@@ -504,6 +509,7 @@ impl Pipeline {
                 }
             }
             self.advance_time(Instant::now())?;
+            self.draw_status();
             if live == 0
                 || self
                     .records_max
@@ -522,6 +528,9 @@ impl Pipeline {
             self.deadline = Some(Instant::now() + SHUTDOWN_TIMEOUT);
         }
         self.close_epoch(true)?;
+        if let Some(status) = &mut self.status {
+            status.clear();
+        }
         if self.sources.iter().all(|s| s.finished) {
             self.durable.finish_drained()?;
             tracing::info!(
@@ -882,6 +891,48 @@ impl Pipeline {
         self.summary.epochs += 1;
         self.publish_metrics();
         Ok(())
+    }
+
+    /// Redraws the status line, when there is one and it is due.
+    fn draw_status(&mut self) {
+        if !self
+            .status
+            .as_ref()
+            .is_some_and(super::status::StatusLine::due)
+        {
+            return;
+        }
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let mut lag = None;
+        for slot in &self.sources {
+            for stats in slot.source.partition_stats() {
+                if let Some(l) = stats.lag {
+                    *lag.get_or_insert(0) += l;
+                }
+            }
+        }
+        let watermark_ms = self
+            .sources
+            .iter()
+            .filter_map(|s| s.event_time.as_ref().map(|(_, t)| t.current()))
+            .min()
+            .filter(|&w| w > i64::MIN);
+        let status = super::status::Status {
+            records_in: self.summary.records_in,
+            records_out: self.summary.records_out,
+            lag,
+            watermark_ms,
+            epoch: self.epoch,
+            checkpoint: self
+                .durable_stats
+                .last_checkpoint
+                .map(|c| (c.epoch, c.wall_ms)),
+        };
+        if let Some(line) = &mut self.status {
+            line.update(&status, now_ms);
+        }
     }
 
     /// The metrics to serve.
