@@ -16,7 +16,21 @@ use support::{read, repo};
 /// Every metric name laminar exports (one child of each labelled family made visible).
 fn exported() -> BTreeSet<String> {
     let metrics = Metrics::new("p");
-    let _ = (metrics.source("s"), metrics.sink("k"), metrics.query("q"));
+    let _ = (
+        metrics.source("s"),
+        metrics.sink("k"),
+        metrics.sink_transactions("k"),
+        metrics.query("q"),
+    );
+    metrics.source_partition(
+        "s",
+        &laminar_connectors::PartitionStats {
+            partition: 0,
+            records: 1,
+            bytes: 1,
+            lag: Some(0),
+        },
+    );
     metrics.epoch_closed(1);
     metrics
         .render()
