@@ -306,15 +306,11 @@ fn run(
             return exit::FATAL;
         }
     };
-    let pipeline = match Pipeline::build(&config, planned, &options) {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("laminar: {e}");
-            return exit::FATAL;
-        }
-    };
+    // Served before recovery: `/health` answers while state loads, `/ready` once the
+    // pipeline has recovered and its partitions are assigned.
+    let metrics = laminar::metrics::Metrics::new(&config.name);
     if let Some(listen) = &config.metrics.listen {
-        match pipeline.metrics().serve(listen) {
+        match metrics.serve(listen) {
             Ok(addr) => tracing::info!(%addr, "serving /metrics, /health and /ready"),
             Err(e) => {
                 eprintln!("laminar: cannot serve metrics on {listen}: {e}");
@@ -322,6 +318,14 @@ fn run(
             }
         }
     }
+    options.metrics = Some(metrics);
+    let pipeline = match Pipeline::build(&config, planned, &options) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("laminar: {e}");
+            return exit::FATAL;
+        }
+    };
     tracing::info!(pipeline = %config.name, file, "pipeline running");
     match pipeline.run(&stop) {
         Ok(summary) => {

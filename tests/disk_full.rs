@@ -51,6 +51,7 @@ fn run(yaml: &str) -> Result<laminar::engine::RunSummary, String> {
     let config = config::parse("disk_full.yaml", yaml, &|_| None).unwrap();
     let planned = sql::plan(&config).unwrap();
     let options = RunOptions {
+        metrics: None,
         bootstrap_servers: None,
         records_max: None,
         status_line: false,

@@ -210,13 +210,21 @@ fn kafka_broker_down_at_start_is_retried_until_it_comes() {
     let port = free_port().unwrap();
     let dir = TempDir::new("down");
     let file = pipeline(&dir, &format!("127.0.0.1:{port}"));
-    let mut laminar = Running::start(&["run", &file], &[("RUST_LOG", "info")], &dir);
+    let addr = format!("127.0.0.1:{}", free_port().unwrap());
+    let mut laminar = Running::start(
+        &["run", &file, "--metrics-addr", &addr],
+        &[("RUST_LOG", "info")],
+        &dir,
+    );
     std::thread::sleep(Duration::from_secs(3));
     assert!(
         laminar.is_running(),
         "laminar gave up on a missing broker: {}",
         laminar.stderr()
     );
+    // Alive, but not ready: no partition is assigned while the broker is away.
+    assert_eq!(support::get(&addr, "/health").map(|r| r.0), Some(200));
+    assert_eq!(support::get(&addr, "/ready").map(|r| r.0), Some(503));
 
     let broker = Broker::laminar_process(
         LAMINAR.as_ref(),
@@ -235,6 +243,7 @@ fn kafka_broker_down_at_start_is_retried_until_it_comes() {
     produce(broker.bootstrap(), "bids", &refs).unwrap();
     let out = consume(broker.bootstrap(), "priced", 50, QUIET, TIMEOUT).unwrap();
     assert_eq!(out.len(), 50, "{}", laminar.stderr());
+    assert_eq!(support::get(&addr, "/ready").map(|r| r.0), Some(200));
     laminar.signal("TERM");
     assert!(
         laminar.wait(Duration::from_secs(30)).success(),

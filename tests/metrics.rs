@@ -104,6 +104,47 @@ state:
     for line in metrics.lines().filter(|l| l.starts_with("# TYPE")) {
         assert!(line.contains(" laminar_"), "{line}");
     }
+    // A Prometheus text-format parser reads the whole exposition: every sample is
+    // documented, typed as its name says, and labelled with the pipeline.
+    let scrape =
+        prometheus_parse::Scrape::parse(metrics.lines().map(|l| Ok(l.to_owned()))).unwrap();
+    assert!(scrape.samples.len() > 30, "{metrics}");
+    for s in &scrape.samples {
+        // A histogram's `_sum` and `_count` come out as samples of their own.
+        let base = ["_sum", "_count"]
+            .iter()
+            .find_map(|suffix| s.metric.strip_suffix(suffix))
+            .filter(|b| !scrape.docs.contains_key(&s.metric) && scrape.docs.contains_key(*b));
+        if base.is_some() {
+            continue;
+        }
+        assert!(
+            scrape.docs.contains_key(&s.metric),
+            "no HELP for {}",
+            s.metric
+        );
+        assert_eq!(s.labels.get("pipeline"), Some("scraped"), "{}", s.metric);
+        match &s.value {
+            prometheus_parse::Value::Counter(v) => {
+                assert!(s.metric.ends_with("_total") && *v >= 0.0, "{}", s.metric);
+            }
+            prometheus_parse::Value::Gauge(_) | prometheus_parse::Value::Histogram(_) => {
+                assert!(!s.metric.ends_with("_total"), "{}", s.metric);
+            }
+            other => panic!("{} has an unexpected type: {other:?}", s.metric),
+        }
+    }
+    let parsed_records = scrape
+        .samples
+        .iter()
+        .find(|s| {
+            s.metric == "laminar_source_records_total" && s.labels.get("source") == Some("bids")
+        })
+        .map(|s| s.value.clone());
+    assert_eq!(
+        parsed_records,
+        Some(prometheus_parse::Value::Counter(records))
+    );
     // Counters only go up between scrapes.
     std::thread::sleep(Duration::from_millis(300));
     let (_, later) = get(&addr, "/metrics").unwrap();

@@ -15,6 +15,7 @@ fn run(yaml: &str, records_max: Option<u64>) -> laminar::engine::RunSummary {
     let config = config::parse("resume.yaml", yaml, &|_| None).unwrap();
     let planned = sql::plan(&config).unwrap();
     let options = RunOptions {
+        metrics: None,
         bootstrap_servers: None,
         records_max,
         status_line: false,

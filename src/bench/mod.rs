@@ -311,6 +311,7 @@ fn laminar_kafka(
     config.state.dir = state.display().to_string();
     let planned = sql::plan(&config).map_err(|d| anyhow!("{d}"))?;
     let options = RunOptions {
+        metrics: None,
         bootstrap_servers: None,
         records_max: Some(events),
         status_line: false,

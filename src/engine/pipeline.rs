@@ -75,8 +75,11 @@ pub enum RunError {
 }
 
 /// Settings that come from the command line rather than the file.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct RunOptions {
+    /// Metrics to report to, already served (so that `/health` answers during recovery
+    /// and `/ready` says not yet); new ones when `None`.
+    pub metrics: Option<Arc<Metrics>>,
     /// Overrides `kafka.bootstrap_servers` (the embedded broker's address).
     pub bootstrap_servers: Option<String>,
     /// Stop (cleanly, after a last epoch) once this many records have been read.
@@ -187,7 +190,10 @@ impl Pipeline {
                 .unwrap_or_else(|| config.kafka.bootstrap_servers.clone()),
             properties: config.kafka.properties.clone(),
         };
-        let metrics = Metrics::new(&config.name);
+        let metrics = options
+            .metrics
+            .clone()
+            .unwrap_or_else(|| Metrics::new(&config.name));
         let mut dead_letters = Vec::new();
         let mut sources = Vec::new();
         for s in &config.sources {
