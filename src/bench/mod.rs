@@ -33,7 +33,8 @@ pub struct BenchArgs {
     /// Events per engine-only query.
     #[arg(long, default_value_t = 2_000_000)]
     pub events: u64,
-    /// Events through Kafka (bounded by the embedded broker's 5 MiB per partition).
+    /// Events through Kafka (bounded by the embedded broker's 5 MiB per partition, 16
+    /// partitions).
     #[arg(long, default_value_t = 200_000)]
     pub kafka_events: u64,
     /// Skip the Kafka part.
@@ -340,6 +341,7 @@ fn produce_input(bootstrap: &str, events: u64) -> anyhow::Result<()> {
     });
     let mut encoder = JsonEncoder::default();
     let (mut out, mut ends) = (Vec::new(), Vec::new());
+    let mut sent = 0u64;
     while let SourcePoll::Batch(b) = source.poll(Duration::ZERO)? {
         out.clear();
         ends.clear();
@@ -348,7 +350,13 @@ fn produce_input(bootstrap: &str, events: u64) -> anyhow::Result<()> {
             .map_err(|e| anyhow!(e))?;
         let mut start = 0;
         for &end in &ends {
-            let mut record = BaseRecord::<(), [u8]>::to("bench-in").payload(&out[start..end]);
+            // Round robin: librdkafka's sticky partitioner would pile most records onto
+            // one partition, past what the embedded broker keeps per partition.
+            let partition = (sent % BENCH_PARTITIONS as u64) as i32;
+            sent += 1;
+            let mut record = BaseRecord::<(), [u8]>::to("bench-in")
+                .partition(partition)
+                .payload(&out[start..end]);
             loop {
                 match producer.send(record) {
                     Ok(()) => break,
@@ -405,8 +413,14 @@ fn bare_loop(bootstrap: &str, events: u64) -> anyhow::Result<()> {
     }
     producer.flush(Duration::from_mins(1))?;
     if seen < events {
+        let mut held = Vec::new();
+        for p in 0..BENCH_PARTITIONS {
+            let (low, high) = consumer.fetch_watermarks("bench-in", p, Duration::from_secs(5))?;
+            held.push(format!("{p}: {low}..{high}"));
+        }
         return Err(anyhow!(
-            "bare loop saw {seen} of {events} records within 300 s"
+            "bare loop saw {seen} of {events} records within 300 s; the input topic holds (partition: offsets) {}",
+            held.join(", ")
         ));
     }
     Ok(())
