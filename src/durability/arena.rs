@@ -20,8 +20,10 @@ use std::path::Path;
 use memmap2::{Advice, MmapMut, MmapOptions};
 
 /// The mapping grows to at least this many bytes, in multiples of it, and at least
-/// doubles each time.
+/// doubles each time, up to [`ARENA_GROW_MAX`] at once.
 pub const ARENA_GROW_MIN: u64 = 1 << 20;
+/// The most one growth step allocates on disk (`posix_fallocate` reserves real blocks).
+pub const ARENA_GROW_MAX: u64 = 1 << 30;
 
 /// How the arena is about to be read, for `madvise`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +69,8 @@ pub struct MappedArena {
     /// Bytes allocated in the file and mapped.
     cap: u64,
     options: ArenaOptions,
+    /// The last `madvise` access pattern, applied again to a new mapping.
+    access: std::cell::Cell<Option<Access>>,
 }
 
 impl MappedArena {
@@ -98,46 +102,47 @@ impl MappedArena {
             len,
             cap,
             options,
+            access: std::cell::Cell::new(None),
         };
-        arena.remap()?;
+        if cap > 0 {
+            arena.map = Some(arena.map_file(cap)?);
+        }
         Ok(arena)
     }
 
-    fn remap(&mut self) -> io::Result<()> {
-        self.map = None;
-        if self.cap == 0 {
-            return Ok(());
-        }
+    /// A new mapping of the file's first `cap` bytes.
+    fn map_file(&self, cap: u64) -> io::Result<MmapMut> {
         // SAFETY: the file is ours alone: the state directory's LOCK keeps every other
         // laminar process out, and nothing else writes it. The mapping never outlives
-        // `self`, and slices into it borrow `self`, so a remap (which needs `&mut self`)
-        // cannot leave one dangling.
-        let map = unsafe {
-            MmapOptions::new()
-                .len(self.cap as usize)
-                .map_mut(&self.file)?
-        };
+        // `self`, and slices into it borrow `self`, so replacing it (which needs
+        // `&mut self`) cannot leave one dangling.
+        let map = unsafe { MmapOptions::new().len(cap as usize).map_mut(&self.file)? };
         if self.options.huge_pages
             && let Err(e) = map.advise(Advice::HugePage)
         {
             tracing::warn!("the kernel refused huge pages for the state arena: {e}");
         }
-        self.map = Some(map);
-        Ok(())
+        if let Some(access) = self.access.get() {
+            let _ = map.advise(advice(access));
+        }
+        Ok(map)
     }
 
     /// Preallocates and maps at least `needed` bytes.
     fn grow(&mut self, needed: u64) -> io::Result<()> {
         let cap = needed
-            .max(self.cap.saturating_mul(2))
+            .max(self.cap + self.cap.min(ARENA_GROW_MAX))
             .max(ARENA_GROW_MIN)
             .next_multiple_of(ARENA_GROW_MIN);
         let path = self.path.display().to_string();
         let with_path =
             |e: io::Error| io::Error::new(e.kind(), format!("{path}: growing to {cap} bytes: {e}"));
         fallocate(&self.file, self.cap, cap - self.cap).map_err(with_path)?;
+        // The new mapping first: if it fails, the old one (and the data) stays.
+        let map = self.map_file(cap).map_err(with_path)?;
+        self.map = Some(map);
         self.cap = cap;
-        self.remap().map_err(with_path)
+        Ok(())
     }
 }
 
@@ -194,20 +199,28 @@ impl ArenaFile for MappedArena {
     fn syncer(&self) -> io::Result<Syncer> {
         // On Linux the page cache is one: `fdatasync` on the file writes back the pages
         // dirtied through the shared mapping (as `msync(MS_SYNC)` would) and the
-        // allocation made by `posix_fallocate`.
+        // allocation made by `posix_fallocate`. Elsewhere POSIX asks for `msync` first.
+        #[cfg(not(target_os = "linux"))]
+        if let Some(map) = &self.map {
+            map.flush()?;
+        }
         let file = self.file.try_clone()?;
         Ok(Box::new(move || file.sync_data()))
     }
 
     fn advise(&self, access: Access) {
+        self.access.set(Some(access));
         if let Some(map) = &self.map {
-            let advice = match access {
-                Access::Sequential => Advice::Sequential,
-                Access::Random => Advice::Random,
-            };
             // A hint: a kernel that ignores it costs only speed.
-            let _ = map.advise(advice);
+            let _ = map.advise(advice(access));
         }
+    }
+}
+
+fn advice(access: Access) -> Advice {
+    match access {
+        Access::Sequential => Advice::Sequential,
+        Access::Random => Advice::Random,
     }
 }
 

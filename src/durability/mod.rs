@@ -238,17 +238,47 @@ impl Durable {
         for &epoch in epochs.iter().rev() {
             let name = checkpoint::file_name(epoch);
             let file = storage.describe(&name);
-            let meta = match storage.read(&name) {
-                Err(e) => Err(e.to_string()),
-                Ok(data) => checkpoint::load(&data).map_err(|e| e.0),
-            };
+            // A file that cannot be read is an I/O error, not corruption: stop rather
+            // than fall back (and delete) past it.
+            let data = storage
+                .read(&name)
+                .map_err(|source| DurableError::Checkpoint {
+                    file: file.clone(),
+                    source,
+                })?;
+            let meta = checkpoint::load(&data)
+                .map_err(|e| e.0)
+                .and_then(|(meta, commit)| {
+                    if meta.arena_len < crate::state::mmap::ARENA_HEADER {
+                        Err(format!(
+                            "arena length {} is shorter than its header",
+                            meta.arena_len
+                        ))
+                    } else {
+                        Ok((meta, commit))
+                    }
+                });
             let result = match meta {
                 Err(message) => Err(message),
                 Ok((meta, _)) if loaded.is_some() => Ok((meta, None)),
                 Ok((meta, commit)) => {
                     let arena_name = checkpoint::arena_name(meta.generation);
                     match storage.open_arena(&arena_name, Some(meta.arena_len)) {
-                        Err(e) => Err(format!("{}: {e}", storage.describe(&arena_name))),
+                        // Missing or short: the arena is not what the checkpoint says.
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                std::io::ErrorKind::NotFound | std::io::ErrorKind::UnexpectedEof
+                            ) =>
+                        {
+                            Err(format!("{}: {e}", storage.describe(&arena_name)))
+                        }
+                        Err(source) => {
+                            return Err(DurableError::Checkpoint {
+                                file: storage.describe(&arena_name),
+                                source,
+                            });
+                        }
                         Ok(arena) => {
                             match MmapStore::open(arena, meta.generation, memory_bytes_max) {
                                 Ok(store) => Ok((meta, Some((commit, store)))),
@@ -280,20 +310,11 @@ impl Durable {
         }
         checkpoints.reverse();
         let io = |file: String| move |source| DurableError::Checkpoint { file, source };
-        for name in &unusable {
-            storage.remove(name).map_err(io(storage.describe(name)))?;
-        }
-        // Arenas no retained checkpoint needs: compactions after the last checkpoint, or
-        // every arena on a first start.
-        let mut first_arena = 1;
-        for name in &names {
-            if let Some(generation) = checkpoint::parse_arena_name(name) {
-                first_arena = first_arena.max(generation + 1);
-                if !checkpoints.iter().any(|c| c.generation == generation) {
-                    storage.remove(name).map_err(io(storage.describe(name)))?;
-                }
-            }
-        }
+        let first_arena = names
+            .iter()
+            .filter_map(|n| checkpoint::parse_arena_name(n))
+            .max()
+            .map_or(1, |g| g + 1);
         let (store, loaded) = if let Some((meta, commit, store)) = loaded {
             (store, Some((meta, commit)))
         } else {
@@ -309,7 +330,29 @@ impl Durable {
             (store, None)
         };
         storage.sync_dir().map_err(io(storage.describe("")))?;
-        let (wal, records) = Wal::open(storage)?;
+        let (mut wal, records) = Wal::open(storage)?;
+        if loaded.is_none() && !unusable.is_empty() && records.first().is_none_or(|r| r.lsn > 1) {
+            // Nothing to recover from: leave the directory as it is for an operator.
+            return Err(DurableError::Corrupt(format!(
+                "no checkpoint is usable ({}) and the WAL no longer reaches back to its start",
+                unusable.join(", ")
+            )));
+        }
+        // Unusable checkpoints newer than the one loaded go before anything is appended
+        // over the arena bytes they cover; then arenas no retained checkpoint needs
+        // (compactions after the last checkpoint, or every arena on a first start).
+        let storage = wal.storage();
+        for name in &unusable {
+            storage.remove(name).map_err(io(storage.describe(name)))?;
+        }
+        for name in &names {
+            if let Some(generation) = checkpoint::parse_arena_name(name)
+                && !checkpoints.iter().any(|c| c.generation == generation)
+            {
+                storage.remove(name).map_err(io(storage.describe(name)))?;
+            }
+        }
+        storage.sync_dir().map_err(io(storage.describe("")))?;
         let mut durable = Self {
             wal,
             checkpoints,
@@ -518,14 +561,25 @@ impl Durable {
         let Some(commit) = self.last_commit.clone() else {
             return Ok(());
         };
-        if self.pending.is_some() {
+        if self.pending.is_some()
+            || self
+                .checkpoints
+                .last()
+                .is_some_and(|c| c.epoch == commit.epoch)
+        {
             return Ok(());
         }
         let started = Instant::now();
         // The delivered record (if any) must be durable before a checkpoint covers it.
         self.wal.sync()?;
-        if store.fragmentation() > self.compact_ratio && store.arena_bytes() >= self.compact_min {
-            self.compact(store)?;
+        if store.fragmentation() > self.compact_ratio
+            && store.arena_bytes() >= self.compact_min
+            && let Err(e) = self.compact(store)
+        {
+            // The store is unchanged: checkpoint the current generation, compact later.
+            tracing::warn!("cannot compact the state arena ({e}); checkpointing it as it is");
+            let name = checkpoint::arena_name(store.generation() + 1);
+            let _ = self.wal.storage().remove(&name);
         }
         let meta = checkpoint::CheckpointMeta {
             epoch: commit.epoch,
@@ -635,9 +689,11 @@ impl Durable {
             let storage = self.wal.storage();
             storage.remove(&name).map_err(io(storage.describe(&name)))?;
         }
+        // The dropped checkpoints are gone for good before what they need goes.
+        let storage = self.wal.storage();
+        storage.sync_dir().map_err(io(storage.describe("")))?;
         // Arenas neither a retained checkpoint nor the store needs: generations that
         // compaction replaced.
-        let storage = self.wal.storage();
         for name in storage.list().map_err(io(storage.describe("")))? {
             if let Some(generation) = checkpoint::parse_arena_name(&name)
                 && generation != current
