@@ -449,6 +449,37 @@ fn a_corrupt_arena_record_falls_back_to_the_checkpoint_before_it() {
 }
 
 #[test]
+fn with_no_usable_checkpoint_and_no_wal_to_rebuild_from_nothing_is_deleted() {
+    let w = workload(3, 9);
+    let sim = SimStorage::new();
+    run(&sim, &w, 2);
+    let mut storage = sim.clone();
+    let before = {
+        let mut names = sim.list().unwrap();
+        names.sort();
+        names
+    };
+    for name in &before {
+        if name.starts_with("wal-") {
+            storage.remove(name).unwrap();
+        }
+        if name.starts_with("checkpoint-") {
+            sim.flip_bit(name, 20, 1);
+        }
+    }
+    let err = Durable::open(Box::new(sim.clone()), u64::MAX)
+        .err()
+        .unwrap();
+    assert!(matches!(err, DurableError::Corrupt(_)), "{err}");
+    assert!(err.to_string().contains("no checkpoint is usable"), "{err}");
+    // The checkpoints and arenas are still there, for an operator to look at.
+    let after = sim.list().unwrap();
+    for name in before.iter().filter(|n| !n.starts_with("wal-")) {
+        assert!(after.contains(name), "{name} was deleted: {after:?}");
+    }
+}
+
+#[test]
 fn eio_and_enospc_on_any_call_lose_nothing_committed() {
     let w = workload(11, 8);
     let clean = SimStorage::new();
