@@ -38,7 +38,7 @@ use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
 
-use super::{NAMESPACE_NAME_MAX, Namespace, StateError, StateOp, StateStore};
+use super::{Journal, NAMESPACE_NAME_MAX, Namespace, StateError, StateOp, StateStore};
 use crate::durability::arena::{Access, ArenaFile};
 
 const MAGIC: [u8; 8] = *b"LAMARN\x00\x01";
@@ -183,7 +183,7 @@ pub struct MmapStore {
     dead: u64,
     bytes_max: u64,
     /// Changes since the last [`MmapStore::take_journal`], when journaling is on.
-    journal: Option<Vec<StateOp>>,
+    journal: Journal,
     scratch: Vec<u8>,
 }
 
@@ -211,7 +211,7 @@ impl MmapStore {
             live: 0,
             dead: 0,
             bytes_max,
-            journal: None,
+            journal: Journal::default(),
             scratch: Vec::new(),
         };
         store.arena.advise(Access::Sequential);
@@ -408,39 +408,16 @@ impl MmapStore {
 
     /// Records every change from now on, for [`MmapStore::take_journal`].
     pub fn enable_journal(&mut self) {
-        self.journal.get_or_insert_with(Vec::new);
+        self.journal.enable();
     }
 
     /// The changes recorded since the last call (journaling must be on).
     pub fn take_journal(&mut self) -> Vec<StateOp> {
-        self.journal
-            .as_mut()
-            .map(std::mem::take)
-            .unwrap_or_default()
+        self.journal.take()
     }
 
     fn record(&mut self, op: impl FnOnce(String) -> StateOp, ns: Namespace) {
-        if let Some(journal) = &mut self.journal {
-            journal.push(op(self.ns_names[ns.0 as usize].clone()));
-        }
-    }
-
-    /// Applies a change read back from the WAL.
-    pub fn apply(&mut self, op: &StateOp) -> Result<(), StateError> {
-        match op {
-            StateOp::Put { ns, key, value } => {
-                let ns = self.namespace(ns)?;
-                self.put(ns, key, value)
-            }
-            StateOp::Delete { ns, key } => {
-                let ns = self.namespace(ns)?;
-                self.delete(ns, key)
-            }
-            StateOp::DeleteRange { ns, start, end } => {
-                let ns = self.namespace(ns)?;
-                self.delete_range(ns, start, end.as_deref())
-            }
-        }
+        self.journal.record(&self.ns_names[ns.0 as usize], op);
     }
 
     /// Every entry, namespace by namespace (by name), in key order.

@@ -72,6 +72,24 @@ pub trait StateStore: Send {
 
     /// Bytes of keys and values held.
     fn bytes(&self) -> u64;
+
+    /// Applies a change read back from the WAL (or journaled by another store).
+    fn apply(&mut self, op: &StateOp) -> Result<(), StateError> {
+        match op {
+            StateOp::Put { ns, key, value } => {
+                let ns = self.namespace(ns)?;
+                self.put(ns, key, value)
+            }
+            StateOp::Delete { ns, key } => {
+                let ns = self.namespace(ns)?;
+                self.delete(ns, key)
+            }
+            StateOp::DeleteRange { ns, start, end } => {
+                let ns = self.namespace(ns)?;
+                self.delete_range(ns, start, end.as_deref())
+            }
+        }
+    }
 }
 
 /// One operator's view of the store: its namespace and nothing else.
@@ -131,6 +149,30 @@ impl<'a> StateView<'a> {
     }
 }
 
+/// The changes a store made since the last [`Journal::take`], when it is on: what the WAL
+/// records for an epoch.
+#[derive(Debug, Clone, Default)]
+pub struct Journal(Option<Vec<StateOp>>);
+
+impl Journal {
+    /// Records every change from now on.
+    pub fn enable(&mut self) {
+        self.0.get_or_insert_with(Vec::new);
+    }
+
+    /// The changes recorded since the last call (none while off).
+    pub fn take(&mut self) -> Vec<StateOp> {
+        self.0.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// Records the change `op` makes of the namespace called `ns`, when on.
+    pub fn record(&mut self, ns: &str, op: impl FnOnce(String) -> StateOp) {
+        if let Some(journal) = &mut self.0 {
+            journal.push(op(ns.to_owned()));
+        }
+    }
+}
+
 /// Key-value pairs in key order, for bulk loads.
 pub type SortedEntries = Vec<(Box<[u8]>, Box<[u8]>)>;
 
@@ -147,9 +189,7 @@ pub struct MemoryStore {
     bytes_max: u64,
     /// Namespace names by id, for the journal and checkpoints.
     ns_names: Vec<String>,
-    /// Changes since the last [`MemoryStore::take_journal`], when journaling is on: what
-    /// the WAL records for the epoch.
-    journal: Option<Vec<StateOp>>,
+    journal: Journal,
 }
 
 impl Default for MemoryStore {
@@ -173,21 +213,18 @@ impl MemoryStore {
             bytes: 0,
             bytes_max,
             ns_names: Vec::new(),
-            journal: None,
+            journal: Journal::default(),
         }
     }
 
     /// Records every change from now on, for [`MemoryStore::take_journal`].
     pub fn enable_journal(&mut self) {
-        self.journal.get_or_insert_with(Vec::new);
+        self.journal.enable();
     }
 
     /// The changes recorded since the last call (journaling must be on).
     pub fn take_journal(&mut self) -> Vec<StateOp> {
-        self.journal
-            .as_mut()
-            .map(std::mem::take)
-            .unwrap_or_default()
+        self.journal.take()
     }
 
     /// Every entry, namespace by namespace, in key order.
@@ -234,25 +271,8 @@ impl MemoryStore {
         Ok(())
     }
 
-    /// Applies a change read back from the WAL.
-    pub fn apply(&mut self, op: &StateOp) -> Result<(), StateError> {
-        match op {
-            StateOp::Put { ns, key, value } => self.put_named(ns, key, value),
-            StateOp::Delete { ns, key } => {
-                let ns = self.namespace(ns)?;
-                self.delete(ns, key)
-            }
-            StateOp::DeleteRange { ns, start, end } => {
-                let ns = self.namespace(ns)?;
-                self.delete_range(ns, start, end.as_deref())
-            }
-        }
-    }
-
     fn record(&mut self, op: impl FnOnce(String) -> StateOp, ns: Namespace) {
-        if let Some(journal) = &mut self.journal {
-            journal.push(op(self.ns_names[ns.0 as usize].clone()));
-        }
+        self.journal.record(&self.ns_names[ns.0 as usize], op);
     }
 
     fn table(&self, ns: Namespace) -> &Table {
