@@ -53,6 +53,9 @@ enum Command {
         /// Overrides `metrics.listen`.
         #[arg(long, value_name = "HOST:PORT")]
         metrics_addr: Option<String>,
+        /// Overrides `runtime.cores` (reactor threads; 0 = one per available core).
+        #[arg(long, value_name = "N")]
+        cores: Option<u64>,
     },
     /// Check pipeline files without connecting anywhere; exit 1 with every problem.
     Validate {
@@ -102,11 +105,13 @@ fn main() -> ExitCode {
             embedded_broker,
             state_dir,
             metrics_addr,
+            cores,
         } => run(
             &file,
             embedded_broker,
             state_dir,
             metrics_addr,
+            cores,
             // The live status line: on a terminal, unless logs are JSON for a machine.
             std::io::IsTerminal::is_terminal(&std::io::stderr()) && !json,
         ),
@@ -252,6 +257,7 @@ fn run(
     embedded_broker: bool,
     state_dir: Option<String>,
     metrics_addr: Option<String>,
+    cores: Option<u64>,
     status_line: bool,
 ) -> u8 {
     let Some((mut config, planned)) = load(file) else {
@@ -271,6 +277,9 @@ fn run(
     }
     if let Some(addr) = metrics_addr {
         config.metrics.listen = Some(addr);
+    }
+    if let Some(cores) = cores {
+        config.runtime.cores = cores;
     }
     let mut options = RunOptions {
         status_line,

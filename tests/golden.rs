@@ -1,6 +1,8 @@
 //! Golden pipelines: each `tests/golden/NAME/` holds `pipeline.yaml` (reading
 //! `${CASE_DIR}/input.jsonl`, writing to stdout), `input.jsonl` and `expected.jsonl`; the
-//! run must exit 0 and print exactly the expected lines.
+//! run must exit 0 and print exactly the expected lines. Each case runs on one reactor
+//! (exact order) and on three (windowed queries split by key: the same lines, in an order
+//! that depends on the threads).
 //! `LAMINAR_BLESS=1 cargo test --test golden` rewrites the expectations.
 
 mod support;
@@ -22,10 +24,13 @@ fn golden_pipelines_print_their_expected_output() {
     for case in cases {
         let pipeline = case.join("pipeline.yaml");
         let case_dir = case.to_string_lossy().into_owned();
-        let (code, stdout, stderr) = laminar(
-            &["run", &pipeline.to_string_lossy()],
-            &[("CASE_DIR", &case_dir)],
-        );
+        let run = |cores: &str| {
+            laminar(
+                &["run", &pipeline.to_string_lossy(), "--cores", cores],
+                &[("CASE_DIR", &case_dir)],
+            )
+        };
+        let (code, stdout, stderr) = run("1");
         if bless {
             std::fs::write(case.join("expected.jsonl"), &stdout).unwrap();
             continue;
@@ -34,6 +39,18 @@ fn golden_pipelines_print_their_expected_output() {
         if code != 0 || stdout != expected {
             failures.push(format!(
                 "{}: exit {code}\n--- expected\n{expected}--- got\n{stdout}--- stderr\n{stderr}",
+                case.display()
+            ));
+        }
+        let (code, stdout, stderr) = run("3");
+        let sorted = |text: &str| {
+            let mut lines: Vec<&str> = text.lines().collect();
+            lines.sort_unstable();
+            lines.join("\n")
+        };
+        if code != 0 || sorted(&stdout) != sorted(&expected) {
+            failures.push(format!(
+                "{} on 3 reactors: exit {code}\n--- expected (any order)\n{expected}--- got\n{stdout}--- stderr\n{stderr}",
                 case.display()
             ));
         }

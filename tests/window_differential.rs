@@ -16,6 +16,7 @@ use arrow::array::{Array, AsArray, Int64Array, RecordBatch, TimestampMillisecond
 use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use datafusion::datasource::MemTable;
 use datafusion::prelude::{SessionConfig, SessionContext};
+use laminar::engine::reactor::ShardedOperator;
 use laminar::operator::Operator;
 use laminar::state::{MemoryStore, StateView};
 use laminar::{config, sql};
@@ -128,9 +129,26 @@ fn operator(sql_text: &str, delay: i64, emit: &str) -> Box<dyn Operator> {
     sql::plan(&config).unwrap().queries.remove(0)
 }
 
-/// Runs `sql` through laminar's operator, batch by batch, with the watermark after each.
+/// The same query split by key over `reactors` threads (unsplit for 1).
+fn operator_on(sql_text: &str, delay: i64, emit: &str, reactors: usize) -> Box<dyn Operator> {
+    if reactors == 1 {
+        return operator(sql_text, delay, emit);
+    }
+    let copies: Vec<Box<dyn Operator>> = (0..reactors)
+        .map(|i| {
+            let mut op = operator(sql_text, delay, emit);
+            assert!(op.shard(i, reactors));
+            op
+        })
+        .collect();
+    Box::new(ShardedOperator::start(copies, false).unwrap())
+}
+
+/// Runs `sql` through laminar's operator, batch by batch, with the watermark after each,
+/// split over 1 to 3 reactors.
 fn stream(sql_text: &str, events: &[Event], delay: i64, rng: &mut Rng) -> Vec<String> {
-    let mut op = operator(sql_text, delay, "on_window_close");
+    let reactors = 1 + rng.below(3) as usize;
+    let mut op = operator_on(sql_text, delay, "on_window_close", reactors);
     let (mut out, mut late) = (Vec::new(), Vec::new());
     let mut max_ts = i64::MIN;
     let mut at = 0;
@@ -149,6 +167,8 @@ fn stream(sql_text: &str, events: &[Event], delay: i64, rng: &mut Rng) -> Vec<St
         late.len()
     );
     op.handle_watermark(i64::MAX, &mut out).unwrap();
+    op.flush(&mut out, &mut late).unwrap();
+    assert!(late.is_empty());
     rows(&out)
 }
 
@@ -376,6 +396,8 @@ fn window_state_restored_from_a_checkpoint_continues_exactly() {
         let cut = rng.below(steps.len() as u64 + 1) as usize;
         let crash = cut + rng.below((steps.len() - cut) as u64 + 1) as usize;
         let start = (i64::MIN, std::time::Instant::now());
+        // The run before the crash and the one after may have different reactor counts.
+        let (before, after) = (1 + rng.below(3) as usize, 1 + rng.below(3) as usize);
 
         let mut whole = Vec::new();
         let mut op = operator(sql_text, delay, emit);
@@ -392,7 +414,7 @@ fn window_state_restored_from_a_checkpoint_continues_exactly() {
         let mut store = MemoryStore::new();
         let mut kept = Vec::new();
         let mut clock = start;
-        let mut op = operator(sql_text, delay, emit);
+        let mut op = operator_on(sql_text, delay, emit, before);
         for i in 0..cut {
             run_steps(
                 op.as_mut(),
@@ -403,10 +425,12 @@ fn window_state_restored_from_a_checkpoint_continues_exactly() {
                 &mut kept,
             );
             if rng.below(2) == 0 {
+                op.flush(&mut kept, &mut Vec::new()).unwrap();
                 op.checkpoint(&mut StateView::open(&mut store, "q").unwrap())
                     .unwrap();
             }
         }
+        op.flush(&mut kept, &mut Vec::new()).unwrap();
         op.checkpoint(&mut StateView::open(&mut store, "q").unwrap())
             .unwrap();
         let at_checkpoint = clock;
@@ -421,7 +445,7 @@ fn window_state_restored_from_a_checkpoint_continues_exactly() {
         );
         drop(op);
 
-        let mut op = operator(sql_text, delay, emit);
+        let mut op = operator_on(sql_text, delay, emit, after);
         op.restore(&StateView::open(&mut store, "q").unwrap())
             .unwrap();
         assert_eq!(op.state_groups(), groups_at_checkpoint, "seed {seed}");
@@ -435,12 +459,13 @@ fn window_state_restored_from_a_checkpoint_continues_exactly() {
             &mut kept,
         );
         op.handle_watermark(i64::MAX, &mut kept).unwrap();
+        op.flush(&mut kept, &mut Vec::new()).unwrap();
         let (kept, whole) = (rows(&kept), rows(&whole));
         if kept != whole {
             let extra: Vec<&String> = kept.iter().filter(|r| !whole.contains(r)).collect();
             let missing: Vec<&String> = whole.iter().filter(|r| !kept.contains(r)).collect();
             panic!(
-                "seed {seed}: {sql_text} EMIT {emit}, cut {cut}, crash {crash}: {} rows against {}; not in the uninterrupted run: {extra:?}; missing: {missing:?}",
+                "seed {seed}: {sql_text} EMIT {emit}, {before} then {after} reactors, cut {cut}, crash {crash}: {} rows against {}; not in the uninterrupted run: {extra:?}; missing: {missing:?}",
                 kept.len(),
                 whole.len()
             );

@@ -16,7 +16,9 @@
 //! bounded source that is drained ends the run (after a final epoch) with exit 0;
 //! SIGTERM/SIGINT does the same for any pipeline.
 
+pub mod latency;
 mod pipeline;
+pub mod reactor;
 pub mod status;
 
 pub use pipeline::{Pipeline, RunError, RunOptions, RunSummary};

@@ -377,7 +377,12 @@ impl Pipeline {
             undelivered,
             ..
         } = recovered;
-        let mut queries = planned.queries;
+        let mut queries = split_queries(
+            config,
+            planned.queries,
+            &planned.watermark,
+            reactor_count(config.runtime.cores),
+        )?;
         for query in &mut queries {
             let name = query.name().to_owned();
             StateView::open(&mut state, &name)
@@ -803,6 +808,21 @@ impl Pipeline {
     /// entry to the WAL, then delivers the exactly-once output.
     fn close_epoch(&mut self, last: bool) -> Result<(), RunError> {
         let flush_started = Instant::now();
+        // Queries on reactor threads hand out every result of the input read so far;
+        // queries read only earlier ones, so in file order each sees all of its input.
+        for q in 0..self.queries.len() {
+            let (mut out, mut late) = (Vec::new(), Vec::new());
+            let query = &mut self.queries[q];
+            query
+                .flush(&mut out, &mut late)
+                .map_err(|e| RunError::Query {
+                    name: query.name().to_owned(),
+                    message: e.strip_backtrace(),
+                })?;
+            self.late(q, late)?;
+            let name = self.queries[q].name().to_owned();
+            self.deliver(&name, &out)?;
+        }
         let positions: Vec<_> = self.sources.iter().map(|s| s.source.positions()).collect();
         for slot in self.sinks.iter_mut().chain(self.dead_letters.iter_mut()) {
             if matches!(slot.sink, SinkHandle::ExactlyOnce(_)) {
@@ -984,6 +1004,65 @@ impl Pipeline {
         });
         self.metrics.epoch_closed(self.summary.epochs);
     }
+}
+
+/// Most reactor threads one query is split over.
+pub const REACTORS_MAX: usize = 64;
+
+/// Reactor threads for `runtime.cores` (0: one per core this process may use).
+fn reactor_count(cores: u64) -> usize {
+    let n = if cores == 0 {
+        std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+    } else {
+        usize::try_from(cores).unwrap_or(REACTORS_MAX)
+    };
+    n.clamp(1, REACTORS_MAX)
+}
+
+/// With more than one reactor, each query that can be split by group key runs as `n`
+/// copies on `n` reactor threads; the others run on the pipeline thread.
+fn split_queries(
+    config: &PipelineConfig,
+    queries: Vec<Box<dyn Operator>>,
+    watermark: &crate::sql::current_watermark::WatermarkCell,
+    n: usize,
+) -> Result<Vec<Box<dyn Operator>>, RunError> {
+    if n < 2 || !queries.iter().any(|q| q.is_stateful()) {
+        return Ok(queries);
+    }
+    let mut copies = Vec::new();
+    for _ in 1..n {
+        let planned =
+            crate::sql::plan_sharing(config, watermark.clone()).map_err(|d| RunError::Query {
+                name: config.name.clone(),
+                message: format!("planning a copy for another reactor: {d}"),
+            })?;
+        copies.push(planned.queries.into_iter());
+    }
+    let mut split = Vec::with_capacity(queries.len());
+    for mut query in queries {
+        let mut others: Vec<Box<dyn Operator>> =
+            copies.iter_mut().filter_map(Iterator::next).collect();
+        assert_eq!(others.len(), n - 1, "every copy plans the same queries");
+        if !query.is_stateful() || !query.shard(0, n) {
+            split.push(query);
+            continue;
+        }
+        for (i, copy) in others.iter_mut().enumerate() {
+            assert!(copy.shard(i + 1, n), "copies of a query split alike");
+        }
+        let mut operators = vec![query];
+        operators.append(&mut others);
+        let name = operators[0].name().to_owned();
+        let sharded = super::reactor::ShardedOperator::start(operators, true).map_err(|e| {
+            RunError::Query {
+                name,
+                message: format!("cannot start a reactor thread: {e}"),
+            }
+        })?;
+        split.push(Box::new(sharded));
+    }
+    Ok(split)
 }
 
 /// Flushes `sink` until every record is acknowledged, warning while the broker is slow.

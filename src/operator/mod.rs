@@ -51,6 +51,21 @@ pub trait Operator: Send {
     ) -> Result<(), DataFusionError> {
         Ok(())
     }
+    /// Hands out every row emitted for the input taken so far (an operator that works
+    /// on other threads waits for them); called before an epoch is committed.
+    fn flush(
+        &mut self,
+        _out: &mut Vec<RecordBatch>,
+        _late: &mut Vec<LateRows>,
+    ) -> Result<(), DataFusionError> {
+        Ok(())
+    }
+    /// Makes this copy of the query responsible for the groups whose key hashes to shard
+    /// `index` of `count` (input rows of other keys are ignored, state of other keys is
+    /// not restored); false when the operator cannot be split by key.
+    fn shard(&mut self, _index: usize, _count: usize) -> bool {
+        false
+    }
     /// Wall-clock time passed.
     fn handle_tick(
         &mut self,
@@ -104,6 +119,16 @@ pub enum Step {
         exprs: Vec<Arc<dyn PhysicalExpr>>,
         schema: SchemaRef,
     },
+}
+
+/// The shard (of `count`) that owns a group key: the high bits of its Fx hash, so that a
+/// key's shard never depends on anything but its bytes and the number of shards.
+#[must_use]
+pub fn shard_of(key: &[u8], count: usize) -> usize {
+    use std::hash::Hasher as _;
+    let mut h = rustc_hash::FxHasher::default();
+    h.write(key);
+    ((u128::from(h.finish()) * count as u128) >> 64) as usize
 }
 
 /// Runs `steps` over `batch`.

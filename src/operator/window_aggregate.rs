@@ -125,6 +125,8 @@ pub struct WindowAggregateOperator {
     closed_session_keys: Vec<Box<[u8]>>,
     /// Windows (fixed, or sessions) closed by the watermark, for metrics.
     windows_closed: u64,
+    /// `(index, count)`: this copy holds only the groups whose key is in shard `index`.
+    shard: Option<(usize, usize)>,
 }
 
 /// A group ready to emit.
@@ -165,6 +167,7 @@ impl WindowAggregateOperator {
             key_bytes: 0,
             windows_closed: 0,
             closed_session_keys: Vec::new(),
+            shard: None,
         })
     }
 
@@ -173,6 +176,12 @@ impl WindowAggregateOperator {
     pub fn live_groups(&self) -> usize {
         self.fixed.values().map(|g| g.keys.len()).sum::<usize>()
             + self.sessions.values().map(Vec::len).sum::<usize>()
+    }
+
+    /// Whether this copy holds the group `key` (always, unless split over reactors).
+    fn owns(&self, key: &[u8]) -> bool {
+        self.shard
+            .is_none_or(|(index, count)| super::shard_of(key, count) == index)
     }
 
     /// A fixed window `[start, end)` can take no more records once the watermark (the
@@ -256,13 +265,16 @@ impl WindowAggregateOperator {
             .iter()
             .map(|&end| Some(self.closes(end, self.watermark)))
             .collect();
-        late.push(LateRows {
-            rows: filter_record_batch(&windowed, &is_late)?,
-            reason: format!(
-                "late: its window closed at watermark {} (allowed_lateness_ms {})",
-                self.watermark, self.plan.allowed_lateness_ms
-            ),
-        });
+        // Every copy sees every row: one of them reports the late ones.
+        if self.shard.is_none_or(|(index, _)| index == 0) {
+            late.push(LateRows {
+                rows: filter_record_batch(&windowed, &is_late)?,
+                reason: format!(
+                    "late: its window closed at watermark {} (allowed_lateness_ms {})",
+                    self.watermark, self.plan.allowed_lateness_ms
+                ),
+            });
+        }
         Ok(filter_record_batch(
             &windowed,
             &arrow::compute::not(&is_late)?,
@@ -420,12 +432,15 @@ impl WindowAggregateOperator {
     ) {
         let n = self.plan.aggregates.len();
         for (row, &start) in starts.iter().enumerate() {
+            let key: &[u8] = keys.map_or(&[], |k| k.row(row).data());
+            if !self.owns(key) {
+                continue;
+            }
             let end = self.plan.kind.end(start);
             if self.closes(end, self.watermark) {
                 late.push(row as u32);
                 continue;
             }
-            let key: &[u8] = keys.map_or(&[], |k| k.row(row).data());
             let groups = self.fixed.entry(start).or_default();
             let slot = if let Some(&slot) = groups.index.get(key) {
                 slot as usize
@@ -462,6 +477,9 @@ impl WindowAggregateOperator {
         };
         for (row, &t) in times.iter().enumerate() {
             let key: &[u8] = keys.map_or(&[], |k| k.row(row).data());
+            if !self.owns(key) {
+                continue;
+            }
             let sessions = self.sessions.entry(key.into()).or_default();
             // Every open session this record touches: it is at most `gap` from them.
             let touching: Vec<usize> = sessions
@@ -588,10 +606,23 @@ impl WindowAggregateOperator {
         Ok(())
     }
 
+    /// The first window start the watermark leaves open: every fixed window that starts
+    /// before it has closed.
+    fn first_open_start(&self) -> i64 {
+        let size = self.plan.kind.end(0);
+        self.watermark
+            .saturating_sub(size)
+            .saturating_sub(self.plan.allowed_lateness_ms)
+            .saturating_add(1)
+    }
+
     fn restore_fixed(&mut self, key: &[u8], value: &[u8]) -> Result<(), CodecError> {
         let Some(start) = key.get(1..9).and_then(|s| <[u8; 8]>::try_from(s).ok()) else {
             return Err(CodecError(format!("window key of {} bytes", key.len())));
         };
+        if !self.owns(&key[9..]) {
+            return Ok(());
+        }
         let start = from_ordered_i64(start);
         let group_key: Box<[u8]> = key[9..].into();
         let mut r = Reader::new(value);
@@ -624,6 +655,9 @@ impl WindowAggregateOperator {
         let WindowKind::Session { gap_ms } = self.plan.kind else {
             return Err(CodecError("session state in a fixed-window query".into()));
         };
+        if !self.owns(&key[1..]) {
+            return Ok(());
+        }
         let group_key: Box<[u8]> = key[1..].into();
         let mut r = Reader::new(value);
         let n = r.u32()?;
@@ -683,6 +717,14 @@ impl Operator for WindowAggregateOperator {
 
     fn windows_closed(&self) -> u64 {
         self.windows_closed
+    }
+
+    fn shard(&mut self, index: usize, count: usize) -> bool {
+        assert!(index < count, "shard {index} of {count}");
+        self.shard = Some((index, count));
+        // The cap is on the whole query's state.
+        self.plan.state_bytes_max /= count as u64;
+        true
     }
 
     fn process_batch(
@@ -864,9 +906,19 @@ impl Operator for WindowAggregateOperator {
         )?;
         let mut w = Writer::default();
         // Closed windows are every window below the first open one: one range delete.
+        // Split over reactors, other copies hold windows this one has no group in: the
+        // bound is then the first window the watermark leaves open, the same for all.
         let mut key = Vec::new();
-        match self.fixed.keys().next() {
-            Some(&first) => fixed_state_key(&mut key, first, &[]),
+        let first_open = self.fixed.keys().next().copied();
+        let bound = match (first_open, self.shard) {
+            (first, Some(_)) => {
+                let open_from = self.first_open_start();
+                Some(first.map_or(open_from, |f| f.min(open_from)))
+            }
+            (first, None) => first,
+        };
+        match bound {
+            Some(first) => fixed_state_key(&mut key, first, &[]),
             None => key.push(STATE_FIXED + 1),
         }
         state.delete_range(&[STATE_FIXED], Some(&key))?;

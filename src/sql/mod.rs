@@ -76,14 +76,27 @@ pub fn source_schema(source: &SourceConfig) -> Schema {
 
 /// Plans every query of `config`; every problem is reported with its position.
 pub fn plan(config: &PipelineConfig) -> Result<PlannedPipeline, Diagnostics> {
-    let mut session = SessionConfig::new().with_target_partitions(1);
-    session.options_mut().sql_parser.collect_spans = true;
-    let ctx = SessionContext::new_with_config(session);
-    let mut planned = PlannedPipeline::default();
-    planned.watermark.store(
+    let watermark = current_watermark::WatermarkCell::default();
+    watermark.store(
         crate::operator::watermark::WATERMARK_NONE,
         std::sync::atomic::Ordering::Relaxed,
     );
+    plan_sharing(config, watermark)
+}
+
+/// Plans every query again, `CURRENT_WATERMARK()` reading `watermark`: the copies a
+/// query split over reactors runs on.
+pub fn plan_sharing(
+    config: &PipelineConfig,
+    watermark: current_watermark::WatermarkCell,
+) -> Result<PlannedPipeline, Diagnostics> {
+    let mut session = SessionConfig::new().with_target_partitions(1);
+    session.options_mut().sql_parser.collect_spans = true;
+    let ctx = SessionContext::new_with_config(session);
+    let mut planned = PlannedPipeline {
+        watermark,
+        ..PlannedPipeline::default()
+    };
     ctx.register_udf(current_watermark::udf(planned.watermark.clone()));
     let mut diagnostics = Vec::new();
     for source in &config.sources {

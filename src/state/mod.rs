@@ -40,6 +40,9 @@ pub enum StateError {
     Full { message: String },
     #[error("state store I/O: {0}")]
     Io(#[from] std::io::Error),
+    /// A reactor thread holding the operator failed or stopped.
+    #[error("{0}")]
+    Reactor(String),
 }
 
 /// Ordered key-value state, partitioned into namespaces.

@@ -1,0 +1,600 @@
+//! Per-core reactors: a keyed query split over `runtime.cores` threads, each pinned to a
+//! core and owning the groups whose key hashes to it.
+//!
+//! ```text
+//!                  ┌─ input ring ─► reactor 0 (core 0): keys with hash % n == 0 ─ output ring ─┐
+//! pipeline thread ─┤                                                                            ├─► pipeline thread
+//! (sources, decode └─ input ring ─► reactor 1 (core 1): keys with hash % n == 1 ─ output ring ─┘    (downstream
+//!  sinks, WAL,                                                                                         queries, sinks)
+//!  epochs)
+//! ```
+//!
+//! Every batch goes to every reactor (a reference-counted batch, not a copy); a reactor
+//! computes the group key of each row and keeps the rows whose key is its own, so each
+//! key's state lives on one core and the result is the same for any number of cores.
+//! The rings are bounded single-producer single-consumer queues ([`rtrb`], lock-free):
+//! when a reactor falls behind its input ring fills, the pipeline thread stops polling
+//! its sources until there is room (backpressure reaches the sources; the Kafka consumer
+//! keeps its group membership, which librdkafka maintains on its own thread).
+//!
+//! Epochs: before an epoch's commit entry is written the pipeline thread sends `Flush`
+//! down every ring and waits for each reactor's `Flushed`, so every result of the
+//! epoch's input is out; then it borrows the operators (`Lend` / `Lent` / `Return`) to
+//! write their state. Ownership moves with the messages: no locks, no shared state but
+//! counters.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::{JoinHandle, Thread};
+use std::time::{Duration, Instant};
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use datafusion::error::DataFusionError;
+use rtrb::{Consumer, PushError, RingBuffer};
+
+use super::latency::LatencyHistogram;
+use crate::operator::{LateRows, Operator};
+use crate::state::{StateError, StateView};
+
+/// Messages (each a batch, a watermark or a control message) an input ring holds.
+pub const RING_SLOTS: usize = 64;
+/// How long an idle reactor sleeps before it looks at its ring again (a push wakes it).
+const REACTOR_PARK: Duration = Duration::from_millis(1);
+/// How long the pipeline thread sleeps between looks while it waits for a reactor.
+const WAIT_PARK: Duration = Duration::from_micros(20);
+/// Wall-clock ticks are forwarded at most this often (they drive `emit: every_ms`).
+const TICK_INTERVAL: Duration = Duration::from_millis(10);
+
+enum Input {
+    Batch { batch: RecordBatch, sent: Instant },
+    Watermark(i64),
+    Tick(Instant),
+    Flush,
+    Lend,
+    Return(Box<dyn Operator>),
+}
+
+enum Output {
+    Rows {
+        out: Vec<RecordBatch>,
+        late: Vec<LateRows>,
+    },
+    Flushed,
+    Lent(Box<dyn Operator>),
+    Failed(String),
+}
+
+/// What a reactor publishes for metrics and benchmarks.
+#[derive(Default)]
+pub struct ReactorStats {
+    pub groups: AtomicU64,
+    pub state_bytes: AtomicU64,
+    pub windows_open: AtomicU64,
+    pub windows_closed: AtomicU64,
+    /// Nanoseconds spent processing messages.
+    pub busy_ns: AtomicU64,
+    /// Per input row: from the batch entering the ring to the reactor having processed it.
+    pub latency: LatencyHistogram,
+}
+
+struct Shard {
+    tx: rtrb::Producer<Input>,
+    rx: Consumer<Output>,
+    thread: Thread,
+    join: Option<JoinHandle<()>>,
+    stats: Arc<ReactorStats>,
+    flushed: u64,
+    lent: Option<Box<dyn Operator>>,
+}
+
+/// One query over `n` reactors; to the pipeline it is one [`Operator`].
+pub struct ShardedOperator {
+    name: String,
+    input: String,
+    schema: SchemaRef,
+    stateful: bool,
+    explain: String,
+    shards: Vec<Shard>,
+    /// Output drained from the rings, handed out at the next call.
+    out: Vec<RecordBatch>,
+    late: Vec<LateRows>,
+    last_tick: Option<Instant>,
+}
+
+impl ShardedOperator {
+    /// Starts one reactor thread per operator (each already told its shard), the `i`-th
+    /// pinned to the `i`-th core this process may run on when `pin` is set.
+    pub fn start(operators: Vec<Box<dyn Operator>>, pin: bool) -> std::io::Result<Self> {
+        assert!(!operators.is_empty(), "a sharded query needs an operator");
+        let first = &operators[0];
+        let (name, input, schema, stateful) = (
+            first.name().to_owned(),
+            first.input().to_owned(),
+            first.schema(),
+            first.is_stateful(),
+        );
+        let explain = format!(
+            "{}  (split by group key over {} reactor threads)\n",
+            first.explain().trim_end(),
+            operators.len()
+        );
+        let cores = if pin { allowed_cores() } else { Vec::new() };
+        let mut shards = Vec::new();
+        for (i, op) in operators.into_iter().enumerate() {
+            let (tx, reactor_rx) = RingBuffer::new(RING_SLOTS);
+            // Each input yields at most one output message, so the output ring never
+            // holds more than the input ring plus the control replies.
+            let (reactor_tx, rx) = RingBuffer::new(RING_SLOTS + 4);
+            let stats = Arc::new(ReactorStats::default());
+            let core = (!cores.is_empty()).then(|| cores[i % cores.len()]);
+            let reactor = Reactor {
+                op: Some(op),
+                rx: reactor_rx,
+                tx: reactor_tx,
+                stats: Arc::clone(&stats),
+            };
+            let join = std::thread::Builder::new()
+                .name(format!("laminar-reactor-{i}"))
+                .spawn(move || {
+                    if let Some(core) = core {
+                        pin_to(core);
+                    }
+                    reactor.run();
+                })?;
+            shards.push(Shard {
+                tx,
+                rx,
+                thread: join.thread().clone(),
+                join: Some(join),
+                stats,
+                flushed: 0,
+                lent: None,
+            });
+        }
+        Ok(Self {
+            name,
+            input,
+            schema,
+            stateful,
+            explain,
+            shards,
+            out: Vec::new(),
+            late: Vec::new(),
+            last_tick: None,
+        })
+    }
+
+    /// Each reactor's counters, in core order.
+    #[must_use]
+    pub fn reactor_stats(&self) -> Vec<Arc<ReactorStats>> {
+        self.shards.iter().map(|s| Arc::clone(&s.stats)).collect()
+    }
+
+    /// Messages waiting in each reactor's input ring.
+    #[must_use]
+    pub fn ring_occupancy(&self) -> Vec<usize> {
+        self.shards
+            .iter()
+            .map(|s| RING_SLOTS - s.tx.slots())
+            .collect()
+    }
+
+    fn error(&self, shard: usize, message: &str) -> DataFusionError {
+        DataFusionError::Execution(format!("query `{}`, reactor {shard}: {message}", self.name))
+    }
+
+    /// Takes whatever reactor `i` has sent.
+    fn drain(&mut self, i: usize) -> Result<(), DataFusionError> {
+        loop {
+            let shard = &mut self.shards[i];
+            let Ok(message) = shard.rx.pop() else {
+                if shard.rx.is_abandoned() {
+                    return Err(self.error(i, "the reactor thread stopped"));
+                }
+                return Ok(());
+            };
+            match message {
+                Output::Rows { out, late } => {
+                    self.out.extend(out);
+                    self.late.extend(late);
+                }
+                Output::Flushed => shard.flushed += 1,
+                Output::Lent(op) => shard.lent = Some(op),
+                Output::Failed(message) => return Err(self.error(i, &message)),
+            }
+        }
+    }
+
+    fn drain_all(&mut self) -> Result<(), DataFusionError> {
+        (0..self.shards.len()).try_for_each(|i| self.drain(i))
+    }
+
+    /// Puts `message` on reactor `i`'s ring, waiting (and taking its output meanwhile)
+    /// while the ring is full.
+    fn send(&mut self, i: usize, mut message: Input) -> Result<(), DataFusionError> {
+        let mut backoff = Backoff::default();
+        loop {
+            match self.shards[i].tx.push(message) {
+                Ok(()) => {
+                    self.shards[i].thread.unpark();
+                    return Ok(());
+                }
+                Err(PushError::Full(m)) => message = m,
+            }
+            self.drain(i)?;
+            backoff.wait(WAIT_PARK);
+        }
+    }
+
+    fn broadcast(&mut self, make: impl Fn() -> Input) -> Result<(), DataFusionError> {
+        (0..self.shards.len()).try_for_each(|i| self.send(i, make()))
+    }
+
+    fn hand_out(&mut self, out: &mut Vec<RecordBatch>, late: &mut Vec<LateRows>) {
+        out.append(&mut self.out);
+        late.append(&mut self.late);
+    }
+
+    /// Waits until `done` holds for every reactor, taking their output meanwhile.
+    fn wait_all(&mut self, done: impl Fn(&Shard) -> bool) -> Result<(), DataFusionError> {
+        let mut backoff = Backoff::default();
+        loop {
+            self.drain_all()?;
+            if self.shards.iter().all(&done) {
+                return Ok(());
+            }
+            backoff.wait(WAIT_PARK);
+        }
+    }
+
+    /// Borrows every reactor's operator for `f`, then gives them back. Only between a
+    /// flush and the next input: the reactors are idle.
+    fn with_operators<T>(
+        &mut self,
+        f: impl FnOnce(&mut [Box<dyn Operator>]) -> Result<T, StateError>,
+    ) -> Result<T, StateError> {
+        let lend = self
+            .broadcast(|| Input::Lend)
+            .and_then(|()| self.wait_all(|s| s.lent.is_some()));
+        lend.map_err(|e| StateError::Reactor(e.strip_backtrace()))?;
+        assert!(
+            self.out.is_empty() && self.late.is_empty(),
+            "a reactor emitted rows between a flush and a checkpoint"
+        );
+        let mut operators: Vec<Box<dyn Operator>> = self
+            .shards
+            .iter_mut()
+            .filter_map(|s| s.lent.take())
+            .collect();
+        let result = f(&mut operators);
+        for (op, shard) in operators.iter().zip(&self.shards) {
+            publish(op.as_ref(), &shard.stats);
+        }
+        for (i, op) in operators.into_iter().enumerate() {
+            self.send(i, Input::Return(op))
+                .map_err(|e| StateError::Reactor(e.strip_backtrace()))?;
+        }
+        result
+    }
+
+    fn sum(&self, field: impl Fn(&ReactorStats) -> &AtomicU64) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| field(&s.stats).load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+impl Drop for ShardedOperator {
+    fn drop(&mut self) {
+        let joins: Vec<_> = self
+            .shards
+            .iter_mut()
+            .filter_map(|s| s.join.take())
+            .collect();
+        // Dropping the rings tells the reactors to stop.
+        self.shards.clear();
+        for join in joins {
+            let _ = join.join();
+        }
+    }
+}
+
+impl Operator for ShardedOperator {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn input(&self) -> &str {
+        &self.input
+    }
+
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn process_batch(
+        &mut self,
+        batch: &RecordBatch,
+        out: &mut Vec<RecordBatch>,
+        late: &mut Vec<LateRows>,
+    ) -> Result<(), DataFusionError> {
+        let sent = Instant::now();
+        self.broadcast(|| Input::Batch {
+            batch: batch.clone(),
+            sent,
+        })?;
+        self.drain_all()?;
+        self.hand_out(out, late);
+        Ok(())
+    }
+
+    fn handle_watermark(
+        &mut self,
+        watermark: i64,
+        out: &mut Vec<RecordBatch>,
+    ) -> Result<(), DataFusionError> {
+        self.broadcast(|| Input::Watermark(watermark))?;
+        self.drain_all()?;
+        out.append(&mut self.out);
+        Ok(())
+    }
+
+    fn handle_tick(
+        &mut self,
+        now: Instant,
+        out: &mut Vec<RecordBatch>,
+    ) -> Result<(), DataFusionError> {
+        if self
+            .last_tick
+            .is_none_or(|t| now.duration_since(t) >= TICK_INTERVAL)
+        {
+            self.last_tick = Some(now);
+            self.broadcast(|| Input::Tick(now))?;
+        }
+        self.drain_all()?;
+        out.append(&mut self.out);
+        Ok(())
+    }
+
+    fn flush(
+        &mut self,
+        out: &mut Vec<RecordBatch>,
+        late: &mut Vec<LateRows>,
+    ) -> Result<(), DataFusionError> {
+        let targets: Vec<u64> = self.shards.iter().map(|s| s.flushed + 1).collect();
+        self.broadcast(|| Input::Flush)?;
+        let mut backoff = Backoff::default();
+        loop {
+            self.drain_all()?;
+            if self
+                .shards
+                .iter()
+                .zip(&targets)
+                .all(|(s, &t)| s.flushed >= t)
+            {
+                break;
+            }
+            backoff.wait(WAIT_PARK);
+        }
+        self.hand_out(out, late);
+        Ok(())
+    }
+
+    fn is_stateful(&self) -> bool {
+        self.stateful
+    }
+
+    fn state_groups(&self) -> usize {
+        self.sum(|s| &s.groups) as usize
+    }
+
+    fn state_bytes(&self) -> u64 {
+        self.sum(|s| &s.state_bytes)
+    }
+
+    fn windows_open(&self) -> usize {
+        // Every reactor sees every window: the busiest one's count, not the sum.
+        self.shards
+            .iter()
+            .map(|s| s.stats.windows_open.load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(0) as usize
+    }
+
+    fn windows_closed(&self) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| s.stats.windows_closed.load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(0)
+    }
+
+    fn checkpoint(&mut self, state: &mut StateView<'_>) -> Result<(), StateError> {
+        self.with_operators(|ops| ops.iter_mut().try_for_each(|op| op.checkpoint(state)))
+    }
+
+    fn restore(&mut self, state: &StateView<'_>) -> Result<(), StateError> {
+        self.with_operators(|ops| ops.iter_mut().try_for_each(|op| op.restore(state)))
+    }
+
+    fn explain(&self) -> String {
+        self.explain.clone()
+    }
+}
+
+/// One reactor thread: runs its operator on what arrives, sends back what it emits.
+struct Reactor {
+    op: Option<Box<dyn Operator>>,
+    rx: Consumer<Input>,
+    tx: rtrb::Producer<Output>,
+    stats: Arc<ReactorStats>,
+}
+
+impl Reactor {
+    fn run(mut self) {
+        let (mut out, mut late) = (Vec::new(), Vec::new());
+        loop {
+            let Some(message) = self.next() else { return };
+            let started = Instant::now();
+            let result = match (message, self.op.as_mut()) {
+                (Input::Return(op), None) => {
+                    self.op = Some(op);
+                    self.publish();
+                    continue;
+                }
+                (Input::Lend, Some(_)) => {
+                    let Some(op) = self.op.take() else { return };
+                    if !self.send(Output::Lent(op)) {
+                        return;
+                    }
+                    continue;
+                }
+                (Input::Flush, Some(_)) => {
+                    if !self.send(Output::Flushed) {
+                        return;
+                    }
+                    continue;
+                }
+                (Input::Batch { batch, sent }, Some(op)) => {
+                    let result = op.process_batch(&batch, &mut out, &mut late);
+                    self.stats
+                        .latency
+                        .record(sent.elapsed().as_nanos() as u64, batch.num_rows() as u64);
+                    result
+                }
+                (Input::Watermark(w), Some(op)) => op.handle_watermark(w, &mut out),
+                (Input::Tick(now), Some(op)) => op.handle_tick(now, &mut out),
+                (_, _) => Err(DataFusionError::Internal(
+                    "a reactor got a message out of order (operator lent or not)".into(),
+                )),
+            };
+            self.publish();
+            if let Err(e) = result {
+                self.send(Output::Failed(e.strip_backtrace()));
+                return;
+            }
+            if !out.is_empty() || !late.is_empty() {
+                let rows = Output::Rows {
+                    out: std::mem::take(&mut out),
+                    late: std::mem::take(&mut late),
+                };
+                if !self.send(rows) {
+                    return;
+                }
+            }
+            self.stats
+                .busy_ns
+                .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        }
+    }
+
+    fn publish(&self) {
+        if let Some(op) = &self.op {
+            publish(op.as_ref(), &self.stats);
+        }
+    }
+
+    /// The next message; `None` once the pipeline dropped the ring.
+    fn next(&mut self) -> Option<Input> {
+        let mut backoff = Backoff::default();
+        loop {
+            if let Ok(message) = self.rx.pop() {
+                return Some(message);
+            }
+            if self.rx.is_abandoned() {
+                return None;
+            }
+            backoff.wait(REACTOR_PARK);
+        }
+    }
+
+    /// Sends `message`, waiting while the output ring is full; false once the pipeline
+    /// is gone.
+    fn send(&mut self, mut message: Output) -> bool {
+        let mut backoff = Backoff::default();
+        loop {
+            match self.tx.push(message) {
+                Ok(()) => return true,
+                Err(PushError::Full(m)) => message = m,
+            }
+            if self.tx.is_abandoned() {
+                return false;
+            }
+            backoff.wait(WAIT_PARK);
+        }
+    }
+}
+
+/// Publishes an operator's counters.
+fn publish(op: &dyn Operator, stats: &ReactorStats) {
+    stats
+        .groups
+        .store(op.state_groups() as u64, Ordering::Relaxed);
+    stats.state_bytes.store(op.state_bytes(), Ordering::Relaxed);
+    stats
+        .windows_open
+        .store(op.windows_open() as u64, Ordering::Relaxed);
+    stats
+        .windows_closed
+        .store(op.windows_closed(), Ordering::Relaxed);
+}
+
+/// Spin briefly, then yield, then sleep: a waiting thread costs little CPU after the
+/// first microseconds and answers within `park` after that.
+#[derive(Default)]
+struct Backoff {
+    rounds: u32,
+}
+
+impl Backoff {
+    fn wait(&mut self, park: Duration) {
+        self.rounds = self.rounds.saturating_add(1);
+        if self.rounds <= 64 {
+            std::hint::spin_loop();
+        } else if self.rounds <= 96 {
+            std::thread::yield_now();
+        } else {
+            std::thread::park_timeout(park);
+        }
+    }
+}
+
+/// The CPUs this process may run on, in order.
+fn allowed_cores() -> Vec<usize> {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: cpu_set_t is plain data; sched_getaffinity writes at most its size.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` is a valid, writable cpu_set_t of the size passed.
+        let rc = unsafe { libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &raw mut set) };
+        if rc == 0 {
+            // SAFETY: CPU_ISSET reads within `set` for indices below CPU_SETSIZE.
+            return (0..libc::CPU_SETSIZE as usize)
+                .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+                .collect();
+        }
+    }
+    Vec::new()
+}
+
+/// Pins this thread to `core`; a failure (a sandbox that forbids it) is logged and the
+/// reactor runs unpinned.
+fn pin_to(core: usize) {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: cpu_set_t is plain data; all zeroes is the empty set.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `core` comes from `allowed_cores`, below CPU_SETSIZE.
+        unsafe { libc::CPU_SET(core, &mut set) };
+        // SAFETY: `set` is a valid cpu_set_t of the size passed; 0 is this thread.
+        let rc =
+            unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set) };
+        if rc != 0 {
+            tracing::warn!(core, error = %std::io::Error::last_os_error(), "could not pin a reactor thread to its core; it runs unpinned");
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = core;
+}
