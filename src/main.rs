@@ -13,6 +13,11 @@ use laminar::config::{
 };
 use laminar::engine::{Pipeline, RunOptions};
 use laminar::{exit, sql};
+
+/// mimalloc: batches are built on one thread and freed on another (reactor rings), which
+/// glibc's allocator serves with arena locks; mimalloc frees across threads without them.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use laminar_connectors::DecodeErrorPolicy;
 use laminar_connectors::kafka::broker::{DEFAULT_PARTITIONS, EmbeddedBroker};
 

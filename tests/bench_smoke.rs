@@ -17,6 +17,7 @@ fn bench_prints_a_row_per_query_and_the_kafka_ratio() {
         "q5 HOP",
         "q7 TUMBLE",
         "q11 SESSION",
+        "2 reactors / 1:",
         "kafka bare rdkafka",
         "kafka laminar q0",
         "laminar / bare throughput ratio",

@@ -21,6 +21,8 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 
 use crate::config;
+use crate::engine::latency::LatencyHistogram;
+use crate::engine::reactor::ShardedOperator;
 use crate::engine::{Pipeline, RunOptions};
 use crate::sql;
 
@@ -49,6 +51,13 @@ pub struct BenchArgs {
     /// WAL entries appended, and state keys looked up, in the durability part.
     #[arg(long, default_value_t = 1_000_000)]
     pub wal_entries: u64,
+    /// Reactor counts to run the windowed queries on, engine only (1: on the pipeline
+    /// thread, as `runtime.cores: 1` runs them).
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    pub reactors: Vec<usize>,
+    /// Only the engine-only queries whose names start with one of these (`q7,q11`).
+    #[arg(long, value_delimiter = ',')]
+    pub queries: Vec<String>,
 }
 
 /// Nexmark-style queries over the bid stream: (name, SQL, whether it is windowed).
@@ -88,30 +97,75 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     }
     writeln!(
         table,
-        "{:<40} {:>10} {:>12} {:>8} {:>10} {:>8}",
-        "benchmark", "events", "events/s", "seconds", "live keys", "B/key"
+        "{:<40} {:>3} {:>9} {:>11} {:>11} {:>6} {:>6} {:>8} {:>8} {:>8} {:>7} {:>5}",
+        "benchmark",
+        "rx",
+        "events",
+        "events/s",
+        "per core",
+        "wall s",
+        "CPU s",
+        "p50 us",
+        "p99 us",
+        "p999 us",
+        "keys",
+        "B/key"
     )?;
     for (name, query) in QUERIES {
-        let run = engine_only(query, args.events)?;
-        let rate = run.events as f64 / run.elapsed.as_secs_f64();
-        let bytes = run
-            .state_bytes_per_group
-            .map_or_else(|| "-".to_owned(), |b| b.to_string());
-        writeln!(
-            table,
-            "{:<40} {:>10} {rate:>12.0} {:>8.3} {:>10} {bytes:>8}",
-            format!("engine {name}"),
-            run.events,
-            run.elapsed.as_secs_f64(),
-            run.groups_max
-        )?;
+        if !args.queries.is_empty()
+            && !args
+                .queries
+                .iter()
+                .any(|q| name.split(' ').next() == Some(q.as_str()))
+        {
+            continue;
+        }
+        let mut single = None;
+        for &reactors in &args.reactors {
+            let Some(run) = engine_only(query, args.events, reactors.max(1))? else {
+                continue;
+            };
+            let rate = run.events as f64 / run.elapsed.as_secs_f64();
+            let us = |q: f64| {
+                run.latency
+                    .quantile(q)
+                    .map_or_else(|| "-".to_owned(), |ns| format!("{:.1}", ns as f64 / 1e3))
+            };
+            let bytes = run
+                .state_bytes_per_group
+                .map_or_else(|| "-".to_owned(), |b| b.to_string());
+            writeln!(
+                table,
+                "{:<40} {:>3} {:>9} {rate:>11.0} {:>11.0} {:>6.3} {:>6.2} {:>8} {:>8} {:>8} {:>7} {bytes:>5}",
+                format!("engine {name}"),
+                run.reactors,
+                run.events,
+                rate / run.reactors as f64,
+                run.elapsed.as_secs_f64(),
+                run.cpu_seconds,
+                us(0.5),
+                us(0.99),
+                us(0.999),
+                run.groups_max
+            )?;
+            match single {
+                None if run.reactors == 1 => single = Some(rate),
+                Some(one) if run.reactors > 1 => {
+                    writeln!(table, "  {} reactors / 1: {:.2}x", run.reactors, rate / one)?;
+                }
+                _ => {}
+            }
+        }
     }
     if !args.engine_only {
         kafka(args.kafka_events, &mut table)?;
     }
     println!("{table}");
     println!(
-        "(one reactor thread; events/s per core = events/s; JSON encode included in every sink)"
+        "rx: reactor threads (stateless queries run on the pipeline thread); per core: events/s / rx; \
+         CPU s: user+system of the whole process (generator, reactors, encoder); p50/p99/p999: \
+         per event, from its batch entering the engine to the query having taken it; \
+         JSON encode of every result included"
     );
     Ok(())
 }
@@ -132,9 +186,9 @@ fn pipeline_yaml(source: &str, query: &str, sink: &str) -> String {
     )
 }
 
-/// datagen -> query -> JSON encode -> discard, on this thread. Returns events, elapsed,
-/// rows out and the largest number of live window groups seen.
-fn engine_only(query: &str, events: u64) -> anyhow::Result<EngineRun> {
+/// datagen -> query -> JSON encode -> discard: on this thread (`reactors` 1) or with the
+/// query split over `reactors` threads; `None` for a query that cannot be split.
+fn engine_only(query: &str, events: u64, reactors: usize) -> anyhow::Result<Option<EngineRun>> {
     let yaml = pipeline_yaml(
         &format!(
             "  - {{ name: bids, connector: datagen, events: 1, auctions: {BENCH_AUCTIONS}, event_time: {{ column: date_time }} }}"
@@ -146,6 +200,26 @@ fn engine_only(query: &str, events: u64) -> anyhow::Result<EngineRun> {
     let mut planned = sql::plan(&config).map_err(|d| anyhow!("{d}"))?;
     let mut operator = planned.queries.remove(0);
     let stateful = operator.is_stateful();
+    let mut reactor_stats = Vec::new();
+    if reactors > 1 {
+        if !stateful {
+            return Ok(None);
+        }
+        let mut copies = vec![operator];
+        for _ in 1..reactors {
+            let mut copy = sql::plan_sharing(&config, planned.watermark.clone())
+                .map_err(|d| anyhow!("{d}"))?;
+            copies.push(copy.queries.remove(0));
+        }
+        for (i, copy) in copies.iter_mut().enumerate() {
+            if !copy.shard(i, reactors) {
+                return Ok(None);
+            }
+        }
+        let sharded = ShardedOperator::start(copies, true)?;
+        reactor_stats = sharded.reactor_stats();
+        operator = Box::new(sharded);
+    }
     let mut source = DatagenSource::new(DatagenOptions {
         name: "bids".into(),
         table: NexmarkTable::Bid,
@@ -158,18 +232,26 @@ fn engine_only(query: &str, events: u64) -> anyhow::Result<EngineRun> {
     let mut encoder = JsonEncoder::default();
     let (mut results, mut late) = (Vec::new(), Vec::new());
     let (mut out, mut ends) = (Vec::new(), Vec::new());
-    let rss_before = resident_bytes();
-    let (mut groups_max, mut rss_at_max) = (0, rss_before);
+    let latency = LatencyHistogram::default();
+    let (mut groups_max, mut bytes_at_max) = (0, 0);
+    let cpu_before = cpu_seconds();
     let started = Instant::now();
     let mut rows_out = 0;
     loop {
         match source.poll(Duration::ZERO)? {
             SourcePoll::Batch(b) => {
+                let entered = Instant::now();
                 operator.process_batch(&b.batch, &mut results, &mut late)?;
+                if reactors == 1 {
+                    latency.record(
+                        entered.elapsed().as_nanos() as u64,
+                        b.batch.num_rows() as u64,
+                    );
+                }
                 let groups = operator.state_groups();
                 if groups > groups_max {
                     groups_max = groups;
-                    rss_at_max = resident_bytes();
+                    bytes_at_max = operator.state_bytes();
                 }
                 if stateful {
                     // Generated events are in order: the watermark is the batch's last time.
@@ -184,6 +266,7 @@ fn engine_only(query: &str, events: u64) -> anyhow::Result<EngineRun> {
             }
             SourcePoll::Finished => {
                 operator.handle_watermark(i64::MAX, &mut results)?;
+                operator.flush(&mut results, &mut late)?;
                 break;
             }
             SourcePoll::Idle => {}
@@ -198,40 +281,55 @@ fn engine_only(query: &str, events: u64) -> anyhow::Result<EngineRun> {
         }
     }
     for result in results.drain(..) {
+        out.clear();
+        ends.clear();
+        encoder
+            .encode(&result, None, &mut out, &mut ends)
+            .map_err(|e| anyhow!(e))?;
         rows_out += result.num_rows();
     }
     let elapsed = started.elapsed();
+    let cpu_seconds = cpu_seconds() - cpu_before;
     std::hint::black_box(rows_out);
-    let state_bytes_per_group =
-        (groups_max > 0).then(|| rss_at_max.saturating_sub(rss_before) / groups_max as u64);
-    Ok(EngineRun {
+    for stats in &reactor_stats {
+        latency.merge(&stats.latency);
+    }
+    let state_bytes_per_group = (groups_max > 0).then(|| bytes_at_max / groups_max as u64);
+    Ok(Some(EngineRun {
+        reactors,
         events,
         elapsed,
+        cpu_seconds,
+        latency,
         groups_max,
         state_bytes_per_group,
-    })
+    }))
 }
 
 struct EngineRun {
+    reactors: usize,
     events: u64,
     elapsed: Duration,
+    /// User + system CPU time of the process during the run.
+    cpu_seconds: f64,
+    latency: LatencyHistogram,
     /// Most (window, key) groups held at once.
     groups_max: usize,
-    /// Resident memory growth at that moment, per group (an estimate: it includes the
-    /// allocator's slack and the batches in flight).
+    /// The query's own estimate of its state at that moment, per group (key, window,
+    /// accumulators, index entry).
     state_bytes_per_group: Option<u64>,
 }
 
-/// Resident set size of this process, from /proc (0 where there is none).
-fn resident_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| {
-            s.split_whitespace()
-                .nth(1)
-                .and_then(|p| p.parse::<u64>().ok())
-        })
-        .map_or(0, |pages| pages * 4096)
+/// User + system CPU seconds this process has used.
+fn cpu_seconds() -> f64 {
+    // SAFETY: rusage is plain data; getrusage writes into it and nothing else.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `usage` is a valid, writable rusage.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &raw mut usage) } != 0 {
+        return 0.0;
+    }
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
 }
 
 fn kafka(events: u64, table: &mut String) -> anyhow::Result<()> {

@@ -38,7 +38,7 @@ use crate::operator::{LateRows, Operator};
 use crate::state::{StateError, StateView};
 
 /// Messages (each a batch, a watermark or a control message) an input ring holds.
-pub const RING_SLOTS: usize = 64;
+pub const RING_SLOTS: usize = 32;
 /// How long an idle reactor sleeps before it looks at its ring again (a push wakes it).
 const REACTOR_PARK: Duration = Duration::from_millis(1);
 /// How long the pipeline thread sleeps between looks while it waits for a reactor.
