@@ -171,6 +171,20 @@ fn explain(file: &str) -> u8 {
     };
     let mut out = String::new();
     let _ = writeln!(out, "pipeline {}", config.name);
+    let reactors = laminar::engine::reactor_count(config.runtime.cores);
+    let _ = if reactors > 1 {
+        writeln!(
+            out,
+            "runtime: {reactors} reactor threads (runtime.cores {}): windowed queries split by group key, the rest on the pipeline thread",
+            config.runtime.cores
+        )
+    } else {
+        writeln!(
+            out,
+            "runtime: one thread (runtime.cores {})",
+            config.runtime.cores
+        )
+    };
     for source in &config.sources {
         let kind = match &source.connector {
             SourceConnector::Kafka {

@@ -45,6 +45,8 @@ pub struct Metrics {
     query_state_bytes: IntGaugeVec,
     query_windows_open: IntGaugeVec,
     query_windows_closed: IntCounterVec,
+    reactor_busy: GaugeVec,
+    reactor_ring: IntGaugeVec,
     state_store_bytes: IntGauge,
     state_store_keys: IntGauge,
     state_arena_bytes: IntGauge,
@@ -348,6 +350,21 @@ impl Metrics {
                 "Records that arrived after their window closed (dropped or side-output).",
                 query,
             ),
+            reactor_busy: gauge(
+                r,
+                "laminar_reactor_busy_ratio",
+                "Share of the last epoch the reactor thread spent processing (1: saturated).",
+                &["pipeline", "query", "reactor"],
+            ),
+            reactor_ring: int_gauge(
+                r,
+                "laminar_reactor_ring_messages",
+                &format!(
+                    "Messages waiting in the reactor's input ring at the end of the last epoch (at most {}; full means the pipeline thread waits).",
+                    crate::engine::reactor::RING_SLOTS
+                ),
+                &["pipeline", "query", "reactor"],
+            ),
             query_state_keys: int_gauge(
                 r,
                 "laminar_query_state_keys",
@@ -411,6 +428,16 @@ impl Metrics {
         if let Some(lag) = stats.lag {
             self.partition_lag.with_label_values(&l).set(lag);
         }
+    }
+
+    /// A reactor of a query split by key: its busy share and ring occupancy.
+    pub fn reactor(&self, query: &str, reactor: usize, busy_ratio: f64, ring_messages: usize) {
+        let reactor = reactor.to_string();
+        let l = [self.pipeline.as_str(), query, reactor.as_str()];
+        self.reactor_busy.with_label_values(&l).set(busy_ratio);
+        self.reactor_ring
+            .with_label_values(&l)
+            .set(ring_messages as i64);
     }
 
     /// The state store as of the last epoch.

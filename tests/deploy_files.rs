@@ -31,6 +31,7 @@ fn exported() -> BTreeSet<String> {
             lag: Some(0),
         },
     );
+    metrics.reactor("q", 0, 0.5, 1);
     metrics.epoch_closed(1);
     metrics
         .render()

@@ -39,7 +39,14 @@ state:
     );
     let addr = format!("127.0.0.1:{}", free_port().unwrap());
     let mut laminar = Running::start(
-        &["run", pipeline.to_str().unwrap(), "--metrics-addr", &addr],
+        &[
+            "run",
+            pipeline.to_str().unwrap(),
+            "--metrics-addr",
+            &addr,
+            "--cores",
+            "2",
+        ],
         &[],
         &dir,
     );
@@ -91,6 +98,17 @@ state:
     assert!(value(r#"laminar_state_arena_bytes{pipeline="scraped"}"#) >= 64.0);
     assert!(value(r#"laminar_state_store_keys{pipeline="scraped"}"#) >= 0.0);
     assert!(value(r#"laminar_state_store_bytes{pipeline="scraped"}"#) >= 0.0);
+    // The windowed query runs on two reactors: each reports its busy share and ring.
+    for reactor in ["0", "1"] {
+        let busy = value(&format!(
+            r#"laminar_reactor_busy_ratio{{pipeline="scraped",query="per_auction",reactor="{reactor}"}}"#
+        ));
+        assert!((0.0..=1.0).contains(&busy), "{busy}");
+        let ring = value(&format!(
+            r#"laminar_reactor_ring_messages{{pipeline="scraped",query="per_auction",reactor="{reactor}"}}"#
+        ));
+        assert!((0.0..=32.0).contains(&ring), "{ring}");
+    }
     let dead = value(r#"laminar_state_arena_dead_ratio{pipeline="scraped"}"#);
     assert!((0.0..=1.0).contains(&dead), "{dead}");
     assert!(

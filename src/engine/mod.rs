@@ -11,6 +11,10 @@
 //!                                          (flush every sink, then commit positions)
 //! ```
 //!
+//! Windowed queries may run on reactor threads instead, split by group key
+//! ([`reactor`]); to the loop they are operators like the others, whose output arrives a
+//! little later and is complete at each epoch's flush.
+//!
 //! Delivery is at-least-once: a source position is committed only after every sink has
 //! acknowledged everything read before it, so a crash re-reads at most one epoch. A
 //! bounded source that is drained ends the run (after a final epoch) with exit 0;
@@ -21,4 +25,4 @@ mod pipeline;
 pub mod reactor;
 pub mod status;
 
-pub use pipeline::{Pipeline, RunError, RunOptions, RunSummary};
+pub use pipeline::{Pipeline, REACTORS_MAX, RunError, RunOptions, RunSummary, reactor_count};

@@ -173,6 +173,9 @@ pub struct Pipeline {
     summary: RunSummary,
     records_max: Option<u64>,
     last_skip_warning: Option<Instant>,
+    /// Per query, its reactors' busy nanoseconds at the last metrics sample, and when.
+    reactor_busy: Vec<Vec<u64>>,
+    reactor_sampled: Instant,
 }
 
 impl Pipeline {
@@ -423,6 +426,8 @@ impl Pipeline {
             summary: RunSummary::default(),
             records_max: options.records_max,
             last_skip_warning: None,
+            reactor_busy: Vec::new(),
+            reactor_sampled: Instant::now(),
         };
         if let Some(commit) = &commit {
             pipeline.redeliver(commit, undelivered)?;
@@ -968,7 +973,7 @@ impl Pipeline {
     }
 
     /// Gauges sampled once an epoch: watermarks, their lag, state size, memory.
-    fn publish_metrics(&self) {
+    fn publish_metrics(&mut self) {
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
@@ -996,6 +1001,20 @@ impl Pipeline {
             m.windows_closed
                 .inc_by(closed.saturating_sub(m.windows_closed.get()));
         }
+        let now = Instant::now();
+        let wall_ns = now.duration_since(self.reactor_sampled).as_nanos().max(1) as f64;
+        self.reactor_sampled = now;
+        self.reactor_busy.resize(self.queries.len(), Vec::new());
+        for (query, last) in self.queries.iter().zip(&mut self.reactor_busy) {
+            let samples = query.reactors();
+            last.resize(samples.len(), 0);
+            for (i, (sample, last)) in samples.iter().zip(last.iter_mut()).enumerate() {
+                let busy = sample.busy_ns.saturating_sub(*last) as f64 / wall_ns;
+                *last = sample.busy_ns;
+                self.metrics
+                    .reactor(query.name(), i, busy.min(1.0), sample.ring_messages);
+            }
+        }
         self.metrics.state_store(crate::metrics::StoreSample {
             live_bytes: crate::state::StateStore::bytes(&self.state),
             keys: self.state.keys(),
@@ -1010,7 +1029,8 @@ impl Pipeline {
 pub const REACTORS_MAX: usize = 64;
 
 /// Reactor threads for `runtime.cores` (0: one per core this process may use).
-fn reactor_count(cores: u64) -> usize {
+#[must_use]
+pub fn reactor_count(cores: u64) -> usize {
     let n = if cores == 0 {
         std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
     } else {

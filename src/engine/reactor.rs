@@ -34,7 +34,7 @@ use datafusion::error::DataFusionError;
 use rtrb::{Consumer, PushError, RingBuffer};
 
 use super::latency::LatencyHistogram;
-use crate::operator::{LateRows, Operator};
+use crate::operator::{LateRows, Operator, ReactorSample};
 use crate::state::{StateError, StateView};
 
 /// Messages (each a batch, a watermark or a control message) an input ring holds.
@@ -169,15 +169,6 @@ impl ShardedOperator {
     #[must_use]
     pub fn reactor_stats(&self) -> Vec<Arc<ReactorStats>> {
         self.shards.iter().map(|s| Arc::clone(&s.stats)).collect()
-    }
-
-    /// Messages waiting in each reactor's input ring.
-    #[must_use]
-    pub fn ring_occupancy(&self) -> Vec<usize> {
-        self.shards
-            .iter()
-            .map(|s| RING_SLOTS - s.tx.slots())
-            .collect()
     }
 
     fn error(&self, shard: usize, message: &str) -> DataFusionError {
@@ -409,6 +400,16 @@ impl Operator for ShardedOperator {
             .map(|s| s.stats.windows_closed.load(Ordering::Relaxed))
             .max()
             .unwrap_or(0)
+    }
+
+    fn reactors(&self) -> Vec<ReactorSample> {
+        self.shards
+            .iter()
+            .map(|s| ReactorSample {
+                busy_ns: s.stats.busy_ns.load(Ordering::Relaxed),
+                ring_messages: RING_SLOTS - s.tx.slots(),
+            })
+            .collect()
     }
 
     fn checkpoint(&mut self, state: &mut StateView<'_>) -> Result<(), StateError> {

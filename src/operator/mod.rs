@@ -22,6 +22,15 @@ use datafusion::physical_expr::PhysicalExpr;
 
 use crate::state::{StateError, StateView};
 
+/// One reactor thread of a query split by key, as metrics see it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReactorSample {
+    /// Nanoseconds spent processing since the reactor started.
+    pub busy_ns: u64,
+    /// Messages waiting in its input ring.
+    pub ring_messages: usize,
+}
+
 /// Rows that arrived after their window closed, with the reason.
 #[derive(Debug, Clone)]
 pub struct LateRows {
@@ -65,6 +74,10 @@ pub trait Operator: Send {
     /// not restored); false when the operator cannot be split by key.
     fn shard(&mut self, _index: usize, _count: usize) -> bool {
         false
+    }
+    /// Per reactor thread, when the operator runs on them: busy time and ring occupancy.
+    fn reactors(&self) -> Vec<ReactorSample> {
+        Vec::new()
     }
     /// Wall-clock time passed.
     fn handle_tick(
