@@ -122,7 +122,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         }
         let mut single = None;
         for &reactors in &args.reactors {
-            let Some(run) = engine_only(query, args.events, reactors.max(1))? else {
+            let Some(run) = engine_only(query, args.events, reactors.max(1), None)? else {
                 continue;
             };
             let rate = run.events as f64 / run.elapsed.as_secs_f64();
@@ -148,6 +148,29 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                 us(0.999),
                 run.groups_max
             )?;
+            // Latency at half that rate, for about a second: what a pipeline with headroom
+            // sees (at full rate the rings are full and latency is queueing).
+            let half = (rate / 2.0) as u64;
+            if let Some(paced) = engine_only(
+                query,
+                args.events.min(half).max(1),
+                run.reactors,
+                Some(half.max(1)),
+            )? {
+                let us = |q: f64| {
+                    paced
+                        .latency
+                        .quantile(q)
+                        .map_or_else(|| "-".to_owned(), |ns| format!("{:.1}", ns as f64 / 1e3))
+                };
+                writeln!(
+                    table,
+                    "  at 50% of that rate ({half} events/s): latency p50 {} us, p99 {} us, p999 {} us",
+                    us(0.5),
+                    us(0.99),
+                    us(0.999)
+                )?;
+            }
             match single {
                 None if run.reactors == 1 => single = Some(rate),
                 Some(one) if run.reactors > 1 => {
@@ -188,7 +211,12 @@ fn pipeline_yaml(source: &str, query: &str, sink: &str) -> String {
 
 /// datagen -> query -> JSON encode -> discard: on this thread (`reactors` 1) or with the
 /// query split over `reactors` threads; `None` for a query that cannot be split.
-fn engine_only(query: &str, events: u64, reactors: usize) -> anyhow::Result<Option<EngineRun>> {
+fn engine_only(
+    query: &str,
+    events: u64,
+    reactors: usize,
+    rate_per_s: Option<u64>,
+) -> anyhow::Result<Option<EngineRun>> {
     let yaml = pipeline_yaml(
         &format!(
             "  - {{ name: bids, connector: datagen, events: 1, auctions: {BENCH_AUCTIONS}, event_time: {{ column: date_time }} }}"
@@ -224,7 +252,7 @@ fn engine_only(query: &str, events: u64, reactors: usize) -> anyhow::Result<Opti
         name: "bids".into(),
         table: NexmarkTable::Bid,
         events: Some(events),
-        rate_per_s: None,
+        rate_per_s,
         seed: 1,
         auctions: BENCH_AUCTIONS,
     });
@@ -269,7 +297,9 @@ fn engine_only(query: &str, events: u64, reactors: usize) -> anyhow::Result<Opti
                 operator.flush(&mut results, &mut late)?;
                 break;
             }
-            SourcePoll::Idle => {}
+            // A paced generator with nothing due: wait as the pipeline's poll does,
+            // instead of spinning on a core the reactors need.
+            SourcePoll::Idle => std::thread::sleep(Duration::from_micros(50)),
         }
         for result in results.drain(..) {
             out.clear();
@@ -341,9 +371,16 @@ fn kafka(events: u64, table: &mut String) -> anyhow::Result<()> {
         "bench-out-laminar",
         "bench-out-eo",
         "bench-out-eo-tx",
+        "bench-lat-in",
+        "bench-lat-out",
     ] {
         broker.create_topic(topic, BENCH_PARTITIONS)?;
     }
+    writeln!(
+        table,
+        "\n{:<40} {:>10} {:>12} {:>8}",
+        "through Kafka (embedded broker)", "events", "events/s", "seconds"
+    )?;
     produce_input(&bootstrap, events)?;
 
     let started = Instant::now();
@@ -372,6 +409,20 @@ fn kafka(events: u64, table: &mut String) -> anyhow::Result<()> {
         match at_least_once {
             None => {
                 at_least_once = Some(rate);
+                let half = (rate / 2.0) as u64;
+                let latency = end_to_end_latency(&bootstrap, half.max(1), (half * 3).max(1))?;
+                let ms = |q: f64| {
+                    latency
+                        .quantile(q)
+                        .map_or_else(|| "-".to_owned(), |ns| format!("{:.1}", ns as f64 / 1e6))
+                };
+                writeln!(
+                    table,
+                    "  end to end at 50% of that rate ({half} events/s, 3 s): p50 {} ms, p99 {} ms, p999 {} ms",
+                    ms(0.5),
+                    ms(0.99),
+                    ms(0.999)
+                )?;
                 writeln!(
                     table,
                     "laminar / bare throughput ratio: {:.2}",
@@ -421,6 +472,95 @@ fn laminar_kafka(
     let took = started.elapsed();
     let _ = std::fs::remove_dir_all(&state);
     Ok((summary?.records_in, took))
+}
+
+fn now_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// q0 from `bench-lat-in` to `bench-lat-out` (at-least-once) while records are produced
+/// at `rate` per second, each carrying its produce time; a consumer of the output takes
+/// the difference to its arrival: producer, broker, laminar, broker and consumer.
+fn end_to_end_latency(bootstrap: &str, rate: u64, events: u64) -> anyhow::Result<LatencyHistogram> {
+    let yaml = pipeline_yaml(
+        "  - name: bids\n    connector: kafka\n    topic: bench-lat-in\n    group_id: bench-latency\n    start_from: earliest\n    schema: { auction: BIGINT, sent_us: BIGINT }",
+        "SELECT * FROM bids",
+        "  - { name: out, from: q, connector: kafka, topic: bench-lat-out }",
+    );
+    let mut config = config::parse("bench.yaml", &yaml, &|_| None).map_err(|d| anyhow!("{d}"))?;
+    bootstrap.clone_into(&mut config.kafka.bootstrap_servers);
+    let state = std::env::temp_dir().join(format!("laminar-bench-latency-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&state);
+    config.state.dir = state.display().to_string();
+    let planned = sql::plan(&config).map_err(|d| anyhow!("{d}"))?;
+    let options = RunOptions {
+        records_max: Some(events),
+        ..RunOptions::default()
+    };
+    let pipeline = Pipeline::build(&config, planned, &options)?;
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let running = {
+        let stop = std::sync::Arc::clone(&stop);
+        std::thread::spawn(move || pipeline.run(&stop))
+    };
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "bench-latency-reader")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "1")
+        .create()?;
+    consumer.subscribe(&["bench-lat-out"])?;
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("linger.ms", "1")
+        .create()?;
+    // Wait until laminar consumes (its group joined) before the clock starts.
+    let warmup = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < warmup {
+        consumer.poll(Duration::from_millis(50));
+    }
+    let latency = LatencyHistogram::default();
+    let started = Instant::now();
+    let (mut sent, mut seen) = (0u64, 0u64);
+    let deadline = started + Duration::from_secs(events / rate.max(1) + 30);
+    while seen < events && Instant::now() < deadline {
+        let due = ((started.elapsed().as_secs_f64() * rate as f64) as u64).min(events);
+        while sent < due {
+            let payload = format!(r#"{{"auction":{sent},"sent_us":{}}}"#, now_micros());
+            let record = BaseRecord::<(), str>::to("bench-lat-in")
+                .partition((sent % BENCH_PARTITIONS as u64) as i32)
+                .payload(&payload);
+            if producer.send(record).is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        producer.poll(Duration::ZERO);
+        while let Some(message) = consumer.poll(Duration::from_micros(200)) {
+            let message = message?;
+            let value: serde_json::Value =
+                serde_json::from_slice(message.payload().unwrap_or_default())?;
+            if let Some(sent_us) = value.get("sent_us").and_then(serde_json::Value::as_u64) {
+                latency.record(now_micros().saturating_sub(sent_us) * 1000, 1);
+                seen += 1;
+            }
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let summary = running
+        .join()
+        .map_err(|_| anyhow!("the latency pipeline panicked"))?;
+    let _ = std::fs::remove_dir_all(&state);
+    summary?;
+    if seen < events {
+        return Err(anyhow!(
+            "end-to-end latency: {seen} of {events} records came out"
+        ));
+    }
+    Ok(latency)
 }
 
 fn produce_input(bootstrap: &str, events: u64) -> anyhow::Result<()> {

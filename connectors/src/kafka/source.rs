@@ -161,6 +161,9 @@ struct MetaBuilders {
     timestamp: TimestampMillisecondBuilder,
 }
 
+/// `fetch.wait.max.ms` of the source's consumer (overridable in `kafka.properties`).
+const FETCH_WAIT_MAX_MS: &str = "10";
+
 impl KafkaSource {
     pub fn new(options: KafkaSourceOptions) -> Result<Self, SourceError> {
         let config = options.client.config(&[
@@ -173,6 +176,10 @@ impl KafkaSource {
             // Bounds the prefetch queue: at most this many KiB buffered per partition.
             ("queued.max.messages.kbytes", "16384"),
             ("statistics.interval.ms", STATISTICS_INTERVAL_MS),
+            // A fetch that finds no data waits at most this long on the broker. Brokers
+            // that answer a waiting fetch only when the wait ends (the embedded one) would
+            // otherwise add up to librdkafka's default 500 ms to every record's latency.
+            ("fetch.wait.max.ms", FETCH_WAIT_MAX_MS),
         ]);
         let consumer: BaseConsumer<LogContext> =
             config.create_with_context(LogContext::new(&options.name))?;
