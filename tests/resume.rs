@@ -79,3 +79,55 @@ fn a_stopped_file_pipeline_resumes_where_it_stopped_with_its_windows() {
     let again = run(&yaml, None);
     assert_eq!(again.records_in, 5000);
 }
+
+/// Sorted lines of a file.
+fn sorted_lines(path: &std::path::Path) -> Vec<String> {
+    let mut lines: Vec<String> = support::read(path).lines().map(str::to_owned).collect();
+    lines.sort_unstable();
+    lines
+}
+
+#[test]
+fn a_pipeline_stopped_on_three_reactors_resumes_on_one_and_on_two_with_the_same_result() {
+    // Windowed queries split by key over reactors: the state of a run stopped on 3
+    // reactors is restored onto 1, then 2 (each group on the reactor that owns it now),
+    // and the output equals one uninterrupted run on one thread.
+    let dir = TempDir::new("resume-cores");
+    let lines: Vec<String> = (0..6000)
+        .map(|i| {
+            // Gaps every 700 records end sessions.
+            let ts = 1_700_000_000_000_i64 + i * 10 + (i / 700) * 60_000;
+            format!(r#"{{"k":{},"ts":{ts}}}"#, (i * 7919) % 23)
+        })
+        .collect();
+    let input = dir.write("in.jsonl", &(lines.join("\n") + "\n"));
+    let yaml = |name: &str, cores: u64| {
+        format!(
+            "pipeline: resume\nsources:\n  - name: events\n    connector: file\n    path: {}\n    batch_rows: 50\n    schema: {{ k: BIGINT, ts: TIMESTAMP }}\n    event_time: {{ column: ts }}\nqueries:\n  - name: counts\n    sql: SELECT k, window_start, COUNT(*) AS n FROM TUMBLE(events, ts, INTERVAL '10' SECOND) GROUP BY k, window_start\n  - name: sessions\n    sql: SELECT k, window_start, window_end, COUNT(*) AS n FROM SESSION(events, ts, INTERVAL '5' SECOND) GROUP BY k, window_start, window_end\nsinks:\n  - {{ name: w, from: counts, connector: file, path: {} }}\n  - {{ name: s, from: sessions, connector: file, path: {} }}\nstate:\n  dir: {}\nruntime:\n  cores: {cores}\n",
+            input.display(),
+            dir.path(&format!("{name}-counts.jsonl")).display(),
+            dir.path(&format!("{name}-sessions.jsonl")).display(),
+            dir.path(&format!("{name}-state")).display(),
+        )
+    };
+    let whole = run(&yaml("whole", 1), None);
+    assert_eq!(whole.records_in, 6000);
+
+    let first = run(&yaml("split", 3), Some(1500));
+    let second = run(&yaml("split", 1), Some(1500));
+    let third = run(&yaml("split", 2), None);
+    assert_eq!(
+        first.records_in + second.records_in + third.records_in,
+        6000,
+        "{first:?} {second:?} {third:?}"
+    );
+    for output in ["counts", "sessions"] {
+        let expected = sorted_lines(&dir.path(&format!("whole-{output}.jsonl")));
+        assert!(expected.len() > 50, "{output}: {}", expected.len());
+        assert_eq!(
+            sorted_lines(&dir.path(&format!("split-{output}.jsonl"))),
+            expected,
+            "{output}"
+        );
+    }
+}
