@@ -141,7 +141,13 @@ pub fn shard_of(key: &[u8], count: usize) -> usize {
     use std::hash::Hasher as _;
     let mut h = rustc_hash::FxHasher::default();
     h.write(key);
-    ((u128::from(h.finish()) * count as u128) >> 64) as usize
+    shard_of_hash(h.finish(), count)
+}
+
+/// [`shard_of`] for a key's Fx hash already at hand.
+#[must_use]
+pub fn shard_of_hash(hash: u64, count: usize) -> usize {
+    ((u128::from(hash) * count as u128) >> 64) as usize
 }
 
 /// Runs `steps` over `batch`.

@@ -84,19 +84,121 @@ pub struct WindowAggregatePlan {
     pub state_bytes_max: u64,
 }
 
-/// Estimated bytes of one group besides its key and accumulators: hash entry, key box,
-/// vector slots.
-const GROUP_OVERHEAD_BYTES: usize = 64;
+/// Estimated bytes of one group besides its key and accumulators: index entry, key,
+/// hash and flags.
+const GROUP_OVERHEAD_BYTES: usize = 48;
+/// Group keys up to this many bytes are held inline, without an allocation of their own.
+const KEY_INLINE_BYTES: usize = 22;
+
+/// A group key (the row format of its GROUP BY values).
+#[derive(Clone)]
+enum GroupKey {
+    Inline {
+        len: u8,
+        bytes: [u8; KEY_INLINE_BYTES],
+    },
+    Heap(Box<[u8]>),
+}
+
+impl GroupKey {
+    fn new(key: &[u8]) -> Self {
+        if key.len() <= KEY_INLINE_BYTES {
+            let mut bytes = [0u8; KEY_INLINE_BYTES];
+            bytes[..key.len()].copy_from_slice(key);
+            Self::Inline {
+                len: key.len() as u8,
+                bytes,
+            }
+        } else {
+            Self::Heap(key.into())
+        }
+    }
+}
+
+impl std::ops::Deref for GroupKey {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Self::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            Self::Heap(b) => b,
+        }
+    }
+}
+
+/// The hash a group key is found and sharded by.
+fn key_hash(key: &[u8]) -> u64 {
+    use std::hash::Hasher as _;
+    let mut h = rustc_hash::FxHasher::default();
+    h.write(key);
+    h.finish()
+}
+
+/// Key equality without a call to `memcmp` for the common 8 to 16 byte keys (one
+/// BIGINT or two INTs in the row format): two overlapping word compares.
+fn key_eq(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    if (8..=16).contains(&n) {
+        let word =
+            |s: &[u8], at: usize| <[u8; 8]>::try_from(&s[at..at + 8]).map_or(0, u64::from_ne_bytes);
+        return word(a, 0) == word(b, 0) && word(a, n - 8) == word(b, n - 8);
+    }
+    a == b
+}
 
 /// The groups of one fixed window, in arrival order.
 #[derive(Default)]
 struct Groups {
-    index: FxHashMap<Box<[u8]>, u32>,
-    keys: Vec<Box<[u8]>>,
+    /// Slot of each key, found by [`key_hash`].
+    index: hashbrown::HashTable<u32>,
+    keys: Vec<GroupKey>,
+    hashes: Vec<u64>,
     accs: Vec<Acc>,
     dirty: Vec<bool>,
     /// Changed since the last checkpoint.
     unsaved: Vec<bool>,
+}
+
+impl Groups {
+    /// Room for `groups` without growing: a new window expects as many keys as the last.
+    fn with_capacity(groups: usize) -> Self {
+        Self {
+            index: hashbrown::HashTable::with_capacity(groups),
+            keys: Vec::with_capacity(groups),
+            hashes: Vec::with_capacity(groups),
+            ..Self::default()
+        }
+    }
+
+    fn find(&self, hash: u64, key: &[u8]) -> Option<usize> {
+        self.index
+            .find(hash, |&slot| key_eq(&self.keys[slot as usize], key))
+            .map(|&slot| slot as usize)
+    }
+
+    /// Adds a key (not present yet) with its flags; the caller adds its accumulators.
+    fn insert(&mut self, hash: u64, key: &[u8], dirty: bool) -> usize {
+        let slot = self.keys.len();
+        let hashes = &self.hashes;
+        self.index
+            .insert_unique(hash, slot as u32, |&s| hashes[s as usize]);
+        self.keys.push(GroupKey::new(key));
+        self.hashes.push(hash);
+        self.dirty.push(dirty);
+        self.unsaved.push(false);
+        slot
+    }
+
+    /// Makes room for a window's groups: presized from the newest window's.
+    fn open(fixed: &mut BTreeMap<i64, Self>, start: i64) -> &mut Self {
+        if !fixed.contains_key(&start) {
+            let expected = fixed.values().next_back().map_or(0, |g| g.keys.len());
+            fixed.insert(start, Self::with_capacity(expected));
+        }
+        fixed.entry(start).or_default()
+    }
 }
 
 struct Session {
@@ -180,8 +282,12 @@ impl WindowAggregateOperator {
 
     /// Whether this copy holds the group `key` (always, unless split over reactors).
     fn owns(&self, key: &[u8]) -> bool {
+        self.owns_hash(key_hash(key))
+    }
+
+    fn owns_hash(&self, hash: u64) -> bool {
         self.shard
-            .is_none_or(|(index, count)| super::shard_of(key, count) == index)
+            .is_none_or(|(index, count)| super::shard_of_hash(hash, count) == index)
     }
 
     /// A fixed window `[start, end)` can take no more records once the watermark (the
@@ -289,13 +395,12 @@ impl WindowAggregateOperator {
         Some(groups)
     }
 
-    /// Estimated bytes of state: every group's accumulators, key (held twice for fixed
-    /// windows: index and list) and overhead. COUNT(DISTINCT) sets are bounded apart.
+    /// Estimated bytes of state: every group's accumulators, key and overhead. COUNT(DISTINCT) sets are bounded apart.
     #[must_use]
     pub fn state_bytes(&self) -> usize {
         let per_group =
             GROUP_OVERHEAD_BYTES + self.plan.aggregates.len() * std::mem::size_of::<Acc>();
-        self.groups * per_group + 2 * self.key_bytes
+        self.groups * per_group + self.key_bytes
     }
 
     fn check_state_size(&self) -> Result<(), DataFusionError> {
@@ -433,7 +538,8 @@ impl WindowAggregateOperator {
         let n = self.plan.aggregates.len();
         for (row, &start) in starts.iter().enumerate() {
             let key: &[u8] = keys.map_or(&[], |k| k.row(row).data());
-            if !self.owns(key) {
+            let hash = key_hash(key);
+            if !self.owns_hash(hash) {
                 continue;
             }
             let end = self.plan.kind.end(start);
@@ -441,20 +547,16 @@ impl WindowAggregateOperator {
                 late.push(row as u32);
                 continue;
             }
-            let groups = self.fixed.entry(start).or_default();
-            let slot = if let Some(&slot) = groups.index.get(key) {
-                slot as usize
+            let groups = Groups::open(&mut self.fixed, start);
+            let slot = if let Some(slot) = groups.find(hash, key) {
+                slot
             } else {
-                let slot = groups.keys.len();
-                groups.index.insert(key.into(), slot as u32);
-                groups.keys.push(key.into());
+                let slot = groups.insert(hash, key, false);
                 self.groups += 1;
                 self.key_bytes += key.len();
                 groups
                     .accs
                     .extend(self.plan.aggregates.iter().map(AggregateSpec::new_acc));
-                groups.dirty.push(false);
-                groups.unsaved.push(false);
                 slot
             };
             groups.dirty[slot] = true;
@@ -624,13 +726,14 @@ impl WindowAggregateOperator {
             return Ok(());
         }
         let start = from_ordered_i64(start);
-        let group_key: Box<[u8]> = key[9..].into();
+        let group_key = &key[9..];
+        let hash = key_hash(group_key);
         let mut r = Reader::new(value);
         let dirty = r.u8()? != 0;
         if self
             .fixed
             .get(&start)
-            .is_some_and(|g| g.index.contains_key(&group_key))
+            .is_some_and(|g| g.find(hash, group_key).is_some())
         {
             return Err(CodecError("a group is stored twice".into()));
         }
@@ -638,16 +741,10 @@ impl WindowAggregateOperator {
         self.decode_accs(&mut r, &mut accs)?;
         r.finish()?;
         let groups = self.fixed.entry(start).or_default();
-        // Slots are u32 here as in `update_fixed`.
-        groups
-            .index
-            .insert(group_key.clone(), groups.keys.len() as u32);
+        groups.insert(hash, group_key, dirty);
+        groups.accs.extend(accs);
         self.key_bytes += group_key.len();
         self.groups += 1;
-        groups.keys.push(group_key);
-        groups.accs.extend(accs);
-        groups.dirty.push(dirty);
-        groups.unsaved.push(false);
         Ok(())
     }
 
