@@ -605,3 +605,202 @@ fn pin_to(core: usize) {
     #[cfg(not(target_os = "linux"))]
     let _ = core;
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use arrow::array::{Int64Array, RecordBatch};
+    use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+    use datafusion::error::DataFusionError;
+
+    use super::{RING_SLOTS, ShardedOperator};
+    use crate::operator::{LateRows, Operator};
+
+    /// Counts the rows of its shard (value % count == index); each watermark emits one
+    /// row with the count so far. Can be slowed down, made to fail or to panic.
+    struct Counter {
+        shard: (usize, usize),
+        rows: i64,
+        batches: u64,
+        delay: Duration,
+        fail_at_batch: Option<u64>,
+        panic_at_batch: Option<u64>,
+    }
+
+    fn schema() -> SchemaRef {
+        Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]))
+    }
+
+    fn batch(values: std::ops::Range<i64>) -> RecordBatch {
+        RecordBatch::try_new(
+            schema(),
+            vec![Arc::new(Int64Array::from_iter_values(values))],
+        )
+        .unwrap()
+    }
+
+    impl Operator for Counter {
+        fn name(&self) -> &'static str {
+            "counter"
+        }
+        fn input(&self) -> &'static str {
+            "numbers"
+        }
+        fn schema(&self) -> SchemaRef {
+            schema()
+        }
+        fn is_stateful(&self) -> bool {
+            true
+        }
+        fn shard(&mut self, index: usize, count: usize) -> bool {
+            self.shard = (index, count);
+            true
+        }
+        fn process_batch(
+            &mut self,
+            batch: &RecordBatch,
+            _out: &mut Vec<RecordBatch>,
+            _late: &mut Vec<LateRows>,
+        ) -> Result<(), DataFusionError> {
+            self.batches += 1;
+            std::thread::sleep(self.delay);
+            if self.fail_at_batch == Some(self.batches) {
+                return Err(DataFusionError::Execution("counter broke".into()));
+            }
+            assert!(
+                self.panic_at_batch != Some(self.batches),
+                "counter panicked"
+            );
+            let values =
+                arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(batch.column(0));
+            let (index, count) = self.shard;
+            self.rows += values
+                .values()
+                .iter()
+                .filter(|&&v| v as usize % count == index)
+                .count() as i64;
+            Ok(())
+        }
+        fn handle_watermark(
+            &mut self,
+            _watermark: i64,
+            out: &mut Vec<RecordBatch>,
+        ) -> Result<(), DataFusionError> {
+            out.push(
+                RecordBatch::try_new(schema(), vec![Arc::new(Int64Array::from(vec![self.rows]))])
+                    .unwrap(),
+            );
+            Ok(())
+        }
+        fn state_groups(&self) -> usize {
+            self.rows as usize
+        }
+        fn explain(&self) -> String {
+            "Counter\n".into()
+        }
+    }
+
+    fn counters(n: usize, make: impl Fn(usize) -> Counter) -> ShardedOperator {
+        let ops: Vec<Box<dyn Operator>> = (0..n)
+            .map(|i| {
+                let mut c = make(i);
+                assert!(c.shard(i, n));
+                Box::new(c) as Box<dyn Operator>
+            })
+            .collect();
+        ShardedOperator::start(ops, false).unwrap()
+    }
+
+    fn plain(_: usize) -> Counter {
+        Counter {
+            shard: (0, 1),
+            rows: 0,
+            batches: 0,
+            delay: Duration::ZERO,
+            fail_at_batch: None,
+            panic_at_batch: None,
+        }
+    }
+
+    fn total(out: &[RecordBatch]) -> i64 {
+        out.iter()
+            .map(|b| {
+                arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(b.column(0))
+                    .value(0)
+            })
+            .sum()
+    }
+
+    #[test]
+    fn every_row_is_counted_once_across_reactors_and_flush_hands_out_everything() {
+        let mut op = counters(3, plain);
+        let (mut out, mut late) = (Vec::new(), Vec::new());
+        for i in 0..200 {
+            op.process_batch(&batch(i * 100..(i + 1) * 100), &mut out, &mut late)
+                .unwrap();
+        }
+        out.clear();
+        op.handle_watermark(1, &mut out).unwrap();
+        op.flush(&mut out, &mut late).unwrap();
+        // One row per reactor, summing to every input row.
+        assert_eq!(out.len(), 3);
+        assert_eq!(total(&out), 20_000);
+        assert_eq!(op.state_groups(), 20_000);
+    }
+
+    #[test]
+    fn a_slow_reactor_holds_the_caller_back_instead_of_queueing_without_bound() {
+        let delay = Duration::from_millis(5);
+        let mut op = counters(2, |i| Counter {
+            delay: if i == 1 { delay } else { Duration::ZERO },
+            ..plain(i)
+        });
+        let (mut out, mut late) = (Vec::new(), Vec::new());
+        let batches = 3 * RING_SLOTS;
+        let started = Instant::now();
+        for i in 0..batches as i64 {
+            op.process_batch(&batch(i * 10..(i + 1) * 10), &mut out, &mut late)
+                .unwrap();
+        }
+        // The caller returns only once all but a ring's worth of batches were taken.
+        let held = started.elapsed();
+        assert!(
+            held >= delay * (batches - RING_SLOTS - 1) as u32,
+            "returned after {held:?}: the ring is not bounded"
+        );
+        op.handle_watermark(1, &mut out).unwrap();
+        op.flush(&mut out, &mut late).unwrap();
+        assert_eq!(total(&out), 10 * batches as i64, "nothing dropped");
+    }
+
+    #[test]
+    fn a_reactor_error_or_panic_is_an_error_of_the_query_not_a_hang() {
+        for (fail, panic) in [(Some(3), None), (None, Some(3))] {
+            let mut op = counters(2, |i| Counter {
+                fail_at_batch: if i == 1 { fail } else { None },
+                panic_at_batch: if i == 1 { panic } else { None },
+                ..plain(i)
+            });
+            let (mut out, mut late) = (Vec::new(), Vec::new());
+            let mut error = None;
+            for i in 0..10 {
+                if let Err(e) = op.process_batch(&batch(i..i + 1), &mut out, &mut late) {
+                    error = Some(e);
+                    break;
+                }
+            }
+            let error = error
+                .or_else(|| op.flush(&mut out, &mut late).err())
+                .expect("the failure reaches the caller");
+            let text = error.to_string();
+            assert!(text.contains("query `counter`, reactor 1"), "{text}");
+            if fail.is_some() {
+                assert!(text.contains("counter broke"), "{text}");
+            } else {
+                assert!(text.contains("stopped"), "{text}");
+            }
+        }
+    }
+}
