@@ -85,7 +85,23 @@ enum Command {
     Bench(laminar::bench::BenchArgs),
 }
 
+/// mimalloc's `purge_delay` option (its position in `mi_option_t`, the same in v2 and v3).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Keeps freed memory mapped instead of returning it to the system after a delay:
+/// batches are freed and allocated at a high rate, and every returned page came back as
+/// a page fault and a zeroed page (14% of the CPU of a windowed query, measured). Peak
+/// memory stays mapped; `MIMALLOC_PURGE_DELAY` set in the environment takes precedence.
+fn tune_allocator() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: called first thing in main, before any other thread exists (the option
+        // setter is not thread safe); -1 is a documented value of the option.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    }
+}
+
 fn main() -> ExitCode {
+    tune_allocator();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
