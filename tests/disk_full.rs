@@ -77,6 +77,9 @@ fn a_full_disk_is_a_clear_error_and_loses_nothing_committed() {
     }
     let dir = TempDir::new("disk-full");
     // 60,000 keys in one open hour-long window: every epoch adds state until the end.
+    // On one thread, epochs stay small (on reactors the first epoch can take a ring's
+    // worth of batches, past the small disk at once, and nothing would be committed to
+    // resume from).
     let lines: Vec<String> = (0..60_000)
         .map(|i| {
             format!(
@@ -88,7 +91,7 @@ fn a_full_disk_is_a_clear_error_and_loses_nothing_committed() {
     let input = dir.write("in.jsonl", &(lines.join("\n") + "\n"));
     let yaml = |state: &Path, out: &Path| {
         format!(
-            "pipeline: disk-full\nsources:\n  - name: events\n    connector: file\n    path: {}\n    batch_rows: 500\n    schema: {{ k: VARCHAR, v: BIGINT, ts: TIMESTAMP }}\n    event_time: {{ column: ts }}\nqueries:\n  - name: sums\n    sql: SELECT k, window_start, SUM(v) AS s, COUNT(*) AS n FROM TUMBLE(events, ts, INTERVAL '1' HOUR) GROUP BY k, window_start\nsinks:\n  - {{ name: w, from: sums, connector: file, path: {} }}\nstate:\n  dir: {}\n  checkpoint_interval_ms: 20\n",
+            "pipeline: disk-full\nsources:\n  - name: events\n    connector: file\n    path: {}\n    batch_rows: 500\n    schema: {{ k: VARCHAR, v: BIGINT, ts: TIMESTAMP }}\n    event_time: {{ column: ts }}\nqueries:\n  - name: sums\n    sql: SELECT k, window_start, SUM(v) AS s, COUNT(*) AS n FROM TUMBLE(events, ts, INTERVAL '1' HOUR) GROUP BY k, window_start\nsinks:\n  - {{ name: w, from: sums, connector: file, path: {} }}\nstate:\n  dir: {}\n  checkpoint_interval_ms: 20\nruntime:\n  cores: 1\n",
             input.display(),
             out.display(),
             state.display(),
