@@ -234,9 +234,16 @@ impl<'de> Visitor<'de> for RowSeed<'_> {
         f.write_str("a JSON object")
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        while let Some(index) = map.next_key_seed(KeySeed(self.columns))? {
+        // Fields usually come in declared order: each name is compared first with the
+        // column after the last one found.
+        let mut next = 0;
+        while let Some(index) = map.next_key_seed(KeySeed {
+            columns: self.columns,
+            first: next,
+        })? {
             match index {
                 Some(i) => {
+                    next = i + 1;
                     let column = &self.columns[i];
                     let cell = map.next_value_seed(CellSeed {
                         column,
@@ -275,8 +282,12 @@ impl<'de> Visitor<'de> for RowSeed<'_> {
     }
 }
 
-/// Maps a field name to its column index (`None` = not declared, ignore it).
-struct KeySeed<'a>(&'a [DecodeColumn]);
+/// Maps a field name to its column index (`None` = not declared, ignore it), trying
+/// column `first` before the others.
+struct KeySeed<'a> {
+    columns: &'a [DecodeColumn],
+    first: usize,
+}
 
 impl<'de> DeserializeSeed<'de> for KeySeed<'_> {
     type Value = Option<usize>;
@@ -291,7 +302,10 @@ impl Visitor<'_> for KeySeed<'_> {
         f.write_str("a field name")
     }
     fn visit_str<E: de::Error>(self, v: &str) -> Result<Option<usize>, E> {
-        Ok(self.0.iter().position(|c| c.name == v))
+        if self.columns.get(self.first).is_some_and(|c| c.name == v) {
+            return Ok(Some(self.first));
+        }
+        Ok(self.columns.iter().position(|c| c.name == v))
     }
 }
 
@@ -386,9 +400,12 @@ impl<'de> Visitor<'de> for CellSeed<'_> {
                 self.text.push_str(v);
                 Ok(Cell::Str)
             }
-            ColumnType::Timestamp(_) => match chrono::DateTime::parse_from_rfc3339(v) {
-                Ok(t) => Ok(Cell::Int(t.timestamp_millis())),
-                Err(_) => self.wrong(format!("the string {v:?}")),
+            ColumnType::Timestamp(_) => match utc_millis(v.as_bytes()) {
+                Some(ms) => Ok(Cell::Int(ms)),
+                None => match chrono::DateTime::parse_from_rfc3339(v) {
+                    Ok(t) => Ok(Cell::Int(t.timestamp_millis())),
+                    Err(_) => self.wrong(format!("the string {v:?}")),
+                },
             },
             ColumnType::Date32 => match chrono::NaiveDate::parse_from_str(v, "%Y-%m-%d") {
                 Ok(d) => Ok(Cell::Int(i64::from(
@@ -660,6 +677,65 @@ fn push_2(v: i64, out: &mut Vec<u8>) {
 
 /// Howard Hinnant's days-to-civil: proleptic Gregorian (year, month, day) for days since
 /// 1970-01-01.
+/// Days from 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The common UTC form `YYYY-MM-DDTHH:MM:SS[.f{1,9}]Z` (what laminar writes) in epoch
+/// milliseconds, without the general RFC 3339 parser; `None` for anything else (offsets,
+/// lowercase, out-of-range fields), which the general parser then takes.
+fn utc_millis(s: &[u8]) -> Option<i64> {
+    let digits = |range: std::ops::Range<usize>| -> Option<i64> {
+        let mut n = 0i64;
+        for &b in s.get(range)? {
+            if !b.is_ascii_digit() {
+                return None;
+            }
+            n = n * 10 + i64::from(b - b'0');
+        }
+        Some(n)
+    };
+    if s.len() < 20
+        || s[4] != b'-'
+        || s[7] != b'-'
+        || s[10] != b'T'
+        || s[13] != b':'
+        || s[16] != b':'
+        || s.last() != Some(&b'Z')
+    {
+        return None;
+    }
+    let (y, mo, d) = (digits(0..4)?, digits(5..7)?, digits(8..10)?);
+    let (h, mi, sec) = (digits(11..13)?, digits(14..16)?, digits(17..19)?);
+    let days_in_month = match mo {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if y % 4 == 0 && (y % 100 != 0 || y % 400 == 0) => 29,
+        2 => 28,
+        _ => return None,
+    };
+    if d < 1 || d > days_in_month || h > 23 || mi > 59 || sec > 59 {
+        return None;
+    }
+    let millis = match s.len() - 1 {
+        19 => 0,
+        end if s[19] == b'.' && (21..=29).contains(&end) => {
+            // The first three digits of the fraction are milliseconds.
+            let fraction = digits(20..end)?;
+            let scale = 10i64.pow((end - 20) as u32);
+            fraction * 1000 / scale
+        }
+        _ => return None,
+    };
+    Some(((days_from_civil(y, mo, d) * 24 + h) * 60 + mi) * 60_000 + sec * 1000 + millis)
+}
+
 fn civil_from_days(z: i64) -> (i64, i64, i64) {
     let z = z + 719_468;
     let era = z.div_euclid(146_097);
@@ -813,6 +889,36 @@ mod tests {
             r#"{"id":1,"name":"a\"b","ts":"2023-11-14T22:13:20.000Z"}{"id":-2,"name":null,"ts":"1969-12-31T23:59:59.999Z"}"#
         );
         assert_eq!(ends, vec![54, text.len()]);
+    }
+
+    #[test]
+    fn the_fast_utc_form_matches_the_general_parser() {
+        for text in [
+            "2023-11-14T22:13:20.000Z",
+            "2023-11-14T22:13:20Z",
+            "1970-01-01T00:00:00.5Z",
+            "1969-12-31T23:59:59.999999999Z",
+            "2000-02-29T12:00:00.123456Z",
+            "2400-12-31T23:59:59.1Z",
+            "0001-01-01T00:00:00Z",
+        ] {
+            let want = chrono::DateTime::parse_from_rfc3339(text)
+                .unwrap()
+                .timestamp_millis();
+            assert_eq!(utc_millis(text.as_bytes()), Some(want), "{text}");
+        }
+        // Not the fast form: the general parser decides.
+        for text in [
+            "2023-11-14T22:13:20+02:00",
+            "2023-02-29T00:00:00Z",
+            "2023-11-14T24:00:00Z",
+            "2023-11-14 22:13:20Z",
+            "2023-11-14T22:13:20.Z",
+            "2023-11-14T22:13:20.1234567890Z",
+            "2023-1-14T22:13:20Z",
+        ] {
+            assert_eq!(utc_millis(text.as_bytes()), None, "{text}");
+        }
     }
 
     #[test]
