@@ -14,8 +14,9 @@
 //! key's state lives on one core and the result is the same for any number of cores.
 //! The rings are bounded single-producer single-consumer queues ([`rtrb`], lock-free):
 //! when a reactor falls behind its input ring fills, the pipeline thread stops polling
-//! its sources until there is room (backpressure reaches the sources; the Kafka consumer
-//! keeps its group membership, which librdkafka maintains on its own thread).
+//! its sources until there is room (backpressure reaches the sources: a Kafka consumer
+//! stops fetching when its bounded prefetch queue is full; partitions are assigned by
+//! laminar, not by a group rebalance, so a stall costs no rebalance).
 //!
 //! Epochs: before an epoch's commit entry is written the pipeline thread sends `Flush`
 //! down every ring and waits for each reactor's `Flushed`, so every result of the
