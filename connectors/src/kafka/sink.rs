@@ -523,6 +523,9 @@ impl KafkaSink {
     }
 }
 
+/// How long one look for acknowledgements waits while a flush is under way.
+const FLUSH_POLL: Duration = Duration::from_millis(2);
+
 impl Sink for KafkaSink {
     fn write(&mut self, batch: &RecordBatch) -> Result<(), SinkError> {
         if self.options.exactly_once.is_some() {
@@ -560,7 +563,19 @@ impl Sink for KafkaSink {
     }
 
     fn flush(&mut self, timeout: Duration) -> Result<FlushOutcome, SinkError> {
-        let flushed = self.producer.flush(timeout);
+        // rdkafka's flush sleeps up to 100 ms between looks at the queue, however soon
+        // the acknowledgements come: in short steps the epoch closes when they are in.
+        let deadline = Instant::now() + timeout;
+        let flushed = loop {
+            let step = deadline
+                .saturating_duration_since(Instant::now())
+                .min(FLUSH_POLL);
+            match self.producer.flush(step) {
+                Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut))
+                    if Instant::now() < deadline => {}
+                done => break done,
+            }
+        };
         self.check_failures()?;
         match flushed {
             Ok(()) => Ok(FlushOutcome::Done),
