@@ -624,7 +624,16 @@ impl Pipeline {
             let name = self.queries[q].name().to_owned();
             self.deliver(&name, &out)?;
         }
+        self.exclude_query_waits();
         Ok(())
+    }
+
+    /// Time queries waited on full reactor rings is backpressure: the idle-partition
+    /// clock does not count it, as it does not count time blocked in sinks.
+    fn exclude_query_waits(&mut self) {
+        for query in &mut self.queries {
+            self.idle_clock.exclude(query.take_blocked());
+        }
     }
 
     fn idle_clock(&self) -> Instant {
@@ -681,6 +690,7 @@ impl Pipeline {
             let name = query.name().to_owned();
             self.deliver(&name, &out)?;
         }
+        self.exclude_query_waits();
         Ok(())
     }
 

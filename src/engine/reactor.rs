@@ -101,6 +101,8 @@ pub struct ShardedOperator {
     out: Vec<RecordBatch>,
     late: Vec<LateRows>,
     last_tick: Option<Instant>,
+    /// Time spent waiting on full rings since [`Operator::take_blocked`].
+    blocked: Duration,
 }
 
 impl ShardedOperator {
@@ -169,6 +171,7 @@ impl ShardedOperator {
             out: Vec::new(),
             late: Vec::new(),
             last_tick: None,
+            blocked: Duration::ZERO,
         })
     }
 
@@ -212,14 +215,19 @@ impl ShardedOperator {
     /// while the ring is full.
     fn send(&mut self, i: usize, mut message: Input) -> Result<(), DataFusionError> {
         let mut backoff = Backoff::default();
+        let mut waiting_since = None;
         loop {
             match self.shards[i].tx.push(message) {
                 Ok(()) => {
                     self.shards[i].thread.unpark();
+                    if let Some(since) = waiting_since {
+                        self.blocked += Instant::elapsed(&since);
+                    }
                     return Ok(());
                 }
                 Err(PushError::Full(m)) => message = m,
             }
+            waiting_since.get_or_insert_with(Instant::now);
             self.drain(i)?;
             backoff.wait(WAIT_PARK);
         }
@@ -407,6 +415,10 @@ impl Operator for ShardedOperator {
             .map(|s| s.stats.windows_closed.load(Ordering::Relaxed))
             .max()
             .unwrap_or(0)
+    }
+
+    fn take_blocked(&mut self) -> Duration {
+        std::mem::take(&mut self.blocked)
     }
 
     fn reactors(&self) -> Vec<ReactorSample> {
@@ -771,6 +783,10 @@ mod tests {
             held >= delay * (batches - RING_SLOTS - 1) as u32,
             "returned after {held:?}: the ring is not bounded"
         );
+        // The wait is reported as backpressure (the idle-partition clock leaves it out).
+        let blocked = op.take_blocked();
+        assert!(blocked >= held / 2, "blocked {blocked:?} of {held:?}");
+        assert_eq!(op.take_blocked(), Duration::ZERO);
         op.handle_watermark(1, &mut out).unwrap();
         op.flush(&mut out, &mut late).unwrap();
         assert_eq!(total(&out), 10 * batches as i64, "nothing dropped");

@@ -75,6 +75,11 @@ pub trait Operator: Send {
     fn shard(&mut self, _index: usize, _count: usize) -> bool {
         false
     }
+    /// Time spent waiting for room on another thread (a full reactor ring) since the last
+    /// call: backpressure, during which no source could be read.
+    fn take_blocked(&mut self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
     /// Per reactor thread, when the operator runs on them: busy time and ring occupancy.
     fn reactors(&self) -> Vec<ReactorSample> {
         Vec::new()
