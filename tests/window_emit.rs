@@ -171,4 +171,24 @@ fn window_state_over_memory_bytes_max_is_a_clear_error() {
         error.contains("over state.memory_bytes_max (100000)"),
         "{error}"
     );
+
+    // Split over two reactors, each holds half the cap and says so.
+    let copies: Vec<Box<dyn laminar::operator::Operator>> = (0..2)
+        .map(|i| {
+            let mut op = sql::plan(&config).unwrap().queries.remove(0);
+            assert!(op.shard(i, 2));
+            op
+        })
+        .collect();
+    let mut op = laminar::engine::reactor::ShardedOperator::start(copies, false).unwrap();
+    op.process_batch(&batch(&many), &mut out, &mut late)
+        .unwrap();
+    let error = op.flush(&mut out, &mut late).unwrap_err().to_string();
+    assert!(
+        error.contains("query `q`, reactor ")
+            && error.contains(
+                "over its reactor's share (50000) of state.memory_bytes_max (100000, split over 2 reactors)"
+            ),
+        "{error}"
+    );
 }

@@ -405,11 +405,25 @@ impl WindowAggregateOperator {
 
     fn check_state_size(&self) -> Result<(), DataFusionError> {
         let bytes = self.state_bytes() as u64;
-        if bytes > self.plan.state_bytes_max {
+        let total = self.plan.state_bytes_max;
+        // Split over reactors, each copy holds its share of the cap.
+        let (limit, cap) = match self.shard {
+            Some((_, count)) => {
+                let share = total / count as u64;
+                (
+                    share,
+                    format!(
+                        "its reactor's share ({share}) of state.memory_bytes_max ({total}, split over {count} reactors)"
+                    ),
+                )
+            }
+            None => (total, format!("state.memory_bytes_max ({total})")),
+        };
+        if bytes > limit {
             return Err(DataFusionError::ResourcesExhausted(format!(
-                "window state of query `{}` is about {bytes} bytes ({} open windows x keys), over state.memory_bytes_max ({}); \
+                "window state of query `{}` is about {bytes} bytes ({} open windows x keys), over {cap}; \
                  raise it, shorten the windows or lower the key cardinality",
-                self.plan.name, self.groups, self.plan.state_bytes_max
+                self.plan.name, self.groups
             )));
         }
         Ok(())
@@ -819,8 +833,6 @@ impl Operator for WindowAggregateOperator {
     fn shard(&mut self, index: usize, count: usize) -> bool {
         assert!(index < count, "shard {index} of {count}");
         self.shard = Some((index, count));
-        // The cap is on the whole query's state.
-        self.plan.state_bytes_max /= count as u64;
         true
     }
 
