@@ -192,3 +192,31 @@ fn window_state_over_memory_bytes_max_is_a_clear_error() {
         "{error}"
     );
 }
+
+#[test]
+fn only_keyed_queries_without_current_watermark_are_split_over_reactors() {
+    let op = |sql_text: &str| {
+        let yaml = format!(
+            "pipeline: split\nsources:\n  - name: events\n    connector: file\n    path: unused\n    schema: {{ key: BIGINT, ts: TIMESTAMP }}\n    event_time: {{ column: ts }}\nqueries:\n  - name: q\n    sql: {sql_text}\nsinks:\n  - {{ name: out, from: q, connector: stdout }}\n"
+        );
+        let config = config::parse("split.yaml", &yaml, &|_| None).unwrap();
+        sql::plan(&config).unwrap().queries.remove(0)
+    };
+    let tumble = "FROM TUMBLE(events, ts, INTERVAL '10' SECOND)";
+    assert!(
+        op(&format!(
+            "SELECT key, window_start, COUNT(*) AS n {tumble} GROUP BY key, window_start"
+        ))
+        .shard(0, 2),
+        "a keyed window splits by key"
+    );
+    // One group per window: one reactor would hold all of it.
+    assert!(
+        !op(&format!(
+            "SELECT window_start, COUNT(*) AS n {tumble} GROUP BY window_start"
+        ))
+        .shard(0, 2)
+    );
+    // A reactor would read the watermark of a later moment than the pipeline thread.
+    assert!(!op(&format!("SELECT key, window_start, COUNT(*) AS n {tumble} WHERE ts > CURRENT_WATERMARK() GROUP BY key, window_start")).shard(0, 2));
+}

@@ -823,6 +823,8 @@ impl Pipeline {
     /// entry to the WAL, then delivers the exactly-once output.
     fn close_epoch(&mut self, last: bool) -> Result<(), RunError> {
         let flush_started = Instant::now();
+        // Deliveries below exclude their own blocked time; the rest is excluded at the end.
+        let excluded_before = self.idle_clock.excluded();
         // Queries on reactor threads hand out every result of the input read so far;
         // queries read only earlier ones, so in file order each sees all of its input.
         for q in 0..self.queries.len() {
@@ -914,7 +916,9 @@ impl Pipeline {
             laminar_connectors::crash::point("after-delivery");
             self.durable.delivered(epoch)?;
         }
-        self.idle_clock.exclude(flush_started.elapsed());
+        let excluded_inside = self.idle_clock.excluded().saturating_sub(excluded_before);
+        self.idle_clock
+            .exclude(flush_started.elapsed().saturating_sub(excluded_inside));
         // The consumer groups learn the offsets too, for lag monitoring; recovery reads
         // them from the WAL.
         for (slot, positions) in self.sources.iter_mut().zip(&positions) {

@@ -38,6 +38,9 @@ use super::latency::LatencyHistogram;
 use crate::operator::{LateRows, Operator, ReactorSample};
 use crate::state::{StateError, StateView};
 
+/// The next core a reactor of this process is pinned to (an index into the allowed ones).
+static NEXT_CORE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 /// Messages (each a batch, a watermark or a control message) an input ring holds.
 pub const RING_SLOTS: usize = 32;
 /// How long an idle reactor sleeps before it looks at its ring again (a push wakes it).
@@ -126,7 +129,10 @@ impl ShardedOperator {
             operators.len()
         );
         let mut cores = if pin { allowed_cores() } else { Vec::new() };
-        if cores.len() <= operators.len() {
+        // No core to spare, or a CPU quota (fewer cores usable than the mask allows: the
+        // mask is the host's, shared with every other container): no pinning.
+        let usable = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+        if cores.len() <= operators.len() || usable != cores.len() {
             cores.clear();
         }
         let mut shards = Vec::new();
@@ -136,7 +142,9 @@ impl ShardedOperator {
             // holds more than the input ring plus the control replies.
             let (reactor_tx, rx) = RingBuffer::new(RING_SLOTS + 4);
             let stats = Arc::new(ReactorStats::default());
-            let core = (!cores.is_empty()).then(|| cores[i % cores.len()]);
+            // Reactors of all queries take the cores in turn, not each from the first.
+            let core = (!cores.is_empty())
+                .then(|| cores[NEXT_CORE.fetch_add(1, Ordering::Relaxed) % cores.len()]);
             let reactor = Reactor {
                 op: Some(op),
                 rx: reactor_rx,

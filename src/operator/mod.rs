@@ -139,20 +139,31 @@ pub enum Step {
     },
 }
 
-/// The shard (of `count`) that owns a group key: the high bits of its Fx hash, so that a
-/// key's shard never depends on anything but its bytes and the number of shards.
-#[must_use]
-pub fn shard_of(key: &[u8], count: usize) -> usize {
-    use std::hash::Hasher as _;
-    let mut h = rustc_hash::FxHasher::default();
-    h.write(key);
-    shard_of_hash(h.finish(), count)
-}
-
-/// [`shard_of`] for a key's Fx hash already at hand.
+/// The shard (of `count`) that owns a group key, from the Fx hash of its bytes: bits 24
+/// to 55, apart from the low bits a hash table indexes by and the top 7 it keeps as tags,
+/// so that the keys of one shard still spread over its table. A key's shard depends on
+/// nothing but its bytes and the number of shards.
 #[must_use]
 pub fn shard_of_hash(hash: u64, count: usize) -> usize {
-    ((u128::from(hash) * count as u128) >> 64) as usize
+    ((((hash >> 24) & 0xFFFF_FFFF) * count as u64) >> 32) as usize
+}
+
+/// Whether any expression of `steps` calls the scalar function `name`.
+#[must_use]
+pub fn steps_call(steps: &[Step], name: &str) -> bool {
+    steps.iter().any(|step| match step {
+        Step::Select(_) => false,
+        Step::Filter(e) => calls(e, name),
+        Step::Project { exprs, .. } => exprs.iter().any(|e| calls(e, name)),
+    })
+}
+
+/// Whether `expr` calls the scalar function `name` anywhere in it.
+#[must_use]
+pub fn calls(expr: &Arc<dyn PhysicalExpr>, name: &str) -> bool {
+    expr.downcast_ref::<datafusion::physical_expr::ScalarFunctionExpr>()
+        .is_some_and(|f| f.name() == name)
+        || expr.children().into_iter().any(|c| calls(c, name))
 }
 
 /// Runs `steps` over `batch`.

@@ -30,6 +30,12 @@ impl IdleClock {
         self.excluded += blocked;
     }
 
+    /// Time excluded so far.
+    #[must_use]
+    pub fn excluded(&self) -> Duration {
+        self.excluded
+    }
+
     /// The idle clock's reading at wall-clock `now`.
     #[must_use]
     pub fn at(&self, now: Instant) -> Instant {

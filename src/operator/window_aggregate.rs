@@ -832,6 +832,21 @@ impl Operator for WindowAggregateOperator {
 
     fn shard(&mut self, index: usize, count: usize) -> bool {
         assert!(index < count, "shard {index} of {count}");
+        // Without a key every row is one group: one copy would hold it all. And
+        // CURRENT_WATERMARK() read on a reactor would see the pipeline's watermark of a
+        // later moment than on one thread.
+        let p = &self.plan;
+        let name = crate::sql::current_watermark::NAME;
+        if p.keys.is_empty()
+            || super::steps_call(&p.pre_steps, name)
+            || super::steps_call(&p.post_steps, name)
+            || p.keys
+                .iter()
+                .chain(p.args.iter().flatten())
+                .any(|e| super::calls(e, name))
+        {
+            return false;
+        }
         self.shard = Some((index, count));
         true
     }

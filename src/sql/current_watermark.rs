@@ -16,6 +16,9 @@ use laminar_connectors::format::types::{TIMESTAMP_TZ, timestamp_ms_type};
 
 use crate::operator::watermark::WATERMARK_NONE;
 
+/// The function's name in SQL and in plans.
+pub const NAME: &str = "current_watermark";
+
 /// The shared cell: milliseconds, or [`WATERMARK_NONE`].
 pub type WatermarkCell = Arc<AtomicI64>;
 
@@ -33,13 +36,13 @@ impl PartialEq for CurrentWatermark {
 impl Eq for CurrentWatermark {}
 impl Hash for CurrentWatermark {
     fn hash<H: Hasher>(&self, state: &mut H) {
-        "current_watermark".hash(state);
+        NAME.hash(state);
     }
 }
 
 impl ScalarUDFImpl for CurrentWatermark {
     fn name(&self) -> &'static str {
-        "current_watermark"
+        NAME
     }
     fn signature(&self) -> &Signature {
         &self.signature

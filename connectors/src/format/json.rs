@@ -675,8 +675,6 @@ fn push_2(v: i64, out: &mut Vec<u8>) {
     out.push(b'0' + (v % 10) as u8);
 }
 
-/// Howard Hinnant's days-to-civil: proleptic Gregorian (year, month, day) for days since
-/// 1970-01-01.
 /// Days from 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
 fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     let y = if m <= 2 { y - 1 } else { y };
@@ -736,6 +734,8 @@ fn utc_millis(s: &[u8]) -> Option<i64> {
     Some(((days_from_civil(y, mo, d) * 24 + h) * 60 + mi) * 60_000 + sec * 1000 + millis)
 }
 
+/// Howard Hinnant's days-to-civil: proleptic Gregorian (year, month, day) for days since
+/// 1970-01-01.
 fn civil_from_days(z: i64) -> (i64, i64, i64) {
     let z = z + 719_468;
     let era = z.div_euclid(146_097);
