@@ -615,10 +615,7 @@ impl Pipeline {
                 let query = &mut self.queries[q];
                 query
                     .process_batch(batch, &mut out, &mut late)
-                    .map_err(|e| RunError::Query {
-                        name: query.name().to_owned(),
-                        message: e.strip_backtrace(),
-                    })?;
+                    .map_err(|e| query_failed(query.as_ref(), &e))?;
             }
             self.late(q, late)?;
             let name = self.queries[q].name().to_owned();
@@ -683,10 +680,7 @@ impl Pipeline {
             let query = &mut self.queries[q];
             query
                 .handle_tick(now, &mut out)
-                .map_err(|e| RunError::Query {
-                    name: query.name().to_owned(),
-                    message: e.strip_backtrace(),
-                })?;
+                .map_err(|e| query_failed(query.as_ref(), &e))?;
             let name = query.name().to_owned();
             self.deliver(&name, &out)?;
         }
@@ -743,10 +737,7 @@ impl Pipeline {
             let query = &mut self.queries[q];
             query
                 .handle_watermark(watermark, &mut out)
-                .map_err(|e| RunError::Query {
-                    name: query.name().to_owned(),
-                    message: e.strip_backtrace(),
-                })?;
+                .map_err(|e| query_failed(query.as_ref(), &e))?;
             let name = query.name().to_owned();
             self.deliver(&name, &out)?;
             self.deliver_watermark(&name, watermark)?;
@@ -832,10 +823,7 @@ impl Pipeline {
             let query = &mut self.queries[q];
             query
                 .flush(&mut out, &mut late)
-                .map_err(|e| RunError::Query {
-                    name: query.name().to_owned(),
-                    message: e.strip_backtrace(),
-                })?;
+                .map_err(|e| query_failed(query.as_ref(), &e))?;
             self.late(q, late)?;
             let name = self.queries[q].name().to_owned();
             self.deliver(&name, &out)?;
@@ -1036,6 +1024,14 @@ impl Pipeline {
             dead_ratio: self.state.fragmentation(),
         });
         self.metrics.epoch_closed(self.summary.epochs);
+    }
+}
+
+/// A query's failure on a batch, a watermark, a tick or a flush.
+fn query_failed(query: &dyn Operator, e: &datafusion::error::DataFusionError) -> RunError {
+    RunError::Query {
+        name: query.name().to_owned(),
+        message: e.strip_backtrace(),
     }
 }
 

@@ -89,6 +89,8 @@ struct Shard {
     join: Option<JoinHandle<()>>,
     stats: Arc<ReactorStats>,
     flushed: u64,
+    /// The `flushed` count the flush under way waits for.
+    flush_target: u64,
     lent: Option<Box<dyn Operator>>,
 }
 
@@ -166,6 +168,7 @@ impl ShardedOperator {
                 join: Some(join),
                 stats,
                 flushed: 0,
+                flush_target: 0,
                 lent: None,
             });
         }
@@ -377,21 +380,11 @@ impl Operator for ShardedOperator {
         out: &mut Vec<RecordBatch>,
         late: &mut Vec<LateRows>,
     ) -> Result<(), DataFusionError> {
-        let targets: Vec<u64> = self.shards.iter().map(|s| s.flushed + 1).collect();
-        self.broadcast(|| Input::Flush)?;
-        let mut backoff = Backoff::default();
-        loop {
-            self.drain_all()?;
-            if self
-                .shards
-                .iter()
-                .zip(&targets)
-                .all(|(s, &t)| s.flushed >= t)
-            {
-                break;
-            }
-            backoff.wait(WAIT_PARK);
+        for shard in &mut self.shards {
+            shard.flush_target = shard.flushed + 1;
         }
+        self.broadcast(|| Input::Flush)?;
+        self.wait_all(|s| s.flushed >= s.flush_target)?;
         self.hand_out(out, late);
         Ok(())
     }
