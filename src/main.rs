@@ -165,25 +165,85 @@ fn init_logging(json: bool) {
     }
 }
 
-/// Loads and plans a file; prints every problem.
-fn load(file: &str) -> Option<(PipelineConfig, sql::PlannedPipeline)> {
+/// Loads a file, asks the schema registry for the columns it leaves to it, and plans
+/// it; prints every problem. `Err` is the exit code.
+fn load(file: &str) -> Result<(PipelineConfig, sql::PlannedPipeline), u8> {
     let report = |d: &Diagnostics| eprintln!("{d}");
-    let config = config::load(file).map_err(|d| report(&d)).ok()?;
-    let planned = sql::plan(&config).map_err(|d| report(&d)).ok()?;
-    Some((config, planned))
+    let mut config = config::load(file).map_err(|d| {
+        report(&d);
+        exit::INVALID
+    })?;
+    let registry = laminar::engine::schemas::registry(&config).map_err(|e| {
+        eprintln!("laminar: {e}");
+        exit::INVALID
+    })?;
+    laminar::engine::schemas::resolve_sources(&mut config, registry.as_deref()).map_err(|e| {
+        eprintln!("laminar: {e}");
+        exit::FATAL
+    })?;
+    let planned = sql::plan(&config).map_err(|d| {
+        report(&d);
+        exit::INVALID
+    })?;
+    Ok((config, planned))
+}
+
+/// Checks a file without connecting anywhere: the SQL of a pipeline whose columns come
+/// from the schema registry is checked when it runs (or by `explain`), and said so.
+fn validate_one(file: &str) -> bool {
+    let config = match config::load(file) {
+        Ok(c) => c,
+        Err(d) => {
+            eprintln!("{d}");
+            return false;
+        }
+    };
+    let later: Vec<&str> = config
+        .sources
+        .iter()
+        .filter(|s| s.needs_registry())
+        .map(|s| s.name.as_str())
+        .collect();
+    if !later.is_empty() {
+        let pos = config
+            .sources
+            .iter()
+            .find(|s| s.needs_registry())
+            .map_or_else(Default::default, |s| s.pos);
+        eprintln!(
+            "{file}:{}:{}: note: the columns of {} come from the schema registry when the pipeline runs; \
+             validate checked the file but not its SQL (`laminar explain` asks the registry and checks it)",
+            pos.line,
+            pos.col,
+            later
+                .iter()
+                .map(|n| format!("`{n}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        return true;
+    }
+    match sql::plan(&config) {
+        Ok(_) => true,
+        Err(d) => {
+            eprintln!("{d}");
+            false
+        }
+    }
 }
 
 fn validate(files: &[String]) -> u8 {
     let mut ok = true;
     for file in files {
-        ok &= load(file).is_some();
+        ok &= validate_one(file);
     }
     if ok { exit::OK } else { exit::INVALID }
 }
 
 fn explain(file: &str) -> u8 {
-    let Some((config, planned)) = load(file) else {
-        return exit::INVALID;
+    let (config, planned) = match load(file) {
+        Ok(l) => l,
+        Err(code) => return code,
     };
     let mut out = String::new();
     let _ = writeln!(out, "pipeline {}", config.name);
@@ -201,6 +261,50 @@ fn explain(file: &str) -> u8 {
             config.runtime.cores
         )
     };
+    let uses_kafka = config
+        .sources
+        .iter()
+        .any(|s| matches!(s.connector, SourceConnector::Kafka { .. }))
+        || config
+            .sinks
+            .iter()
+            .any(|s| matches!(s.connector, SinkConnector::Kafka { .. }));
+    if uses_kafka {
+        let properties: Vec<String> = config
+            .kafka
+            .properties
+            .iter()
+            .map(|(k, v)| {
+                let v = if laminar_connectors::kafka::is_secret_property(k) {
+                    laminar_connectors::kafka::REDACTED
+                } else {
+                    v
+                };
+                format!("{k}={v}")
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "kafka: bootstrap {}{}",
+            config.kafka.bootstrap_servers,
+            if properties.is_empty() {
+                String::new()
+            } else {
+                format!(", properties {}", properties.join(" "))
+            }
+        );
+    }
+    if let Some(r) = &config.schema_registry {
+        let _ = writeln!(
+            out,
+            "schema registry: {}{}",
+            laminar_connectors::format::avro::registry::without_userinfo(&r.options.url),
+            r.options
+                .username
+                .as_ref()
+                .map_or_else(String::new, |u| format!(" (basic auth as {u})"))
+        );
+    }
     for source in &config.sources {
         let kind = match &source.connector {
             SourceConnector::Kafka {
@@ -224,11 +328,39 @@ fn explain(file: &str) -> u8 {
             DecodeErrorPolicy::Skip => "skip".to_owned(),
             DecodeErrorPolicy::Fail => "fail".to_owned(),
         };
+        let format = match &source.format {
+            config::FormatConfig::Json => "json".to_owned(),
+            config::FormatConfig::Avro { subject, .. } if config.schema_registry.is_some() => {
+                format!(
+                    "avro (registry wire format; writer schemas by id, columns from subject {subject} or declared)"
+                )
+            }
+            config::FormatConfig::Avro { .. } => "avro (plain, the file's avro_schema)".to_owned(),
+        };
         let _ = writeln!(
             out,
-            "source {} <- {kind}, on_decode_error: {policy}",
+            "source {} <- {kind}, format {format}, on_decode_error: {policy}",
             source.name
         );
+        let all = config::all_columns(&source.columns, &source.connector);
+        let _ = writeln!(
+            out,
+            "  columns: {}",
+            laminar::engine::schemas::describe_columns(&all)
+        );
+        if let SourceConnector::Kafka { key, headers, .. } = &source.connector {
+            if key.format != config::KeyFormat::String {
+                let _ = writeln!(
+                    out,
+                    "  key: {:?} into {}",
+                    key.format,
+                    laminar::engine::schemas::describe_columns(&key.columns)
+                );
+            }
+            for (header, column) in headers {
+                let _ = writeln!(out, "  header {header} -> column {column}");
+            }
+        }
     }
     for query in &planned.queries {
         out.push_str(&query.explain());
@@ -256,6 +388,26 @@ fn explain(file: &str) -> u8 {
             "sink {} <- {} -> {kind}{key}, delivery: {delivery}",
             sink.name, sink.from
         );
+        if let Some(columns) = planned.schemas.get(&sink.from)
+            && let Ok(Some(schema)) = laminar::engine::schemas::sink_value_schema(sink, columns)
+        {
+            let registered = match &sink.format {
+                config::FormatConfig::Avro { subject, .. } if config.schema_registry.is_some() => {
+                    format!(
+                        "registered under subject {subject}, written in the registry wire format"
+                    )
+                }
+                _ => "plain Avro datums (no registry)".to_owned(),
+            };
+            let json = serde_json::to_string(&schema).unwrap_or_default();
+            let _ = writeln!(out, "  avro value schema ({registered}): {json}");
+        }
+        for (header, column, _) in &sink.headers {
+            let _ = writeln!(out, "  header {header} <- column {column}");
+        }
+        if let Some((column, _)) = &sink.timestamp {
+            let _ = writeln!(out, "  record timestamp <- column {column}");
+        }
     }
     // A closed pipe (`laminar explain f.yaml | head`) is not an error.
     let _ = std::io::stdout().write_all(out.as_bytes());
@@ -295,8 +447,9 @@ fn run(
     cores: Option<u64>,
     status_line: bool,
 ) -> u8 {
-    let Some((mut config, planned)) = load(file) else {
-        return exit::INVALID;
+    let (mut config, planned) = match load(file) {
+        Ok(l) => l,
+        Err(code) => return code,
     };
     // The embedded broker keeps its topics in memory only: state that outlives it would
     // point at offsets of topics that are gone. Its runs keep state in a directory of their

@@ -89,6 +89,8 @@ pub enum SourceError {
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("{context}: {message}")]
     Fatal { context: String, message: String },
+    #[error(transparent)]
+    Registry(#[from] crate::format::avro::RegistryError),
     #[error(
         "record {topic}[{partition}]@{offset} cannot be decoded: {reason} (on_decode_error: fail)"
     )]

@@ -11,27 +11,55 @@ pub struct Missing {
     pub pos: Pos,
 }
 
-/// Replaces every reference using `lookup`; returns the text and the missing variables.
-pub fn interpolate(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> (String, Vec<Missing>) {
+/// Where a reference was replaced, in the output text: 1-based line, and the 1-based
+/// columns (characters) the value starts at and ends before. Lets the loader tell a
+/// secret that came from the environment from one written in the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Substitution {
+    pub line: usize,
+    pub col_start: usize,
+    pub col_end: usize,
+    /// The value is the reference's `:-default`, written in the file.
+    pub from_default: bool,
+}
+
+/// What [`interpolate`] produced.
+#[derive(Debug, Default)]
+pub struct Interpolated {
+    pub text: String,
+    pub missing: Vec<Missing>,
+    pub substitutions: Vec<Substitution>,
+}
+
+/// Replaces every reference using `lookup`.
+pub fn interpolate(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Interpolated {
     let mut out = String::with_capacity(text.len());
     let mut missing = Vec::new();
+    let mut substitutions = Vec::new();
     for (line_no, line) in text.split_inclusive('\n').enumerate() {
         let mut rest = line;
         let mut col = 1;
+        // The column in the output line, which values longer or shorter than their
+        // references shift.
+        let mut out_col = 1;
         while let Some(i) = rest.find('$') {
             out.push_str(&rest[..i]);
-            col += rest[..i].chars().count();
+            let skipped = rest[..i].chars().count();
+            col += skipped;
+            out_col += skipped;
             let after = &rest[i..];
             if let Some(escaped) = after.strip_prefix("$${") {
                 out.push_str("${");
                 rest = escaped;
                 col += 3;
+                out_col += 2;
                 continue;
             }
             let Some(body_end) = after.starts_with("${").then(|| after.find('}')).flatten() else {
                 out.push('$');
                 rest = &after[1..];
                 col += 1;
+                out_col += 1;
                 continue;
             };
             let body = &after[2..body_end];
@@ -46,10 +74,23 @@ pub fn interpolate(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> (Stri
                 out.push('$');
                 rest = &after[1..];
                 col += 1;
+                out_col += 1;
                 continue;
             }
-            match lookup(name).or_else(|| default.map(str::to_owned)) {
-                Some(value) => out.push_str(&value),
+            let found = lookup(name);
+            let from_default = found.is_none();
+            match found.or_else(|| default.map(str::to_owned)) {
+                Some(value) => {
+                    let len = value.chars().count();
+                    substitutions.push(Substitution {
+                        line: line_no + 1,
+                        col_start: out_col,
+                        col_end: out_col + len,
+                        from_default,
+                    });
+                    out_col += len;
+                    out.push_str(&value);
+                }
                 None => missing.push(Missing {
                     name: name.to_owned(),
                     pos: Pos {
@@ -63,7 +104,11 @@ pub fn interpolate(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> (Stri
         }
         out.push_str(rest);
     }
-    (out, missing)
+    Interpolated {
+        text: out,
+        missing,
+        substitutions,
+    }
 }
 
 #[cfg(test)]
@@ -76,11 +121,32 @@ mod tests {
 
     #[test]
     fn interpolate_replaces_defaults_and_reports_missing() {
-        let (text, missing) = interpolate(
+        let Interpolated {
+            text,
+            missing,
+            substitutions,
+        } = interpolate(
             "a: ${HOST}\nb: ${PORT:-9092} $${HOST} $5\nc: x${NOPE}\n",
             &env,
         );
         assert_eq!(text, "a: kafka:9092\nb: 9092 ${HOST} $5\nc: x\n");
+        assert_eq!(
+            substitutions,
+            vec![
+                Substitution {
+                    line: 1,
+                    col_start: 4,
+                    col_end: 14,
+                    from_default: false
+                },
+                Substitution {
+                    line: 2,
+                    col_start: 4,
+                    col_end: 8,
+                    from_default: true
+                },
+            ]
+        );
         assert_eq!(
             missing,
             vec![Missing {

@@ -13,13 +13,18 @@ mod yaml;
 
 use saphyr::{LoadableYamlNode, MarkedYamlOwned, YamlDataOwned};
 
+use std::sync::Arc;
+
 use laminar_connectors::DecodeErrorPolicy;
 use laminar_connectors::datagen::NexmarkTable;
+use laminar_connectors::format::avro::RegistryOptions;
+use laminar_connectors::format::avro::registry::DEFAULT_REGISTRY_TIMEOUT;
 use laminar_connectors::format::json::DecodeColumn;
 use laminar_connectors::format::{COLUMN_TYPE_NAMES, ColumnType, parse_column_type};
 use laminar_connectors::kafka::{KafkaClientOptions, MetadataColumns, StartFrom};
 
 pub use diagnostic::{Diagnostic, Diagnostics, Pos, did_you_mean, hint};
+use interpolate::Substitution;
 use yaml::{Node, Reader, pos};
 
 /// `bootstrap_servers` when the file names none.
@@ -53,6 +58,65 @@ pub struct PipelineConfig {
     pub runtime: RuntimeConfig,
     /// `metrics`
     pub metrics: MetricsConfig,
+    /// `schema_registry`: where Avro sources and sinks find and register schemas (the
+    /// Confluent wire format); absent: Avro is plain, with `avro_schema` in the file.
+    pub schema_registry: Option<RegistryConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RegistryConfig {
+    /// `url`, `username`, `password` (a secret: write `${VAR}`), `timeout_ms`.
+    pub options: RegistryOptions,
+    pub pos: Pos,
+}
+
+/// `format` of a source or a sink.
+#[derive(Debug, Clone)]
+pub enum FormatConfig {
+    /// JSON objects (the default).
+    Json,
+    /// Avro: with a `schema_registry`, the Confluent wire format; without, plain datums.
+    Avro {
+        /// `avro_schema`: without a registry, the schema every message is written with;
+        /// with one, the reader schema a source's columns come from (and a sink's schema
+        /// to register instead of the one derived from its columns).
+        schema: Option<Arc<apache_avro::Schema>>,
+        /// `subject`: the registry subject (default `<topic>-value`).
+        subject: String,
+    },
+}
+
+impl FormatConfig {
+    #[must_use]
+    pub fn is_avro(&self) -> bool {
+        matches!(self, Self::Avro { .. })
+    }
+}
+
+/// How a Kafka source reads message keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyFormat {
+    /// `string` (default): the key is only the `_key` metadata column, as text.
+    String,
+    /// `json`: a JSON object decoded into the `key_schema` columns.
+    Json,
+    /// `avro`: the schema registry's Avro wire format, decoded into the `key_schema`
+    /// columns, or those of subject `<topic>-key`.
+    Avro,
+}
+
+/// A Kafka source's message keys.
+#[derive(Debug, Clone)]
+pub struct KeyConfig {
+    /// `key_format`
+    pub format: KeyFormat,
+    /// `key_schema`: the key's columns, added after the value's; for `avro` with a
+    /// registry and no `key_schema`, filled from `subject` when the pipeline starts.
+    pub columns: Vec<DecodeColumn>,
+    /// The registry subject of an Avro key (`<topic>-key`).
+    pub subject: String,
+    /// Key columns that came from the registry, with its schema's defaults and aliases.
+    pub reader: Option<laminar_connectors::format::avro::AvroReader>,
 }
 
 #[derive(Debug, Clone)]
@@ -72,6 +136,26 @@ pub struct SourceConfig {
     /// `dead_letter_topic`: Kafka topic for records that fail to decode, with the reason
     /// in the `laminar.error` header.
     pub dead_letter_topic: Option<String>,
+    /// `format`: `json` (default) or `avro`.
+    pub format: FormatConfig,
+    pub format_pos: Pos,
+    /// With `format: avro`, a registry and neither `schema` nor `avro_schema`: the
+    /// columns come from the latest schema of this subject when the pipeline starts
+    /// (`columns` is empty until then).
+    pub columns_from_registry: Option<String>,
+    /// Columns that came from an Avro schema (`avro_schema` or the registry), with that
+    /// schema's defaults and aliases, to read older and newer writers' records.
+    pub avro_reader: Option<laminar_connectors::format::avro::AvroReader>,
+}
+
+impl SourceConfig {
+    /// Whether some columns are known only once the registry is asked (at run time).
+    #[must_use]
+    pub fn needs_registry(&self) -> bool {
+        self.columns_from_registry.is_some()
+            || matches!(&self.connector, SourceConnector::Kafka { key, .. }
+                if key.format == KeyFormat::Avro && key.columns.is_empty())
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -87,6 +171,11 @@ pub enum SourceConnector {
         /// `metadata_columns`: any of `key`, `partition`, `offset`, `timestamp`, added as
         /// `_key`, `_partition`, `_offset`, `_timestamp` after the declared columns.
         metadata: MetadataColumns,
+        /// `key_format`, `key_schema`
+        key: KeyConfig,
+        /// `headers`: header name -> column (VARCHAR NULL, the header's value as UTF-8),
+        /// added after the metadata columns.
+        headers: Vec<(String, String)>,
     },
     File {
         /// `path`: a JSON-lines file, read once.
@@ -188,6 +277,19 @@ pub struct SinkConfig {
     pub delivery_pos: Pos,
     /// `transactions`: with `exactly_once`, whether to use Kafka transactions (default true).
     pub transactions: bool,
+    /// `format`: `json` (default) or `avro`.
+    pub format: FormatConfig,
+    pub format_pos: Pos,
+    /// `key_format`: `json` (a JSON object of the key columns, even one) or `avro`
+    /// (registered under `<topic>-key`); absent: one key column's value as text, several
+    /// as a JSON object.
+    pub key_format: Option<KeyFormat>,
+    pub key_format_pos: Pos,
+    /// `headers`: header name -> column whose value (as text) each record carries.
+    pub headers: Vec<(String, String, Pos)>,
+    /// `timestamp`: a TIMESTAMP column that sets each record's Kafka timestamp (absent:
+    /// the time the producer sends it).
+    pub timestamp: Option<(String, Pos)>,
 }
 
 #[derive(Debug, Clone)]
@@ -235,8 +337,17 @@ pub struct MetricsConfig {
 }
 
 const TOP_KEYS: &[&str] = &[
-    "pipeline", "kafka", "sources", "queries", "sinks", "state", "runtime", "metrics",
+    "pipeline",
+    "kafka",
+    "schema_registry",
+    "sources",
+    "queries",
+    "sinks",
+    "state",
+    "runtime",
+    "metrics",
 ];
+const REGISTRY_KEYS: &[&str] = &["url", "username", "password", "timeout_ms"];
 const EVENT_TIME_KEYS: &[&str] = &[
     "column",
     "watermark_delay_ms",
@@ -264,6 +375,11 @@ const SOURCE_KEYS: &[&str] = &[
     "table",
     "auctions",
     "batch_rows",
+    "avro_schema",
+    "subject",
+    "key_format",
+    "key_schema",
+    "headers",
 ];
 const QUERY_KEYS: &[&str] = &[
     "name",
@@ -282,6 +398,11 @@ const SINK_KEYS: &[&str] = &[
     "key",
     "delivery",
     "transactions",
+    "avro_schema",
+    "subject",
+    "key_format",
+    "headers",
+    "timestamp",
 ];
 const SOURCE_CONNECTORS: &[&str] = &["kafka", "file", "datagen"];
 const SINK_CONNECTORS: &[&str] = &["kafka", "file", "stdout"];
@@ -306,10 +427,12 @@ pub fn parse(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<PipelineConfig, Diagnostics> {
     let mut r = Reader::new(file);
-    let (text, missing) = interpolate::interpolate(text, env);
-    for m in missing {
+    let interpolated = interpolate::interpolate(text, env);
+    for m in interpolated.missing {
         r.error(m.pos, format!("environment variable `{}` is not set and has no default (write `${{{}:-default}}`)", m.name, m.name));
     }
+    let subs = interpolated.substitutions;
+    let text = interpolated.text;
     let docs = match MarkedYamlOwned::load_from_str(&text) {
         Ok(d) => d,
         Err(e) => {
@@ -331,7 +454,7 @@ pub fn parse(
         );
         return Err(finish(r));
     };
-    let config = decode(&mut r, root, &text);
+    let config = decode(&mut r, root, &text, &subs);
     match config {
         Some(c) if r.diagnostics.is_empty() => Ok(c),
         _ => Err(finish(r)),
@@ -344,7 +467,12 @@ fn finish(r: Reader) -> Diagnostics {
     Diagnostics(d)
 }
 
-fn decode(r: &mut Reader, root: &Node, text: &str) -> Option<PipelineConfig> {
+fn decode(
+    r: &mut Reader,
+    root: &Node,
+    text: &str,
+    subs: &[Substitution],
+) -> Option<PipelineConfig> {
     let top = r.mapping(root, "the pipeline file", TOP_KEYS)?;
     let name = r
         .required(&top, "pipeline", "the pipeline file")
@@ -362,7 +490,8 @@ fn decode(r: &mut Reader, root: &Node, text: &str) -> Option<PipelineConfig> {
             }
             Some(name)
         });
-    let kafka = decode_kafka(r, top.get("kafka"));
+    let kafka = decode_kafka(r, top.get("kafka"), subs);
+    let schema_registry = decode_registry(r, top.get("schema_registry"), subs);
     let pipeline_name = name.clone().unwrap_or_default();
 
     let mut sources = Vec::new();
@@ -371,7 +500,7 @@ fn decode(r: &mut Reader, root: &Node, text: &str) -> Option<PipelineConfig> {
         .and_then(|n| r.sequence(n, "`sources`"))
     {
         for node in list {
-            if let Some(s) = decode_source(r, node, &pipeline_name) {
+            if let Some(s) = decode_source(r, node, &pipeline_name, schema_registry.is_some()) {
                 sources.push(s);
             }
         }
@@ -393,7 +522,7 @@ fn decode(r: &mut Reader, root: &Node, text: &str) -> Option<PipelineConfig> {
         .and_then(|n| r.sequence(n, "`sinks`"))
     {
         for node in list {
-            if let Some(s) = decode_sink(r, node, &relations) {
+            if let Some(s) = decode_sink(r, node, &relations, schema_registry.is_some()) {
                 sinks.push(s);
             }
         }
@@ -423,10 +552,84 @@ fn decode(r: &mut Reader, root: &Node, text: &str) -> Option<PipelineConfig> {
         state,
         runtime,
         metrics,
+        schema_registry,
     })
 }
 
-fn decode_kafka(r: &mut Reader, node: Option<&Node>) -> KafkaClientOptions {
+/// A secret's value must come whole from the environment (one `${VAR}`, not a
+/// `:-default` written in the file): a file is read, copied and committed; the
+/// environment of a deployment is where secrets are kept.
+fn check_secret(r: &mut Reader, node: &Node, key: &str, subs: &[Substitution]) {
+    let at = pos(node);
+    let from_env = subs.iter().any(|s| {
+        s.line == at.line && (s.col_start == at.col || s.col_start == at.col + 1) && !s.from_default
+    });
+    if !from_env {
+        r.error(
+            at,
+            format!("`{key}` is a secret: write it as `${{VAR}}` and set VAR in the environment, not in the file"),
+        );
+    }
+}
+
+fn decode_registry(
+    r: &mut Reader,
+    node: Option<&Node>,
+    subs: &[Substitution],
+) -> Option<RegistryConfig> {
+    let node = node?;
+    let f = r.mapping(node, "`schema_registry`", REGISTRY_KEYS)?;
+    let url_node = r.required(&f, "url", "`schema_registry`")?;
+    let url = r.string(url_node, "`schema_registry.url`")?;
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        r.error(
+            pos(url_node),
+            "`schema_registry.url` must start with http:// or https://",
+        );
+    }
+    // `user:password@` in the URL makes the URL a secret.
+    let authority = url
+        .split_once("://")
+        .map_or("", |(_, rest)| rest.split('/').next().unwrap_or_default());
+    if authority
+        .rsplit_once('@')
+        .is_some_and(|(info, _)| info.contains(':'))
+    {
+        check_secret(r, url_node, "schema_registry.url", subs);
+    }
+    let username = f
+        .get("username")
+        .and_then(|n| r.string(n, "`schema_registry.username`"));
+    let password = f.get("password").and_then(|n| {
+        check_secret(r, n, "schema_registry.password", subs);
+        r.string(n, "`schema_registry.password`")
+    });
+    if password.is_some() && username.is_none() {
+        r.error(f.pos, "`schema_registry.password` needs `username`");
+    }
+    let timeout = match f.get("timeout_ms") {
+        None => DEFAULT_REGISTRY_TIMEOUT,
+        Some(n) => match r.u64(n, "`timeout_ms`") {
+            Some(0) => {
+                r.error(pos(n), "`timeout_ms` must be at least 1");
+                DEFAULT_REGISTRY_TIMEOUT
+            }
+            Some(ms) => std::time::Duration::from_millis(ms),
+            None => DEFAULT_REGISTRY_TIMEOUT,
+        },
+    };
+    Some(RegistryConfig {
+        options: RegistryOptions {
+            url,
+            username,
+            password,
+            timeout,
+        },
+        pos: pos(node),
+    })
+}
+
+fn decode_kafka(r: &mut Reader, node: Option<&Node>, subs: &[Substitution]) -> KafkaClientOptions {
     let mut options = KafkaClientOptions {
         bootstrap_servers: DEFAULT_BOOTSTRAP_SERVERS.to_owned(),
         properties: Vec::new(),
@@ -444,11 +647,14 @@ fn decode_kafka(r: &mut Reader, node: Option<&Node>) -> KafkaClientOptions {
     }
     if let Some(props) = fields.get("properties") {
         if let YamlDataOwned::Mapping(map) = &props.data {
-            for (k, v) in map {
+            for (k, v_node) in map {
                 if let (Some(k), Some(v)) = (
                     r.string(k, "a Kafka property name"),
-                    r.string(v, "a Kafka property value"),
+                    r.string(v_node, "a Kafka property value"),
                 ) {
+                    if laminar_connectors::kafka::is_secret_property(&k) {
+                        check_secret(r, v_node, &k, subs);
+                    }
                     options.properties.push((k, v));
                 }
             }
@@ -491,7 +697,25 @@ fn owner(kind: &str, node: &Node) -> String {
     peek_name(node).map_or_else(|| format!("a {kind}"), |n| format!("{kind} `{n}`"))
 }
 
-fn decode_source(r: &mut Reader, node: &Node, pipeline: &str) -> Option<SourceConfig> {
+/// Source keys that only kafka sources take.
+const KAFKA_ONLY: [&str; 9] = [
+    "topic",
+    "group_id",
+    "start_from",
+    "metadata_columns",
+    "key_format",
+    "key_schema",
+    "headers",
+    "avro_schema",
+    "subject",
+];
+
+fn decode_source(
+    r: &mut Reader,
+    node: &Node,
+    pipeline: &str,
+    registry: bool,
+) -> Option<SourceConfig> {
     let what = owner("source", node);
     let f = r.mapping(node, &what, SOURCE_KEYS)?;
     let name = r
@@ -556,6 +780,8 @@ fn decode_source(r: &mut Reader, node: &Node, pipeline: &str) -> Option<SourceCo
                     }
                 }
             }
+            let key = decode_key(r, &f, &what, topic.as_deref().unwrap_or_default(), registry);
+            let headers = decode_source_headers(r, &f);
             topic
                 .zip(start_from)
                 .map(|(topic, start_from)| SourceConnector::Kafka {
@@ -563,22 +789,15 @@ fn decode_source(r: &mut Reader, node: &Node, pipeline: &str) -> Option<SourceCo
                     group_id,
                     start_from,
                     metadata,
+                    key,
+                    headers,
                 })
         }
         Some("file") => {
+            only_for(r, &KAFKA_ONLY, "file");
             only_for(
                 r,
-                &[
-                    "topic",
-                    "group_id",
-                    "start_from",
-                    "metadata_columns",
-                    "events",
-                    "rate_per_s",
-                    "seed",
-                    "table",
-                    "auctions",
-                ],
+                &["events", "rate_per_s", "seed", "table", "auctions"],
                 "file",
             );
             let path = r
@@ -607,20 +826,8 @@ fn decode_source(r: &mut Reader, node: &Node, pipeline: &str) -> Option<SourceCo
                 .map(|(path, batch_rows)| SourceConnector::File { path, batch_rows })
         }
         Some("datagen") => {
-            only_for(
-                r,
-                &[
-                    "topic",
-                    "group_id",
-                    "start_from",
-                    "metadata_columns",
-                    "path",
-                    "schema",
-                    "format",
-                    "batch_rows",
-                ],
-                "datagen",
-            );
+            only_for(r, &KAFKA_ONLY, "datagen");
+            only_for(r, &["path", "schema", "format", "batch_rows"], "datagen");
             let table = f.get("table").map_or(Some(NexmarkTable::Bid), |n| {
                 r.choice(
                     n,
@@ -652,13 +859,17 @@ fn decode_source(r: &mut Reader, node: &Node, pipeline: &str) -> Option<SourceCo
         }
         _ => None,
     };
-    if let Some(n) = f.get("format")
-        && let Some(format) = r.choice(n, "format", FORMATS, |s| {
-            FORMATS.contains(&s).then(|| s.to_owned())
-        })
-        && format == "avro"
-    {
-        r.error(pos(n), "format `avro` is not supported yet; use `json`");
+    let topic = match &connector {
+        Some(SourceConnector::Kafka { topic, .. }) => topic.clone(),
+        _ => String::new(),
+    };
+    let format_pos = f.get("format").map_or(f.pos, pos);
+    let format = decode_format(r, &f, &format!("{topic}-value"), registry);
+    if format.is_avro() && !matches!(connector, Some(SourceConnector::Kafka { .. }) | None) {
+        r.error(
+            format_pos,
+            "`format: avro` applies to kafka sources; file sources read JSON lines",
+        );
     }
     // `sql: CREATE SOURCE ...` declares the columns (and maybe the watermark) in SQL.
     let sql_node = f.get("sql");
@@ -685,6 +896,12 @@ fn decode_source(r: &mut Reader, node: &Node, pipeline: &str) -> Option<SourceCo
             format!("{what} declares its columns twice, in `schema` and in `sql`; keep one"),
         );
     }
+    let avro_schema = match &format {
+        FormatConfig::Avro { schema, .. } => schema.clone(),
+        FormatConfig::Json => None,
+    };
+    let mut columns_from_registry = None;
+    let mut avro_reader = None;
     let columns = match (&connector, f.get("schema")) {
         (Some(SourceConnector::Datagen { .. }), _) if sql_node.is_some() => {
             r.error(
@@ -712,46 +929,101 @@ fn decode_source(r: &mut Reader, node: &Node, pipeline: &str) -> Option<SourceCo
                 nullable: field.is_nullable(),
             })
             .collect(),
-        (_, Some(n)) => decode_schema(r, n, &what),
-        (None, None) => Vec::new(),
-        (_, None) => {
-            r.error(
-                f.pos,
-                format!("{what} needs `schema` (column name -> type)"),
-            );
-            Vec::new()
+        (_, Some(n)) => {
+            if registry && avro_schema.is_some() {
+                r.error(
+                    pos(n),
+                    format!("{what} declares its columns twice, in `schema` and as the reader `avro_schema`; keep one"),
+                );
+            }
+            decode_schema(r, n, &what)
         }
-    };
-    let event_time = match (ddl.as_ref().and_then(|d| d.watermark.clone()), sql_node) {
-        (Some((column, delay)), Some(sql_node)) => {
-            // The WATERMARK clause declares the column and delay; `event_time` may still
-            // set the idle timeout and alignment.
-            let extra = f
-                .get("event_time")
-                .and_then(|n| r.mapping(n, "`event_time`", EVENT_TIME_KEYS));
-            for key in ["column", "watermark_delay_ms"] {
-                if let Some(k) = extra.as_ref().and_then(|e| e.get(key)) {
-                    r.error(pos(k), format!("`event_time.{key}` is declared by the WATERMARK clause of `sql`; keep one"));
+        (None, None) => Vec::new(),
+        (_, None) => match (&format, avro_schema) {
+            (FormatConfig::Avro { .. }, Some(schema)) => {
+                match laminar_connectors::format::avro::schema::reader_of_schema(&schema, "value") {
+                    Ok((reader, _)) => {
+                        let columns = reader.columns.clone();
+                        avro_reader = Some(reader);
+                        columns
+                    }
+                    Err(e) => {
+                        r.error(
+                            pos(f.get("avro_schema")?),
+                            format!("{what}: `avro_schema` gives no columns: {e}"),
+                        );
+                        Vec::new()
+                    }
                 }
             }
-            Some(EventTimeConfig {
-                column,
-                pos: pos(sql_node),
-                watermark_delay_ms: delay,
-                idle_timeout_ms: extra
-                    .as_ref()
-                    .and_then(|f| f.get("idle_timeout_ms"))
-                    .and_then(|n| r.u64(n, "`idle_timeout_ms`")),
-                max_drift_ms: extra
-                    .as_ref()
-                    .and_then(|f| f.get("max_drift_ms"))
-                    .and_then(|n| r.u64(n, "`max_drift_ms`")),
-            })
-        }
-        _ => f
-            .get("event_time")
-            .and_then(|n| decode_event_time(r, n, &what, &columns)),
+            (FormatConfig::Avro { subject, .. }, None) if registry => {
+                columns_from_registry = Some(subject.clone());
+                Vec::new()
+            }
+            // An `avro_schema` that did not parse is reported already.
+            (FormatConfig::Avro { .. }, None) if f.get("avro_schema").is_some() => Vec::new(),
+            (FormatConfig::Avro { .. }, None) => {
+                r.error(
+                    format_pos,
+                    format!("{what}: plain `format: avro` needs `avro_schema` (the schema messages are written with), or add a top-level `schema_registry` for the Confluent wire format"),
+                );
+                Vec::new()
+            }
+            _ => {
+                r.error(
+                    f.pos,
+                    format!("{what} needs `schema` (column name -> type)"),
+                );
+                Vec::new()
+            }
+        },
     };
+    let mut connector = connector;
+    let event_time = {
+        let all = connector
+            .as_ref()
+            .map_or_else(|| columns.clone(), |c| all_columns(&columns, c));
+        match (ddl.as_ref().and_then(|d| d.watermark.clone()), sql_node) {
+            (Some((column, delay)), Some(sql_node)) => {
+                // The WATERMARK clause declares the column and delay; `event_time` may still
+                // set the idle timeout and alignment.
+                let extra = f
+                    .get("event_time")
+                    .and_then(|n| r.mapping(n, "`event_time`", EVENT_TIME_KEYS));
+                for key in ["column", "watermark_delay_ms"] {
+                    if let Some(k) = extra.as_ref().and_then(|e| e.get(key)) {
+                        r.error(pos(k), format!("`event_time.{key}` is declared by the WATERMARK clause of `sql`; keep one"));
+                    }
+                }
+                Some(EventTimeConfig {
+                    column,
+                    pos: pos(sql_node),
+                    watermark_delay_ms: delay,
+                    idle_timeout_ms: extra
+                        .as_ref()
+                        .and_then(|f| f.get("idle_timeout_ms"))
+                        .and_then(|n| r.u64(n, "`idle_timeout_ms`")),
+                    max_drift_ms: extra
+                        .as_ref()
+                        .and_then(|f| f.get("max_drift_ms"))
+                        .and_then(|n| r.u64(n, "`max_drift_ms`")),
+                })
+            }
+            _ => f
+                .get("event_time")
+                .and_then(|n| decode_event_time(r, n, &what, &all, columns.is_empty())),
+        }
+    };
+    // A record's Kafka timestamp as event time: a record without one is rejected.
+    if let (Some(et), Some(SourceConnector::Kafka { metadata, .. })) = (&event_time, &mut connector)
+        && et.column == "_timestamp"
+        && metadata.timestamp
+    {
+        metadata.timestamp_required = true;
+    }
+    if let Some(c) = &connector {
+        check_column_names(r, &columns, c, &what, f.pos);
+    }
     let dead_letter_topic = f
         .get("dead_letter_topic")
         .and_then(|n| r.string(n, "`dead_letter_topic`"));
@@ -782,7 +1054,167 @@ fn decode_source(r: &mut Reader, node: &Node, pipeline: &str) -> Option<SourceCo
         event_time,
         on_decode_error: on_decode_error?,
         dead_letter_topic,
+        format,
+        format_pos,
+        columns_from_registry,
+        avro_reader,
     })
+}
+
+/// Every column of a source's batches: the value's, the key's, the metadata and header
+/// columns, in that order.
+#[must_use]
+pub fn all_columns(columns: &[DecodeColumn], connector: &SourceConnector) -> Vec<DecodeColumn> {
+    match connector {
+        SourceConnector::Kafka {
+            metadata,
+            key,
+            headers,
+            ..
+        } => laminar_connectors::kafka::source_columns(columns, &key.columns, *metadata, headers),
+        _ => columns.to_vec(),
+    }
+}
+
+/// Column names of a source are unique over the value, key, metadata and headers.
+fn check_column_names(
+    r: &mut Reader,
+    columns: &[DecodeColumn],
+    connector: &SourceConnector,
+    what: &str,
+    at: Pos,
+) {
+    let all = all_columns(columns, connector);
+    for (i, c) in all.iter().enumerate() {
+        if all[..i].iter().any(|o| o.name == c.name) {
+            r.error(
+                at,
+                format!("{what} has two columns named `{}` (value, key, metadata and header columns share one namespace)", c.name),
+            );
+        }
+    }
+}
+
+/// `format`, `avro_schema` and `subject` of a source or sink.
+fn decode_format(
+    r: &mut Reader,
+    f: &yaml::Fields<'_>,
+    default_subject: &str,
+    registry: bool,
+) -> FormatConfig {
+    let name = f.get("format").map_or(Some("json".to_owned()), |n| {
+        r.choice(n, "format", FORMATS, |s| {
+            FORMATS.contains(&s).then(|| s.to_owned())
+        })
+    });
+    let schema_node = f.get("avro_schema");
+    let subject_node = f.get("subject");
+    if name.as_deref() != Some("avro") {
+        for (key, n) in [("avro_schema", schema_node), ("subject", subject_node)] {
+            if let Some(n) = n {
+                r.error(pos(n), format!("`{key}` applies to `format: avro`"));
+            }
+        }
+        return FormatConfig::Json;
+    }
+    let schema = schema_node.and_then(|n| {
+        let text = yaml::json_text(n)?;
+        match apache_avro::Schema::parse_str(&text) {
+            Ok(s) => Some(Arc::new(s)),
+            Err(e) => {
+                r.error(
+                    pos(n),
+                    format!("`avro_schema` is not a valid Avro schema: {e}"),
+                );
+                None
+            }
+        }
+    });
+    if let Some(n) = subject_node
+        && !registry
+    {
+        r.error(
+            pos(n),
+            "`subject` names a schema registry subject, but the file has no `schema_registry`",
+        );
+    }
+    let subject = subject_node
+        .and_then(|n| r.string(n, "`subject`"))
+        .unwrap_or_else(|| default_subject.to_owned());
+    FormatConfig::Avro { schema, subject }
+}
+
+/// `key_format` and `key_schema` of a kafka source.
+fn decode_key(
+    r: &mut Reader,
+    f: &yaml::Fields<'_>,
+    what: &str,
+    topic: &str,
+    registry: bool,
+) -> KeyConfig {
+    let format_node = f.get("key_format");
+    let format = format_node
+        .and_then(|n| {
+            r.choice(n, "key_format", &["string", "json", "avro"], |s| match s {
+                "string" => Some(KeyFormat::String),
+                "json" => Some(KeyFormat::Json),
+                "avro" => Some(KeyFormat::Avro),
+                _ => None,
+            })
+        })
+        .unwrap_or(KeyFormat::String);
+    let schema_node = f.get("key_schema");
+    let columns = schema_node
+        .map(|n| decode_schema(r, n, what))
+        .unwrap_or_default();
+    let at = format_node.map_or(f.pos, pos);
+    match format {
+        KeyFormat::String => {
+            if let Some(n) = schema_node {
+                r.error(pos(n), "`key_schema` applies to `key_format: json` or `avro`; a string key is the `_key` metadata column");
+            }
+        }
+        KeyFormat::Json if schema_node.is_none() => {
+            r.error(
+                at,
+                format!("{what}: `key_format: json` needs `key_schema` (column name -> type)"),
+            );
+        }
+        KeyFormat::Avro if !registry => {
+            r.error(at, format!("{what}: `key_format: avro` reads the schema registry's wire format: add a top-level `schema_registry`"));
+        }
+        _ => {}
+    }
+    KeyConfig {
+        format,
+        columns,
+        subject: format!("{topic}-key"),
+        reader: None,
+    }
+}
+
+/// `headers` of a kafka source: header name -> column.
+fn decode_source_headers(r: &mut Reader, f: &yaml::Fields<'_>) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let Some(n) = f.get("headers") else {
+        return out;
+    };
+    let YamlDataOwned::Mapping(map) = &n.data else {
+        r.error(
+            pos(n),
+            "`headers` must be a mapping of header name -> column name",
+        );
+        return out;
+    };
+    for (k, v) in map {
+        if let (Some(header), Some(column)) = (
+            r.string(k, "a header name"),
+            sql_identifier(r, v, "header column"),
+        ) {
+            out.push((header, column));
+        }
+    }
+    out
 }
 
 fn decode_schema(r: &mut Reader, node: &Node, what: &str) -> Vec<DecodeColumn> {
@@ -819,17 +1251,20 @@ fn decode_schema(r: &mut Reader, node: &Node, what: &str) -> Vec<DecodeColumn> {
     columns
 }
 
+/// `columns_unknown`: the value's columns come from the schema registry at run time, so a
+/// column not found among the others is checked then.
 fn decode_event_time(
     r: &mut Reader,
     node: &Node,
     what: &str,
     columns: &[DecodeColumn],
+    columns_unknown: bool,
 ) -> Option<EventTimeConfig> {
     let f = r.mapping(node, "`event_time`", EVENT_TIME_KEYS)?;
     let column_node = r.required(&f, "column", "`event_time`")?;
     let column = r.string(column_node, "`event_time.column`")?;
     match columns.iter().find(|c| c.name == column) {
-        None if !columns.is_empty() => {
+        None if !columns_unknown => {
             let h = hint(&column, columns.iter().map(|c| c.name.as_str()));
             r.error(
                 pos(column_node),
@@ -1034,7 +1469,12 @@ fn declared(top: &yaml::Fields<'_>, key: &str) -> Vec<(String, Pos)> {
         .unwrap_or_default()
 }
 
-fn decode_sink(r: &mut Reader, node: &Node, relations: &[(String, Pos)]) -> Option<SinkConfig> {
+fn decode_sink(
+    r: &mut Reader,
+    node: &Node,
+    relations: &[(String, Pos)],
+    registry: bool,
+) -> Option<SinkConfig> {
     let what = owner("sink", node);
     let f = r.mapping(node, &what, SINK_KEYS)?;
     let name = r
@@ -1068,13 +1508,54 @@ fn decode_sink(r: &mut Reader, node: &Node, relations: &[(String, Pos)]) -> Opti
         Some("stdout") => Some(SinkConnector::Stdout),
         _ => None,
     };
-    if let Some(n) = f.get("format")
-        && let Some(format) = r.choice(n, "format", FORMATS, |s| {
-            FORMATS.contains(&s).then(|| s.to_owned())
+    let topic = match &connector {
+        Some(SinkConnector::Kafka { topic }) => topic.clone(),
+        _ => String::new(),
+    };
+    let format_pos = f.get("format").map_or(f.pos, pos);
+    let format = decode_format(r, &f, &format!("{topic}-value"), registry);
+    let kafka = matches!(connector, Some(SinkConnector::Kafka { .. }) | None);
+    if format.is_avro() && !kafka {
+        r.error(
+            format_pos,
+            "`format: avro` applies to kafka sinks; file and stdout sinks write JSON lines",
+        );
+    }
+    let key_format_node = f.get("key_format");
+    let key_format = key_format_node.and_then(|n| {
+        r.choice(n, "key_format", &["string", "json", "avro"], |s| match s {
+            "string" => Some(KeyFormat::String),
+            "json" => Some(KeyFormat::Json),
+            "avro" => Some(KeyFormat::Avro),
+            _ => None,
         })
-        && format == "avro"
-    {
-        r.error(pos(n), "format `avro` is not supported yet; use `json`");
+    });
+    let mut headers = Vec::new();
+    if let Some(n) = f.get("headers") {
+        if let YamlDataOwned::Mapping(map) = &n.data {
+            for (k, v) in map {
+                if let (Some(header), Some(column)) =
+                    (r.string(k, "a header name"), r.string(v, "a header column"))
+                {
+                    headers.push((header, column, pos(v)));
+                }
+            }
+        } else {
+            r.error(
+                pos(n),
+                "`headers` must be a mapping of header name -> column name",
+            );
+        }
+    }
+    let timestamp = f
+        .get("timestamp")
+        .and_then(|n| r.string(n, "`timestamp`").map(|t| (t, pos(n))));
+    if !kafka {
+        for key in ["key_format", "headers", "timestamp"] {
+            if let Some(n) = f.get(key) {
+                r.error(pos(n), format!("`{key}` applies to kafka sinks"));
+            }
+        }
     }
     let key = f
         .get("key")
@@ -1106,6 +1587,14 @@ fn decode_sink(r: &mut Reader, node: &Node, relations: &[(String, Pos)]) -> Opti
              file and stdout sinks are at_least_once",
         );
     }
+    if let Some(n) = key_format_node
+        && key.is_empty()
+    {
+        r.error(
+            pos(n),
+            format!("{what}: `key_format` needs `key` (the key columns)"),
+        );
+    }
     Some(SinkConfig {
         name: name?,
         pos: pos(node),
@@ -1116,6 +1605,12 @@ fn decode_sink(r: &mut Reader, node: &Node, relations: &[(String, Pos)]) -> Opti
         delivery: delivery?,
         delivery_pos: delivery_node.map_or(f.pos, pos),
         transactions,
+        format,
+        format_pos,
+        key_format,
+        key_format_pos: key_format_node.map_or(f.pos, pos),
+        headers,
+        timestamp,
     })
 }
 

@@ -233,6 +233,35 @@ impl Reader {
     }
 }
 
+/// A node as JSON text: a string is taken as JSON already written; a mapping or a list
+/// is converted (YAML's block style for an Avro schema, say).
+#[must_use]
+pub fn json_text(node: &Node) -> Option<String> {
+    match &node.data {
+        YamlDataOwned::Mapping(_) | YamlDataOwned::Sequence(_) => Some(to_json(node).to_string()),
+        _ => scalar_text(node),
+    }
+}
+
+fn to_json(node: &Node) -> serde_json::Value {
+    use serde_json::Value;
+    match &node.data {
+        YamlDataOwned::Mapping(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| (scalar_text(k).unwrap_or_default(), to_json(v)))
+                .collect(),
+        ),
+        YamlDataOwned::Sequence(items) => Value::Array(items.iter().map(to_json).collect()),
+        YamlDataOwned::Value(ScalarOwned::Null) => Value::Null,
+        YamlDataOwned::Value(ScalarOwned::Boolean(b)) => Value::Bool(*b),
+        YamlDataOwned::Value(ScalarOwned::Integer(i)) => Value::from(*i),
+        YamlDataOwned::Value(ScalarOwned::FloatingPoint(f)) => {
+            serde_json::Number::from_f64(**f).map_or(Value::Null, Value::Number)
+        }
+        _ => scalar_text(node).map_or(Value::Null, Value::String),
+    }
+}
+
 /// The text of a scalar node (numbers and booleans as written), or `None` for others.
 #[must_use]
 pub fn scalar_text(node: &Node) -> Option<String> {

@@ -202,6 +202,64 @@ pub fn decode_state(payload: &[u8]) -> Result<(u64, Vec<StateOp>), CodecError> {
     Ok((epoch, ops))
 }
 
+/// Flag bits of an output record's first byte: a key follows; headers and a timestamp
+/// follow the value. Records written before headers existed have only the key bit.
+const OUTPUT_HAS_KEY: u8 = 1;
+const OUTPUT_HAS_EXTRAS: u8 = 2;
+
+/// `flags | [key] | value | [headers (count, then key and optional value each) | optional
+/// timestamp]`.
+fn write_output_record(w: &mut Writer, rec: &OutputRecord) {
+    let extras = !rec.headers.is_empty() || rec.timestamp.is_some();
+    w.u8(u8::from(rec.key.is_some()) * OUTPUT_HAS_KEY + u8::from(extras) * OUTPUT_HAS_EXTRAS);
+    if let Some(k) = &rec.key {
+        w.bytes(k);
+    }
+    w.bytes(&rec.value);
+    if extras {
+        w.u32(rec.headers.len() as u32);
+        for (k, v) in &rec.headers {
+            w.bytes(k.as_bytes());
+            opt_bytes(w, v.as_deref());
+        }
+        match rec.timestamp {
+            None => w.u8(0),
+            Some(t) => {
+                w.u8(1);
+                w.i64(t);
+            }
+        }
+    }
+}
+
+fn read_output_record(r: &mut Reader<'_>) -> Result<OutputRecord, CodecError> {
+    let flags = r.u8()?;
+    if flags & !(OUTPUT_HAS_KEY | OUTPUT_HAS_EXTRAS) != 0 {
+        return Err(CodecError(format!("output record flags {flags:#x}")));
+    }
+    let key = (flags & OUTPUT_HAS_KEY != 0)
+        .then(|| r.bytes().map(<[u8]>::to_vec))
+        .transpose()?;
+    let value = r.bytes()?.to_vec();
+    let mut rec = OutputRecord {
+        key,
+        value,
+        ..OutputRecord::default()
+    };
+    if flags & OUTPUT_HAS_EXTRAS != 0 {
+        for _ in 0..count(r, "headers")? {
+            let k = str_of(r)?;
+            rec.headers.push((k, read_opt_bytes(r)?));
+        }
+        rec.timestamp = match r.u8()? {
+            0 => None,
+            1 => Some(r.i64()?),
+            t => return Err(CodecError(format!("timestamp tag {t}"))),
+        };
+    }
+    Ok(rec)
+}
+
 /// Encodes a sink's epoch output into payloads of about [`CHUNK_BYTES`] each.
 #[must_use]
 pub fn encode_output(epoch: u64, sink: &str, records: &[OutputRecord]) -> Vec<Vec<u8>> {
@@ -211,7 +269,14 @@ pub fn encode_output(epoch: u64, sink: &str, records: &[OutputRecord]) -> Vec<Ve
         let mut end = start;
         let mut bytes = 0;
         while end < records.len() && (end == start || bytes < CHUNK_BYTES) {
-            bytes += 9 + records[end].value.len() + records[end].key.as_ref().map_or(0, Vec::len);
+            let r = &records[end];
+            bytes += 9
+                + r.value.len()
+                + r.key.as_ref().map_or(0, Vec::len)
+                + r.headers
+                    .iter()
+                    .map(|(k, v)| 9 + k.len() + v.as_ref().map_or(0, Vec::len))
+                    .sum::<usize>();
             end += 1;
         }
         let mut w = Writer::default();
@@ -220,8 +285,7 @@ pub fn encode_output(epoch: u64, sink: &str, records: &[OutputRecord]) -> Vec<Ve
         w.i64(start as i64);
         w.u32((end - start) as u32);
         for rec in &records[start..end] {
-            opt_bytes(&mut w, rec.key.as_deref());
-            w.bytes(&rec.value);
+            write_output_record(&mut w, rec);
         }
         out.push(w.buf);
         start = end;
@@ -237,10 +301,7 @@ pub fn decode_output(payload: &[u8]) -> Result<OutputChunk, CodecError> {
     let n = count(&mut r, "output records")?;
     let mut records = Vec::with_capacity(n.min(payload.len()));
     for _ in 0..n {
-        records.push(OutputRecord {
-            key: read_opt_bytes(&mut r)?,
-            value: r.bytes()?.to_vec(),
-        });
+        records.push(read_output_record(&mut r)?);
     }
     r.finish()?;
     Ok(OutputChunk {

@@ -254,6 +254,16 @@ fn output(e: u64) -> Vec<OutputRecord> {
         .map(|i| OutputRecord {
             key: (i % 2 == 0).then(|| vec![i]),
             value: format!("{{\"epoch\":{e},\"i\":{i}}}").into_bytes(),
+            // One record in three carries headers from columns and a timestamp.
+            headers: if i == 1 {
+                vec![
+                    ("trace".into(), Some(vec![b'x', i])),
+                    ("empty".into(), None),
+                ]
+            } else {
+                Vec::new()
+            },
+            timestamp: (i == 1).then_some(1_700_000_000_000 + e as i64),
         })
         .collect()
 }

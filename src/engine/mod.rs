@@ -23,6 +23,7 @@
 pub mod latency;
 mod pipeline;
 pub mod reactor;
+pub mod schemas;
 pub mod status;
 
 pub use pipeline::{Pipeline, REACTORS_MAX, RunError, RunOptions, RunSummary, reactor_count};

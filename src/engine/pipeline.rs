@@ -67,6 +67,8 @@ pub enum RunError {
     },
     #[error(transparent)]
     Durable(#[from] DurableError),
+    #[error(transparent)]
+    Schema(#[from] super::schemas::SchemaError),
     #[error(
         "the last epoch did not finish within {SHUTDOWN_TIMEOUT:?} of the stop signal: {what}; \
          stopping without committing it (the next run resumes from the last commit)"
@@ -197,6 +199,7 @@ impl Pipeline {
             .metrics
             .clone()
             .unwrap_or_else(|| Metrics::new(&config.name));
+        let registry = super::schemas::registry(config)?;
         let mut dead_letters = Vec::new();
         let mut sources = Vec::new();
         for s in &config.sources {
@@ -210,19 +213,26 @@ impl Pipeline {
                     group_id,
                     start_from,
                     metadata,
-                } => Box::new(
-                    KafkaSource::new(KafkaSourceOptions {
-                        name: s.name.clone(),
-                        client: kafka.clone(),
-                        topic: topic.clone(),
-                        group_id: group_id.clone(),
-                        start_from: *start_from,
-                        columns: s.columns.clone(),
-                        metadata: *metadata,
-                        on_decode_error: s.on_decode_error,
-                    })
-                    .map_err(source_error)?,
-                ),
+                    headers,
+                    ..
+                } => {
+                    let (value, key) = super::schemas::source_decoders(s, registry.as_ref());
+                    Box::new(
+                        KafkaSource::new(KafkaSourceOptions {
+                            name: s.name.clone(),
+                            client: kafka.clone(),
+                            topic: topic.clone(),
+                            group_id: group_id.clone(),
+                            start_from: *start_from,
+                            value,
+                            key,
+                            metadata: *metadata,
+                            headers: headers.clone(),
+                            on_decode_error: s.on_decode_error,
+                        })
+                        .map_err(source_error)?,
+                    )
+                }
                 SourceConnector::File { path, batch_rows } => Box::new(
                     FileSource::new(FileSourceOptions {
                         name: s.name.clone(),
@@ -251,17 +261,11 @@ impl Pipeline {
             let dead_letter = match (&s.dead_letter_topic, s.on_decode_error) {
                 (Some(topic), DecodeErrorPolicy::DeadLetter) => {
                     let name = format!("{}.dead_letter", s.name);
-                    let sink = KafkaSink::new(KafkaSinkOptions {
-                        name: name.clone(),
-                        client: kafka.clone(),
-                        topic: topic.clone(),
-                        key_columns: Vec::new(),
-                        exactly_once: None,
-                    })
-                    .map_err(|source| RunError::Sink {
-                        name: name.clone(),
-                        source,
-                    })?;
+                    let sink = KafkaSink::new(KafkaSinkOptions::plain(&name, kafka.clone(), topic))
+                        .map_err(|source| RunError::Sink {
+                            name: name.clone(),
+                            source,
+                        })?;
                     dead_letters.push(SinkSlot {
                         records: metrics.sink(&name),
                         transactions: metrics.sink_transactions(&name),
@@ -306,11 +310,20 @@ impl Pipeline {
             let sink = match &s.connector {
                 SinkConnector::Kafka { topic } => {
                     let schema = planned.schemas.get(&s.from);
-                    let key_columns = s
-                        .key
+                    let index = |k: &String| schema.and_then(|sc| sc.index_of(k).ok());
+                    let key_columns = s.key.iter().filter_map(|(k, _)| index(k)).collect();
+                    let headers = s
+                        .headers
                         .iter()
-                        .filter_map(|(k, _)| schema.and_then(|sc| sc.index_of(k).ok()))
+                        .filter_map(|(h, c, _)| index(c).map(|i| (h.clone(), i)))
                         .collect();
+                    let timestamp_column = s.timestamp.as_ref().and_then(|(c, _)| index(c));
+                    let (value, key) = match schema {
+                        Some(schema) => {
+                            super::schemas::sink_encodings(s, schema, registry.as_deref())?
+                        }
+                        None => Default::default(),
+                    };
                     let exactly_once = (s.delivery == Delivery::ExactlyOnce).then(|| ExactlyOnce {
                         transactional_id: s
                             .transactions
@@ -323,6 +336,10 @@ impl Pipeline {
                         topic: topic.clone(),
                         key_columns,
                         exactly_once,
+                        value,
+                        key,
+                        headers,
+                        timestamp_column,
                     })
                     .map_err(sink_error)?;
                     if eo {
@@ -354,14 +371,8 @@ impl Pipeline {
                 Some(topic) if operator.is_stateful() => {
                     let name = format!("{}.late_data", q.name);
                     Some(
-                        KafkaSink::new(KafkaSinkOptions {
-                            name: name.clone(),
-                            client: kafka.clone(),
-                            topic: topic.clone(),
-                            key_columns: Vec::new(),
-                            exactly_once: None,
-                        })
-                        .map_err(|source| RunError::Sink { name, source })?,
+                        KafkaSink::new(KafkaSinkOptions::plain(&name, kafka.clone(), topic))
+                            .map_err(|source| RunError::Sink { name, source })?,
                     )
                 }
                 _ => None,

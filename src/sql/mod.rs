@@ -55,15 +55,12 @@ pub struct PlannedPipeline {
 pub fn source_schema(source: &SourceConfig) -> Schema {
     match &source.connector {
         SourceConnector::Datagen { table, .. } => table.schema(),
-        SourceConnector::Kafka { metadata, .. } => {
-            let mut fields: Vec<_> = source
-                .columns
+        connector @ SourceConnector::Kafka { .. } => Schema::new(
+            crate::config::all_columns(&source.columns, connector)
                 .iter()
                 .map(|c| c.ty.field(&c.name, c.nullable))
-                .collect();
-            fields.extend(metadata.fields());
-            Schema::new(fields)
-        }
+                .collect::<Vec<_>>(),
+        ),
         SourceConnector::File { .. } => Schema::new(
             source
                 .columns
@@ -143,18 +140,65 @@ fn check_sink_keys(
         let Some(schema) = planned.schemas.get(&sink.from) else {
             continue;
         };
-        for (column, pos) in &sink.key {
+        let mut error = |pos: Pos, message: String| {
+            diagnostics.push(Diagnostic {
+                file: config.file.clone(),
+                pos,
+                message,
+            });
+        };
+        let names = || schema.fields().iter().map(|f| f.name().as_str());
+        let mut missing = false;
+        let referenced = sink.key.iter().map(|(c, p)| (c, p));
+        for (column, pos) in referenced.chain(sink.headers.iter().map(|(_, c, p)| (c, p))) {
             if schema.index_of(column).is_err() {
-                let h = hint(column, schema.fields().iter().map(|f| f.name().as_str()));
-                diagnostics.push(Diagnostic {
-                    file: config.file.clone(),
-                    pos: *pos,
-                    message: format!(
-                        "key column `{column}` is not an output column of `{}`{h}",
+                missing = true;
+                let h = hint(column, names());
+                error(
+                    *pos,
+                    format!(
+                        "column `{column}` is not an output column of `{}`{h}",
                         sink.from
                     ),
-                });
+                );
             }
+        }
+        if let Some((column, pos)) = &sink.timestamp {
+            match schema.field_with_name(column) {
+                Err(_) => {
+                    missing = true;
+                    let h = hint(column, names());
+                    error(
+                        *pos,
+                        format!(
+                            "timestamp column `{column}` is not an output column of `{}`{h}",
+                            sink.from
+                        ),
+                    );
+                }
+                Ok(f) if !matches!(f.data_type(), DataType::Timestamp(..) | DataType::Int64) => {
+                    error(
+                        *pos,
+                        format!(
+                            "timestamp column `{column}` is {}; it must be a TIMESTAMP or BIGINT (epoch milliseconds)",
+                            f.data_type()
+                        ),
+                    );
+                }
+                Ok(_) => {}
+            }
+        }
+        // Avro codecs compile now (registration waits for the run).
+        if !missing && let Err(e) = crate::engine::schemas::sink_encodings(sink, schema, None) {
+            let pos = match &e {
+                crate::engine::schemas::SchemaError::Schema { what, .. }
+                    if what.contains("key") =>
+                {
+                    sink.key_format_pos
+                }
+                _ => sink.format_pos,
+            };
+            error(pos, e.to_string());
         }
     }
 }

@@ -6,6 +6,8 @@
 //! - [`Broker::tansu`]: a tansu server (a separate Kafka-compatible broker) when `tansu` is
 //!   on the PATH; `None` otherwise.
 //!
+//! - [`registry::SchemaRegistry`]: a schema registry speaking the Confluent REST API.
+//!
 //! Real Kafka or Redpanda containers need Docker, which these machines lack; every test
 //! here speaks the Kafka protocol to a real broker implementation through librdkafka.
 
@@ -20,7 +22,9 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Headers;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-use rdkafka::{Message, Offset, TopicPartitionList};
+use rdkafka::{Message as _, Offset, TopicPartitionList};
+
+pub mod registry;
 
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -208,14 +212,66 @@ pub fn produce(
     Ok(())
 }
 
+/// A record to produce with every part a test may set.
+#[derive(Debug, Clone, Default)]
+pub struct Message {
+    pub partition: Option<i32>,
+    pub key: Option<Vec<u8>>,
+    pub value: Vec<u8>,
+    pub headers: Vec<(String, String)>,
+    /// Epoch milliseconds (absent: the producer's clock).
+    pub timestamp: Option<i64>,
+}
+
+/// Produces `messages` to `topic` and waits for every acknowledgement.
+pub fn produce_messages(bootstrap: &str, topic: &str, messages: &[Message]) -> Result<(), Error> {
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .create()?;
+    for m in messages {
+        let mut record = BaseRecord::<[u8], [u8]>::to(topic).payload(&m.value);
+        if let Some(k) = &m.key {
+            record = record.key(k);
+        }
+        if let Some(p) = m.partition {
+            record = record.partition(p);
+        }
+        if let Some(t) = m.timestamp {
+            record = record.timestamp(t);
+        }
+        if !m.headers.is_empty() {
+            let headers =
+                m.headers
+                    .iter()
+                    .fold(rdkafka::message::OwnedHeaders::new(), |h, (k, v)| {
+                        h.insert(rdkafka::message::Header {
+                            key: k,
+                            value: Some(v.as_bytes()),
+                        })
+                    });
+            record = record.headers(headers);
+        }
+        producer.send(record).map_err(|(e, _)| e)?;
+        producer.poll(Duration::ZERO);
+    }
+    producer.flush(Duration::from_secs(30))?;
+    Ok(())
+}
+
 /// One record read back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     pub partition: i32,
     pub offset: i64,
     pub key: Option<String>,
+    /// The value as UTF-8 (lossy); `value_bytes` has it as it was.
     pub value: String,
     pub headers: Vec<(String, String)>,
+    pub key_bytes: Option<Vec<u8>>,
+    pub value_bytes: Vec<u8>,
+    /// The record's timestamp, epoch milliseconds.
+    pub timestamp: Option<i64>,
 }
 
 /// Reads `topic` from the beginning of every partition (`read_committed`) until `expected`
@@ -273,6 +329,9 @@ pub fn consume(
                     key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
                     value: String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned(),
                     headers,
+                    key_bytes: m.key().map(<[u8]>::to_vec),
+                    value_bytes: m.payload().unwrap_or_default().to_vec(),
+                    timestamp: m.timestamp().to_millis(),
                 });
             }
             Some(Err(e)) => return Err(e.into()),

@@ -172,6 +172,17 @@ impl Running {
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(&self.stderr_file).unwrap_or_default()
     }
+
+    /// SIGTERM, then waits for a clean exit (0), failing the test with stderr otherwise.
+    pub fn stop(&mut self) {
+        self.signal("TERM");
+        let status = self.wait(Duration::from_mins(1));
+        assert!(
+            status.success(),
+            "laminar exited with {status}; stderr:\n{}",
+            self.stderr()
+        );
+    }
 }
 
 impl Drop for Running {

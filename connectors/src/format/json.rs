@@ -10,13 +10,8 @@
 //! RFC 3339 UTC strings with milliseconds (`2023-11-14T22:13:20.000Z`), NaN/inf are null.
 
 use std::fmt;
-use std::sync::Arc;
 
-use arrow::array::{
-    Array, ArrayRef, AsArray, BooleanArray, BooleanBuilder, Date32Builder, Float32Builder,
-    Float64Builder, Int8Builder, Int16Builder, Int32Builder, Int64Builder, RecordBatch,
-    StringBuilder, TimestampMillisecondBuilder,
-};
+use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch};
 use arrow::datatypes::{
     DataType, Date32Type, Float32Type, Float64Type, Int8Type, Int16Type, Int32Type, Int64Type,
     TimeUnit, TimestampMicrosecondType, TimestampMillisecondType, TimestampNanosecondType,
@@ -26,7 +21,8 @@ use arrow::util::display::{ArrayFormatter, FormatOptions};
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
 
 use super::DecodeError;
-use super::types::{ColumnType, TIMESTAMP_TZ};
+use super::row::{Cell, RowBuilders};
+use super::types::ColumnType;
 
 /// One declared column, as the decoder sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,174 +32,75 @@ pub struct DecodeColumn {
     pub nullable: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Cell {
-    Absent,
-    Null,
-    Bool(bool),
-    Int(i64),
-    Float(f64),
-    /// The text is in the column's string scratch.
-    Str,
-}
-
-enum Builder {
-    Boolean(BooleanBuilder),
-    Int8(Int8Builder),
-    Int16(Int16Builder),
-    Int32(Int32Builder),
-    Int64(Int64Builder),
-    Float32(Float32Builder),
-    Float64(Float64Builder),
-    Utf8(StringBuilder),
-    TimestampMs(TimestampMillisecondBuilder),
-    Date32(Date32Builder),
-}
-
-impl Builder {
-    fn new(ty: ColumnType, capacity: usize) -> Self {
-        match ty {
-            ColumnType::Boolean => Self::Boolean(BooleanBuilder::with_capacity(capacity)),
-            ColumnType::Int8 => Self::Int8(Int8Builder::with_capacity(capacity)),
-            ColumnType::Int16 => Self::Int16(Int16Builder::with_capacity(capacity)),
-            ColumnType::Int32 => Self::Int32(Int32Builder::with_capacity(capacity)),
-            ColumnType::Int64 => Self::Int64(Int64Builder::with_capacity(capacity)),
-            ColumnType::Float32 => Self::Float32(Float32Builder::with_capacity(capacity)),
-            ColumnType::Float64 => Self::Float64(Float64Builder::with_capacity(capacity)),
-            ColumnType::Utf8 => Self::Utf8(StringBuilder::with_capacity(capacity, capacity * 16)),
-            ColumnType::Timestamp(_) => Self::TimestampMs(
-                TimestampMillisecondBuilder::with_capacity(capacity).with_timezone(TIMESTAMP_TZ),
-            ),
-            ColumnType::Date32 => Self::Date32(Date32Builder::with_capacity(capacity)),
-        }
-    }
-
-    /// Appends a cell that `check` has already validated against the column type.
-    fn append(&mut self, cell: Cell, text: &str) {
-        match (self, cell) {
-            (Self::Boolean(b), Cell::Bool(v)) => b.append_value(v),
-            (Self::Int8(b), Cell::Int(v)) => b.append_value(v as i8),
-            (Self::Int16(b), Cell::Int(v)) => b.append_value(v as i16),
-            (Self::Int32(b), Cell::Int(v)) => b.append_value(v as i32),
-            (Self::Int64(b), Cell::Int(v)) => b.append_value(v),
-            (Self::Float32(b), Cell::Float(v)) => b.append_value(v as f32),
-            (Self::Float64(b), Cell::Float(v)) => b.append_value(v),
-            (Self::Utf8(b), Cell::Str) => b.append_value(text),
-            (Self::TimestampMs(b), Cell::Int(v)) => b.append_value(v),
-            (Self::Date32(b), Cell::Int(v)) => b.append_value(v as i32),
-            (b, _) => b.append_null(),
-        }
-    }
-
-    fn append_null(&mut self) {
-        match self {
-            Self::Boolean(b) => b.append_null(),
-            Self::Int8(b) => b.append_null(),
-            Self::Int16(b) => b.append_null(),
-            Self::Int32(b) => b.append_null(),
-            Self::Int64(b) => b.append_null(),
-            Self::Float32(b) => b.append_null(),
-            Self::Float64(b) => b.append_null(),
-            Self::Utf8(b) => b.append_null(),
-            Self::TimestampMs(b) => b.append_null(),
-            Self::Date32(b) => b.append_null(),
-        }
-    }
-
-    fn finish(&mut self) -> ArrayRef {
-        match self {
-            Self::Boolean(b) => Arc::new(b.finish()),
-            Self::Int8(b) => Arc::new(b.finish()),
-            Self::Int16(b) => Arc::new(b.finish()),
-            Self::Int32(b) => Arc::new(b.finish()),
-            Self::Int64(b) => Arc::new(b.finish()),
-            Self::Float32(b) => Arc::new(b.finish()),
-            Self::Float64(b) => Arc::new(b.finish()),
-            Self::Utf8(b) => Arc::new(b.finish()),
-            Self::TimestampMs(b) => Arc::new(b.finish()),
-            Self::Date32(b) => Arc::new(b.finish()),
-        }
-    }
-}
-
 /// Decodes JSON objects into rows of the declared columns.
 pub struct JsonDecoder {
-    columns: Vec<DecodeColumn>,
-    row: Vec<Cell>,
-    texts: Vec<String>,
-    builders: Vec<Builder>,
-    rows: usize,
+    rows: RowBuilders,
 }
 
 impl JsonDecoder {
     #[must_use]
     pub fn new(columns: Vec<DecodeColumn>) -> Self {
-        let builders = columns
-            .iter()
-            .map(|c| Builder::new(c.ty, crate::BATCH_ROWS_MAX))
-            .collect();
         Self {
-            row: vec![Cell::Absent; columns.len()],
-            texts: vec![String::new(); columns.len()],
-            columns,
-            builders,
-            rows: 0,
+            rows: RowBuilders::new(columns),
         }
     }
 
     #[must_use]
     pub fn columns(&self) -> &[DecodeColumn] {
-        &self.columns
+        &self.rows.columns
     }
 
     /// Rows appended since the last [`Self::finish`].
     #[must_use]
     pub fn rows(&self) -> usize {
-        self.rows
+        self.rows.rows()
     }
 
     /// Decodes one record and appends it as a row, or rejects it and appends nothing.
     pub fn decode(&mut self, bytes: &[u8]) -> Result<(), DecodeError> {
+        self.parse(bytes)?;
+        self.append();
+        Ok(())
+    }
+
+    /// Decodes one record into the pending row without appending it: [`Self::append`]
+    /// then adds it, and the next `parse` discards it.
+    pub fn parse(&mut self, bytes: &[u8]) -> Result<(), DecodeError> {
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Err(DecodeError::Empty);
         }
-        self.row.fill(Cell::Absent);
+        let rows = &mut self.rows;
+        rows.start();
         let mut failure = None;
         let mut de = serde_json::Deserializer::from_slice(bytes);
         let seed = RowSeed {
-            columns: &self.columns,
-            row: &mut self.row,
-            texts: &mut self.texts,
+            columns: &rows.columns,
+            row: &mut rows.row,
+            texts: &mut rows.texts,
             failure: &mut failure,
         };
         let parsed = seed.deserialize(&mut de).and_then(|()| de.end());
         if let Err(e) = parsed {
             return Err(failure.unwrap_or_else(|| DecodeError::Syntax(e.to_string())));
         }
-        for (column, cell) in self.columns.iter().zip(&self.row) {
-            match cell {
-                Cell::Absent if !column.nullable => {
-                    return Err(DecodeError::MissingField(column.name.clone()));
-                }
-                Cell::Null if !column.nullable => {
-                    return Err(DecodeError::NullField {
-                        field: column.name.clone(),
-                    });
-                }
-                _ => {}
-            }
-        }
-        for ((builder, cell), text) in self.builders.iter_mut().zip(&self.row).zip(&self.texts) {
-            builder.append(*cell, text);
-        }
-        self.rows += 1;
-        Ok(())
+        rows.check()
+    }
+
+    /// Fills the pending row with nulls (a record without this part, such as a message
+    /// without a key): an error when a column is NOT NULL.
+    pub fn parse_absent(&mut self) -> Result<(), DecodeError> {
+        self.rows.start();
+        self.rows.check()
+    }
+
+    /// Appends the row of the last successful `parse`.
+    pub fn append(&mut self) {
+        self.rows.append();
     }
 
     /// Takes the decoded rows as one array per column; the decoder starts empty again.
     pub fn finish(&mut self) -> Vec<ArrayRef> {
-        self.rows = 0;
-        self.builders.iter_mut().map(Builder::finish).collect()
+        self.rows.finish()
     }
 }
 
@@ -400,19 +297,13 @@ impl<'de> Visitor<'de> for CellSeed<'_> {
                 self.text.push_str(v);
                 Ok(Cell::Str)
             }
-            ColumnType::Timestamp(_) => match utc_millis(v.as_bytes()) {
+            ColumnType::Timestamp(_) => match parse_timestamp_ms(v) {
                 Some(ms) => Ok(Cell::Int(ms)),
-                None => match chrono::DateTime::parse_from_rfc3339(v) {
-                    Ok(t) => Ok(Cell::Int(t.timestamp_millis())),
-                    Err(_) => self.wrong(format!("the string {v:?}")),
-                },
+                None => self.wrong(format!("the string {v:?}")),
             },
-            ColumnType::Date32 => match chrono::NaiveDate::parse_from_str(v, "%Y-%m-%d") {
-                Ok(d) => Ok(Cell::Int(i64::from(
-                    d.signed_duration_since(chrono::NaiveDate::default())
-                        .num_days() as i32,
-                ))),
-                Err(_) => self.wrong(format!("the string {v:?}")),
+            ColumnType::Date32 => match parse_date_days(v) {
+                Some(days) => Ok(Cell::Int(i64::from(days))),
+                None => self.wrong(format!("the string {v:?}")),
             },
             _ => self.wrong(format!("the string {v:?}")),
         }
@@ -685,6 +576,26 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
+/// An RFC 3339 timestamp as epoch milliseconds (the usual UTC form without the general
+/// parser), or `None`.
+pub(crate) fn parse_timestamp_ms(v: &str) -> Option<i64> {
+    utc_millis(v.as_bytes()).or_else(|| {
+        chrono::DateTime::parse_from_rfc3339(v)
+            .ok()
+            .map(|t| t.timestamp_millis())
+    })
+}
+
+/// `YYYY-MM-DD` as days since 1970-01-01, or `None`.
+pub(crate) fn parse_date_days(v: &str) -> Option<i32> {
+    let d = chrono::NaiveDate::parse_from_str(v, "%Y-%m-%d").ok()?;
+    i32::try_from(
+        d.signed_duration_since(chrono::NaiveDate::default())
+            .num_days(),
+    )
+    .ok()
+}
+
 /// The common UTC form `YYYY-MM-DDTHH:MM:SS[.f{1,9}]Z` (what laminar writes) in epoch
 /// milliseconds, without the general RFC 3339 parser; `None` for anything else (offsets,
 /// lowercase, out-of-range fields), which the general parser then takes.
@@ -753,6 +664,7 @@ fn civil_from_days(z: i64) -> (i64, i64, i64) {
 mod tests {
     use super::*;
     use arrow::datatypes::{Field, Schema};
+    use std::sync::Arc;
 
     fn columns() -> Vec<DecodeColumn> {
         vec![

@@ -11,8 +11,23 @@ use rdkafka::error::KafkaError;
 /// How often the same kind of client error is logged at most.
 const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
+/// librdkafka properties whose values are secrets: never printed, and scrubbed from
+/// librdkafka's own log lines.
+pub const SECRET_PROPERTIES: &[&str] = &[
+    "sasl.password",
+    "sasl.oauthbearer.client.secret",
+    "sasl.oauthbearer.config",
+    "ssl.key.password",
+    "ssl.key.pem",
+    "ssl.keystore.password",
+    "ssl.truststore.password",
+];
+
+/// What a secret is printed as.
+pub const REDACTED: &str = "[redacted]";
+
 /// The `kafka:` section of a pipeline file, shared by every Kafka source and sink.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct KafkaClientOptions {
     /// `host:port[,host:port...]` of the brokers.
     pub bootstrap_servers: String,
@@ -21,7 +36,44 @@ pub struct KafkaClientOptions {
     pub properties: Vec<(String, String)>,
 }
 
+/// Whether a librdkafka property holds a secret.
+#[must_use]
+pub fn is_secret_property(name: &str) -> bool {
+    SECRET_PROPERTIES.contains(&name)
+}
+
+impl std::fmt::Debug for KafkaClientOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let properties: Vec<(&str, &str)> = self
+            .properties
+            .iter()
+            .map(|(k, v)| {
+                let v = if is_secret_property(k) {
+                    REDACTED
+                } else {
+                    v.as_str()
+                };
+                (k.as_str(), v)
+            })
+            .collect();
+        f.debug_struct("KafkaClientOptions")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("properties", &properties)
+            .finish()
+    }
+}
+
 impl KafkaClientOptions {
+    /// The values of secret properties, to scrub from log lines.
+    #[must_use]
+    pub fn secret_values(&self) -> Vec<String> {
+        self.properties
+            .iter()
+            .filter(|(k, v)| is_secret_property(k) && !v.is_empty())
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
     /// A librdkafka config with laminar's `defaults`, then the user's properties on top.
     #[must_use]
     pub fn config(&self, defaults: &[(&str, &str)]) -> ClientConfig {
@@ -40,6 +92,8 @@ impl KafkaClientOptions {
 /// Logs librdkafka's messages and errors under the connector's name, rate limited.
 pub struct LogContext {
     name: String,
+    /// Values that must not appear in a log line (secret properties).
+    secrets: Vec<String>,
     last_error: Mutex<Option<Instant>>,
     /// Each partition's high watermark, from librdkafka's statistics.
     high_watermarks: Mutex<std::collections::BTreeMap<(String, i32), i64>>,
@@ -50,9 +104,28 @@ impl LogContext {
     pub fn new(name: &str) -> Self {
         Self {
             name: name.to_owned(),
+            secrets: Vec::new(),
             last_error: Mutex::new(None),
             high_watermarks: Mutex::new(std::collections::BTreeMap::new()),
         }
+    }
+
+    /// Scrubs these values from every librdkafka message logged.
+    #[must_use]
+    pub fn with_secrets(mut self, secrets: Vec<String>) -> Self {
+        self.secrets = secrets;
+        self
+    }
+
+    /// `text` with every secret value replaced.
+    fn scrub<'a>(&self, text: &'a str) -> std::borrow::Cow<'a, str> {
+        let mut out = std::borrow::Cow::Borrowed(text);
+        for s in &self.secrets {
+            if out.contains(s.as_str()) {
+                out = std::borrow::Cow::Owned(out.replace(s.as_str(), REDACTED));
+            }
+        }
+        out
     }
 
     /// The high watermark of `topic`'s `partition` at librdkafka's last statistics
@@ -82,6 +155,7 @@ impl LogContext {
 impl ClientContext for LogContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
         let name = &self.name;
+        let log_message = self.scrub(log_message);
         match level {
             RDKafkaLogLevel::Emerg
             | RDKafkaLogLevel::Alert
@@ -117,9 +191,11 @@ impl ClientContext for LogContext {
 
     fn error(&self, error: KafkaError, reason: &str) {
         if self.should_log_error() {
+            let text = format!("{error}: {reason}");
             tracing::warn!(
                 connector = %self.name,
-                "kafka client error (retrying in the background): {error}: {reason}"
+                "kafka client error (retrying in the background): {}",
+                self.scrub(&text)
             );
         }
     }

@@ -13,8 +13,9 @@ mod client;
 mod sink;
 mod source;
 
-pub use client::{KafkaClientOptions, LogContext};
+pub use client::{KafkaClientOptions, LogContext, REDACTED, SECRET_PROPERTIES, is_secret_property};
 pub use sink::{
-    EPOCH_HEADER, ExactlyOnce, KafkaSink, KafkaSinkOptions, OutputRecord, SEQ_HEADER, SINK_HEADER,
+    EPOCH_HEADER, ExactlyOnce, KafkaSink, KafkaSinkOptions, KeyEncoding, OutputRecord, SEQ_HEADER,
+    SINK_HEADER, ValueEncoding,
 };
-pub use source::{KafkaSource, KafkaSourceOptions, MetadataColumns, StartFrom};
+pub use source::{KafkaSource, KafkaSourceOptions, MetadataColumns, StartFrom, source_columns};

@@ -1,4 +1,5 @@
-//! The Kafka sink: JSON values, optional keys from columns; also the dead-letter writer.
+//! The Kafka sink: JSON or Avro values, optional keys, headers and timestamps from
+//! columns; also the dead-letter writer.
 //!
 //! `write` enqueues into librdkafka's bounded queue (waiting while it is full: that is
 //! backpressure), `flush` waits for every acknowledgement. Delivery errors are remembered
@@ -16,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use arrow::array::RecordBatch;
+use arrow::array::{Array, AsArray, RecordBatch};
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -26,6 +27,7 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, T
 use rdkafka::types::RDKafkaErrorCode;
 
 use super::client::{KafkaClientOptions, LogContext};
+use crate::format::avro::AvroEncoder;
 use crate::format::json::{JsonEncoder, write_cell_text};
 use crate::{FlushOutcome, Rejected, Sink, SinkError};
 
@@ -44,6 +46,55 @@ pub struct KafkaSinkOptions {
     pub key_columns: Vec<usize>,
     /// `delivery: exactly_once`; `None`: at-least-once.
     pub exactly_once: Option<ExactlyOnce>,
+    /// How values are written.
+    pub value: ValueEncoding,
+    /// How keys are written.
+    pub key: KeyEncoding,
+    /// Header name -> column index: each record carries the column's value as text.
+    pub headers: Vec<(String, usize)>,
+    /// A TIMESTAMP column that sets each record's timestamp.
+    pub timestamp_column: Option<usize>,
+}
+
+impl KafkaSinkOptions {
+    /// A sink of JSON values without keys, headers or exactly-once (dead-letter and
+    /// late-data topics).
+    #[must_use]
+    pub fn plain(name: &str, client: KafkaClientOptions, topic: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            client,
+            topic: topic.to_owned(),
+            key_columns: Vec::new(),
+            exactly_once: None,
+            value: ValueEncoding::Json,
+            key: KeyEncoding::Text,
+            headers: Vec::new(),
+            timestamp_column: None,
+        }
+    }
+}
+
+/// How a sink writes record values.
+#[derive(Debug, Clone, Default)]
+pub enum ValueEncoding {
+    /// One JSON object per row.
+    #[default]
+    Json,
+    /// One Avro datum per row (with the Confluent header when registered).
+    Avro(AvroEncoder),
+}
+
+/// How a sink writes record keys (from `key_columns`).
+#[derive(Debug, Clone, Default)]
+pub enum KeyEncoding {
+    /// One key column's value as text; several as a JSON object.
+    #[default]
+    Text,
+    /// A JSON object of the key columns, even one.
+    Json,
+    /// An Avro datum of the key columns.
+    Avro(AvroEncoder),
 }
 
 /// Settings of an exactly-once sink.
@@ -66,10 +117,14 @@ const READ_BACK_TIMEOUT: Duration = Duration::from_mins(2);
 const TRANSACTION_TIMEOUT: Duration = Duration::from_mins(1);
 
 /// One encoded record of an exactly-once sink, held until its epoch is durable.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OutputRecord {
     pub key: Option<Vec<u8>>,
     pub value: Vec<u8>,
+    /// Headers from columns (`headers:`), before laminar's own.
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+    /// The record's timestamp (`timestamp:`), epoch milliseconds.
+    pub timestamp: Option<i64>,
 }
 
 /// Counts acknowledgements and keeps the first delivery error.
@@ -142,7 +197,7 @@ impl KafkaSink {
             ("queue.buffering.max.kbytes", "65536"),
         ]);
         let context = DeliveryContext {
-            log: LogContext::new(&options.name),
+            log: LogContext::new(&options.name).with_secrets(options.client.secret_values()),
             acked: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             first_error: Mutex::new(None),
@@ -284,7 +339,7 @@ impl KafkaSink {
                 crate::crash::crash("mid-delivery");
             }
             let seq_text = seq.to_string();
-            let headers = OwnedHeaders::new()
+            let headers = column_headers(&record.headers)
                 .insert(Header {
                     key: EPOCH_HEADER,
                     value: Some(epoch_text.as_bytes()),
@@ -297,7 +352,12 @@ impl KafkaSink {
                     key: SINK_HEADER,
                     value: Some(self.options.name.as_bytes()),
                 });
-            self.send(record.key.as_deref(), &record.value, Some(headers))?;
+            self.send(
+                record.key.as_deref(),
+                &record.value,
+                Some(headers),
+                record.timestamp,
+            )?;
             sent += 1;
         }
         Ok(sent)
@@ -410,10 +470,14 @@ impl KafkaSink {
         key: Option<&[u8]>,
         payload: &[u8],
         headers: Option<OwnedHeaders>,
+        timestamp: Option<i64>,
     ) -> Result<(), SinkError> {
         let mut record = BaseRecord::to(&self.options.topic).payload(payload);
         if let Some(k) = key {
             record = record.key(k);
+        }
+        if let Some(t) = timestamp {
+            record = record.timestamp(t);
         }
         if let Some(h) = headers {
             record = record.headers(h);
@@ -440,19 +504,40 @@ impl KafkaSink {
     }
 }
 
+/// A row's headers (name, value) and timestamp, from columns.
+type RowExtras = (Vec<(String, Option<Vec<u8>>)>, Option<i64>);
+
+/// Headers from columns, as librdkafka takes them.
+fn column_headers(headers: &[(String, Option<Vec<u8>>)]) -> OwnedHeaders {
+    headers.iter().fold(OwnedHeaders::new(), |h, (k, v)| {
+        h.insert(Header {
+            key: k,
+            value: v.as_deref(),
+        })
+    })
+}
+
 impl KafkaSink {
     /// Encodes the rows' values and keys into `values`/`keys`.
     fn encode(&mut self, batch: &RecordBatch) -> Result<(), SinkError> {
         self.values.clear();
         self.value_ends.clear();
-        self.encoder
-            .encode(batch, None, &mut self.values, &mut self.value_ends)
-            .map_err(SinkError::Encode)?;
+        match &self.options.value {
+            ValueEncoding::Json => {
+                self.encoder
+                    .encode(batch, None, &mut self.values, &mut self.value_ends)
+            }
+            ValueEncoding::Avro(e) => e.encode(batch, &mut self.values, &mut self.value_ends),
+        }
+        .map_err(SinkError::Encode)?;
         self.keys.clear();
         self.key_ends.clear();
-        match self.options.key_columns.as_slice() {
-            [] => {}
-            [one] => {
+        match (&self.options.key, self.options.key_columns.as_slice()) {
+            (_, []) => {}
+            (KeyEncoding::Avro(e), _) => e
+                .encode(batch, &mut self.keys, &mut self.key_ends)
+                .map_err(SinkError::Encode)?,
+            (KeyEncoding::Text, [one]) => {
                 let column = batch.column(*one);
                 for row in 0..batch.num_rows() {
                     write_cell_text(column.as_ref(), row, &mut self.keys)
@@ -460,7 +545,7 @@ impl KafkaSink {
                     self.key_ends.push(self.keys.len());
                 }
             }
-            several => {
+            (KeyEncoding::Text | KeyEncoding::Json, several) => {
                 let several = several.to_vec();
                 self.encoder
                     .encode(batch, Some(&several), &mut self.keys, &mut self.key_ends)
@@ -470,9 +555,50 @@ impl KafkaSink {
         Ok(())
     }
 
+    /// Per row, the headers and timestamp that columns give it (empty when none do).
+    fn extras(&self, batch: &RecordBatch) -> Result<Vec<RowExtras>, SinkError> {
+        if self.options.headers.is_empty() && self.options.timestamp_column.is_none() {
+            return Ok(Vec::new());
+        }
+        // Milliseconds since the epoch, whatever the column's unit.
+        let times = match self.options.timestamp_column {
+            Some(i) => {
+                use arrow::datatypes::{DataType, TimeUnit};
+                let ms = arrow::compute::cast(
+                    batch.column(i),
+                    &DataType::Timestamp(TimeUnit::Millisecond, None),
+                )
+                .and_then(|t| arrow::compute::cast(&t, &DataType::Int64))
+                .map_err(|e| SinkError::Encode(e.to_string()))?;
+                Some(ms)
+            }
+            None => None,
+        };
+        let times = times
+            .as_ref()
+            .map(AsArray::as_primitive::<arrow::datatypes::Int64Type>);
+        let mut out = Vec::with_capacity(batch.num_rows());
+        for row in 0..batch.num_rows() {
+            let mut headers = Vec::with_capacity(self.options.headers.len());
+            for (name, column) in &self.options.headers {
+                // A null column gives no header, rather than one without a value.
+                let column = batch.column(*column);
+                if !column.is_null(row) {
+                    let mut text = Vec::new();
+                    write_cell_text(column.as_ref(), row, &mut text).map_err(SinkError::Encode)?;
+                    headers.push((name.clone(), Some(text)));
+                }
+            }
+            let timestamp = times.and_then(|t| (!t.is_null(row)).then(|| t.value(row)));
+            out.push((headers, timestamp));
+        }
+        Ok(out)
+    }
+
     /// Exactly-once: holds the encoded rows until the epoch is durable.
     fn stage(&mut self, batch: &RecordBatch) -> Result<(), SinkError> {
         self.encode(batch)?;
+        let mut extras = self.extras(batch)?.into_iter();
         let (mut start, mut key_start) = (0, 0);
         for row in 0..batch.num_rows() {
             let end = self.value_ends[row];
@@ -481,17 +607,25 @@ impl KafkaSink {
                 key_start = key_end;
                 k
             });
-            self.staged_bytes += end - start + key.as_ref().map_or(0, Vec::len);
+            let (headers, timestamp) = extras.next().unwrap_or_default();
+            self.staged_bytes += end - start
+                + key.as_ref().map_or(0, Vec::len)
+                + headers
+                    .iter()
+                    .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
+                    .sum::<usize>();
             self.staged.push(OutputRecord {
                 key,
                 value: self.values[start..end].to_vec(),
+                headers,
+                timestamp,
             });
             start = end;
         }
         Ok(())
     }
 
-    /// Writes rows as JSON values, each with the same `headers` (`key`, `value`).
+    /// Writes rows, each with the same `headers` (`key`, `value`) after those from columns.
     pub fn write_with_headers(
         &mut self,
         batch: &RecordBatch,
@@ -499,6 +633,7 @@ impl KafkaSink {
     ) -> Result<(), SinkError> {
         self.check_failures()?;
         self.encode(batch)?;
+        let mut extras = self.extras(batch)?.into_iter();
         let mut start = 0;
         let mut key_start = 0;
         for row in 0..batch.num_rows() {
@@ -508,15 +643,18 @@ impl KafkaSink {
                 key_start = key_end;
                 k
             });
-            let owned = (!headers.is_empty()).then(|| {
-                headers.iter().fold(OwnedHeaders::new(), |h, (k, v)| {
-                    h.insert(Header {
-                        key: k,
-                        value: Some(v.as_bytes()),
+            let (from_columns, timestamp) = extras.next().unwrap_or_default();
+            let owned = (!headers.is_empty() || !from_columns.is_empty()).then(|| {
+                headers
+                    .iter()
+                    .fold(column_headers(&from_columns), |h, (k, v)| {
+                        h.insert(Header {
+                            key: k,
+                            value: Some(v.as_bytes()),
+                        })
                     })
-                })
             });
-            self.send(key, &self.values[start..end], owned)?;
+            self.send(key, &self.values[start..end], owned, timestamp)?;
             start = end;
         }
         Ok(())
@@ -557,7 +695,7 @@ impl Sink for KafkaSink {
                     key: "laminar.source.offset",
                     value: Some(offset.as_bytes()),
                 });
-            self.send(r.key.as_deref(), &r.payload, Some(headers))?;
+            self.send(r.key.as_deref(), &r.payload, Some(headers), None)?;
         }
         Ok(())
     }

@@ -1,5 +1,11 @@
-//! The Kafka source: one consumer in the pipeline's consumer group, JSON values decoded
-//! into the declared columns plus optional metadata columns.
+//! The Kafka source: one consumer in the pipeline's consumer group; JSON or Avro values
+//! (and optionally keys) decoded into the declared columns, plus optional metadata and
+//! header columns.
+//!
+//! A record whose Avro schema the registry must first be asked for, while the registry
+//! does not answer, is held (with every record after it) and retried with backoff: the
+//! source stops handing out rows rather than reject or skip a good record; a registry
+//! that answers "no such schema" gets the record dead-lettered.
 //!
 //! The source reads every partition of its topic: it assigns them itself (new partitions
 //! are picked up from metadata every few seconds) instead of joining a consumer-group
@@ -16,17 +22,17 @@ use std::time::{Duration, Instant};
 use arrow::array::{
     ArrayRef, Int32Builder, Int64Builder, RecordBatch, StringBuilder, TimestampMillisecondBuilder,
 };
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::datatypes::{Schema, SchemaRef};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::Message;
+use rdkafka::message::{Headers, Message, OwnedMessage};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::client::{KafkaClientOptions, LogContext};
-use crate::format::DecodeError;
-use crate::format::json::{DecodeColumn, JsonDecoder};
-use crate::format::types::{TIMESTAMP_TZ, timestamp_ms_type};
+use crate::format::json::DecodeColumn;
+use crate::format::types::{ColumnType, EpochUnit, TIMESTAMP_TZ};
+use crate::format::{DecodeError, DecoderSpec, RecordDecoder};
 use crate::{
     BATCH_ROWS_MAX, DecodeErrorPolicy, PartitionStats, Rejected, Source, SourceBatch, SourceError,
     SourcePoll, SourcePosition,
@@ -76,29 +82,60 @@ pub struct MetadataColumns {
     pub offset: bool,
     /// `_timestamp TIMESTAMP NULL`: the record's create or log-append time.
     pub timestamp: bool,
+    /// `_timestamp` is the event time: NOT NULL, a record without a timestamp is rejected.
+    pub timestamp_required: bool,
 }
 
 impl MetadataColumns {
     pub const NAMES: [&'static str; 4] = ["key", "partition", "offset", "timestamp"];
 
-    /// The metadata fields, in column order.
+    /// The metadata columns, in column order.
     #[must_use]
-    pub fn fields(&self) -> Vec<Field> {
-        let mut fields = Vec::new();
+    pub fn columns(&self) -> Vec<DecodeColumn> {
+        let column = |name: &str, ty, nullable| DecodeColumn {
+            name: name.to_owned(),
+            ty,
+            nullable,
+        };
+        let mut columns = Vec::new();
         if self.key {
-            fields.push(Field::new("_key", DataType::Utf8, true));
+            columns.push(column("_key", ColumnType::Utf8, true));
         }
         if self.partition {
-            fields.push(Field::new("_partition", DataType::Int32, false));
+            columns.push(column("_partition", ColumnType::Int32, false));
         }
         if self.offset {
-            fields.push(Field::new("_offset", DataType::Int64, false));
+            columns.push(column("_offset", ColumnType::Int64, false));
         }
         if self.timestamp {
-            fields.push(Field::new("_timestamp", timestamp_ms_type(), true));
+            columns.push(column(
+                "_timestamp",
+                ColumnType::Timestamp(EpochUnit::Millis),
+                !self.timestamp_required,
+            ));
         }
-        fields
+        columns
     }
+}
+
+/// Every column of a Kafka source's batches, in order: the value's, the key's, the
+/// metadata columns, then one VARCHAR NULL per header in `headers` (header -> column).
+#[must_use]
+pub fn source_columns(
+    value: &[DecodeColumn],
+    key: &[DecodeColumn],
+    metadata: MetadataColumns,
+    headers: &[(String, String)],
+) -> Vec<DecodeColumn> {
+    let mut all = value.to_vec();
+    all.extend_from_slice(key);
+    all.extend(metadata.columns());
+    all.extend(headers.iter().map(|(_, column)| DecodeColumn {
+        name: column.clone(),
+        ty: ColumnType::Utf8,
+        nullable: true,
+    }));
+    all
 }
 
 /// A `connector: kafka` source.
@@ -111,17 +148,30 @@ pub struct KafkaSourceOptions {
     /// Consumer group; defaults to the pipeline name.
     pub group_id: String,
     pub start_from: StartFrom,
-    pub columns: Vec<DecodeColumn>,
+    /// How values are decoded, into which columns.
+    pub value: DecoderSpec,
+    /// How keys are decoded into columns (after the value's); `None`: they are not.
+    pub key: Option<DecoderSpec>,
     pub metadata: MetadataColumns,
+    /// Header name -> column (VARCHAR NULL), after the metadata columns.
+    pub headers: Vec<(String, String)>,
     pub on_decode_error: DecodeErrorPolicy,
 }
 
 pub struct KafkaSource {
-    options: KafkaSourceOptions,
     consumer: BaseConsumer<LogContext>,
+    state: State,
+}
+
+/// Everything but the consumer, so that a record borrowed from the consumer can be
+/// taken into it.
+struct State {
+    options: KafkaSourceOptions,
     schema: SchemaRef,
-    decoder: JsonDecoder,
+    value: RecordDecoder,
+    key: Option<RecordDecoder>,
     meta: MetaBuilders,
+    headers: Vec<StringBuilder>,
     /// Next offset to read per partition, for what `poll` has returned.
     positions: BTreeMap<i32, i64>,
     /// Partition of each decoded row of the batch being built.
@@ -133,7 +183,15 @@ pub struct KafkaSource {
     last_metadata: Option<Instant>,
     /// Records and bytes read per partition, for metrics.
     counts: BTreeMap<i32, (u64, u64)>,
+    /// A record waiting for the schema registry, and when to ask again.
+    held: Option<(OwnedMessage, Instant)>,
+    /// Backoff of the next registry retry.
+    registry_backoff: Duration,
 }
+
+/// First and longest wait before asking an unreachable registry again.
+const REGISTRY_RETRY_MIN: Duration = Duration::from_millis(200);
+const REGISTRY_RETRY_MAX: Duration = Duration::from_secs(10);
 
 /// How often librdkafka reports partition high watermarks (for the lag metric).
 const STATISTICS_INTERVAL_MS: &str = "1000";
@@ -181,107 +239,279 @@ impl KafkaSource {
             // otherwise add up to librdkafka's default 500 ms to every record's latency.
             ("fetch.wait.max.ms", FETCH_WAIT_MAX_MS),
         ]);
-        let consumer: BaseConsumer<LogContext> =
-            config.create_with_context(LogContext::new(&options.name))?;
-        let mut fields: Vec<Field> = options
-            .columns
+        let consumer: BaseConsumer<LogContext> = config.create_with_context(
+            LogContext::new(&options.name).with_secrets(options.client.secret_values()),
+        )?;
+        let fatal = |message: String| SourceError::Fatal {
+            context: format!("source {}", options.name),
+            message,
+        };
+        let value = RecordDecoder::new(&options.value).map_err(fatal)?;
+        let key = options
+            .key
+            .as_ref()
+            .map(|k| RecordDecoder::new(k).map_err(|e| fatal(format!("key: {e}"))))
+            .transpose()?;
+        let columns = source_columns(
+            options.value.columns(),
+            options.key.as_ref().map_or(&[][..], DecoderSpec::columns),
+            options.metadata,
+            &options.headers,
+        );
+        let fields: Vec<_> = columns
             .iter()
             .map(|c| c.ty.field(&c.name, c.nullable))
             .collect();
-        fields.extend(options.metadata.fields());
         Ok(Self {
-            schema: Arc::new(Schema::new(fields)),
-            decoder: JsonDecoder::new(options.columns.clone()),
-            meta: MetaBuilders {
-                key: StringBuilder::new(),
-                partition: Int32Builder::new(),
-                offset: Int64Builder::new(),
-                timestamp: TimestampMillisecondBuilder::new().with_timezone(TIMESTAMP_TZ),
-            },
             consumer,
-            options,
-            positions: BTreeMap::new(),
-            row_partitions: Vec::new(),
-            assigned: Vec::new(),
-            resume: BTreeMap::new(),
-            last_metadata: None,
-            counts: BTreeMap::new(),
+            state: State {
+                schema: Arc::new(Schema::new(fields)),
+                value,
+                key,
+                meta: MetaBuilders {
+                    key: StringBuilder::new(),
+                    partition: Int32Builder::new(),
+                    offset: Int64Builder::new(),
+                    timestamp: TimestampMillisecondBuilder::new().with_timezone(TIMESTAMP_TZ),
+                },
+                headers: options
+                    .headers
+                    .iter()
+                    .map(|_| StringBuilder::new())
+                    .collect(),
+                options,
+                positions: BTreeMap::new(),
+                row_partitions: Vec::new(),
+                assigned: Vec::new(),
+                resume: BTreeMap::new(),
+                last_metadata: None,
+                counts: BTreeMap::new(),
+                held: None,
+                registry_backoff: REGISTRY_RETRY_MIN,
+            },
         })
     }
 
     /// Assigns partitions of the topic that are not assigned yet: at the resume offset,
     /// else at the group's committed offset, else as `start_from` says.
     fn refresh_assignment(&mut self) -> Result<(), SourceError> {
-        let every = if self.assigned.is_empty() {
+        let st = &mut self.state;
+        let every = if st.assigned.is_empty() {
             METADATA_RETRY
         } else {
             METADATA_REFRESH
         };
-        if self.last_metadata.is_some_and(|t| t.elapsed() < every) {
+        if st.last_metadata.is_some_and(|t| t.elapsed() < every) {
             return Ok(());
         }
-        self.last_metadata = Some(Instant::now());
-        let topic = &self.options.topic;
+        st.last_metadata = Some(Instant::now());
+        let topic = &st.options.topic;
         let metadata = match self.consumer.fetch_metadata(Some(topic), METADATA_TIMEOUT) {
             Ok(m) => m,
             Err(e) => {
                 if self.consumer.context().should_log_error() {
-                    tracing::warn!(source = %self.options.name, "cannot fetch metadata of topic {topic} (retrying): {e}");
+                    tracing::warn!(source = %st.options.name, "cannot fetch metadata of topic {topic} (retrying): {e}");
                 }
                 return Ok(());
             }
         };
         let partitions: Vec<i32> = super::client::topic_partitions(&metadata, topic)
             .into_iter()
-            .filter(|p| !self.assigned.contains(p))
+            .filter(|p| !st.assigned.contains(p))
             .collect();
         if partitions.is_empty() {
-            if self.assigned.is_empty() && self.consumer.context().should_log_error() {
-                tracing::warn!(source = %self.options.name, topic = %topic,
+            if st.assigned.is_empty() && self.consumer.context().should_log_error() {
+                tracing::warn!(source = %st.options.name, topic = %topic,
                     "topic does not exist (yet); waiting for it");
             }
             return Ok(());
         }
         let mut tpl = TopicPartitionList::new();
         for &p in &partitions {
-            let offset = self
+            let offset = st
                 .resume
                 .get(&p)
                 .map_or(Offset::Stored, |&o| Offset::Offset(o));
             tpl.add_partition_offset(topic, p, offset)?;
         }
         self.consumer.incremental_assign(&tpl)?;
-        tracing::debug!(source = %self.options.name, ?partitions, "assigned partitions");
-        self.assigned.extend(partitions);
-        self.assigned.sort_unstable();
+        tracing::debug!(source = %st.options.name, ?partitions, "assigned partitions");
+        st.assigned.extend(partitions);
+        st.assigned.sort_unstable();
         Ok(())
     }
 
     fn consumption_error(&self, error: &KafkaError) -> Result<(), SourceError> {
+        let options = &self.state.options;
         let code = error.rdkafka_error_code();
         if code == Some(RDKafkaErrorCode::AutoOffsetReset) {
             return Err(SourceError::Fatal {
-                context: format!("source {}", self.options.name),
+                context: format!("source {}", options.name),
                 message: format!(
                     "a partition of topic {} has no committed offset for group {} \
                      (start_from: committed): {error}",
-                    self.options.topic, self.options.group_id
+                    options.topic, options.group_id
                 ),
             });
         }
         if self.consumer.context().should_log_error() {
             if code == Some(RDKafkaErrorCode::UnknownTopicOrPartition) {
-                tracing::warn!(source = %self.options.name, topic = %self.options.topic,
+                tracing::warn!(source = %options.name, topic = %options.topic,
                     "topic does not exist (yet); waiting for it");
             } else {
-                tracing::warn!(source = %self.options.name, "consume error (retrying): {error}");
+                tracing::warn!(source = %options.name, "consume error (retrying): {error}");
             }
         }
         Ok(())
     }
 
+    /// Takes the held record if the registry now answers: `Ok(false)` while it still
+    /// waits.
+    fn retry_held(&mut self, rejected: &mut Vec<Rejected>) -> Result<bool, SourceError> {
+        let Some((message, at)) = self.state.held.take() else {
+            return Ok(true);
+        };
+        if Instant::now() < at {
+            self.state.held = Some((message, at));
+            return Ok(false);
+        }
+        if !self.state.prepare(&message, self.consumer.context())? {
+            self.state.hold(message);
+            return Ok(false);
+        }
+        self.state.take(&message, rejected)?;
+        Ok(true)
+    }
+}
+
+impl State {
+    /// Asks the registry for what the record's value and key need: `Ok(false)` when it did
+    /// not answer, and the record (now held) must wait; a refusal that waiting won't fix
+    /// (bad credentials) is an error.
+    fn prepare<M: Message>(&mut self, m: &M, context: &LogContext) -> Result<bool, SourceError> {
+        let mut outcome = m.payload().map_or(Ok(()), |p| self.value.prepare(p));
+        if outcome.is_ok()
+            && let (Some(key), Some(k)) = (&mut self.key, m.key())
+        {
+            outcome = key.prepare(k);
+        }
+        match outcome {
+            Ok(()) => {
+                self.registry_backoff = REGISTRY_RETRY_MIN;
+                Ok(true)
+            }
+            Err(e) if e.is_transient() => {
+                if context.should_log_error() {
+                    tracing::warn!(source = %self.options.name, partition = m.partition(), offset = m.offset(),
+                        "{e}; holding the record (and those after it) until it answers");
+                }
+                Ok(false)
+            }
+            Err(e) => Err(SourceError::Registry(e)),
+        }
+    }
+
+    /// Keeps a record that must wait for the registry; it is asked again after a backoff.
+    fn hold(&mut self, message: OwnedMessage) {
+        self.held = Some((message, Instant::now() + self.registry_backoff));
+        self.registry_backoff = (self.registry_backoff * 2).min(REGISTRY_RETRY_MAX);
+    }
+
+    /// Decodes the value and key of one record into the pending rows (nothing appended).
+    fn parse<M: Message>(&mut self, m: &M) -> Result<(), DecodeError> {
+        match m.payload() {
+            None => return Err(DecodeError::Empty),
+            Some(p) => self.value.parse(p)?,
+        }
+        if let Some(key) = &mut self.key {
+            match m.key() {
+                Some(k) => key.parse(k),
+                None => key.parse_absent(),
+            }
+            .map_err(|e| DecodeError::Key(Box::new(e)))?;
+        }
+        if self.options.metadata.timestamp_required && m.timestamp().to_millis().is_none() {
+            return Err(DecodeError::NoTimestamp);
+        }
+        Ok(())
+    }
+
+    /// Takes one record: its row, or its rejection.
+    fn take<M: Message>(&mut self, m: &M, rejected: &mut Vec<Rejected>) -> Result<(), SourceError> {
+        let (partition, offset) = (m.partition(), m.offset());
+        self.positions.insert(partition, offset + 1);
+        let count = self.counts.entry(partition).or_default();
+        count.0 += 1;
+        count.1 += (m.payload().map_or(0, <[u8]>::len) + m.key().map_or(0, <[u8]>::len)) as u64;
+        match self.parse(m) {
+            Ok(()) => {
+                self.value.append();
+                if let Some(key) = &mut self.key {
+                    key.append();
+                }
+                self.row_partitions.push(partition);
+                let meta = self.options.metadata;
+                if meta.key {
+                    match m.key() {
+                        Some(k) => self.meta.key.append_value(String::from_utf8_lossy(k)),
+                        None => self.meta.key.append_null(),
+                    }
+                }
+                if meta.partition {
+                    self.meta.partition.append_value(partition);
+                }
+                if meta.offset {
+                    self.meta.offset.append_value(offset);
+                }
+                if meta.timestamp {
+                    self.meta.timestamp.append_option(m.timestamp().to_millis());
+                }
+                if !self.headers.is_empty() {
+                    let headers = m.headers();
+                    for ((name, _), builder) in self.options.headers.iter().zip(&mut self.headers) {
+                        // The last header of a name wins, as in a map.
+                        let value = headers.and_then(|h| {
+                            h.iter()
+                                .filter(|h| h.key == name)
+                                .last()
+                                .and_then(|h| h.value)
+                        });
+                        match value {
+                            Some(v) => builder.append_value(String::from_utf8_lossy(v)),
+                            None => builder.append_null(),
+                        }
+                    }
+                }
+            }
+            Err(reason) => match self.options.on_decode_error {
+                DecodeErrorPolicy::Fail => {
+                    return Err(SourceError::DecodeFailed {
+                        topic: self.options.topic.clone(),
+                        partition,
+                        offset,
+                        reason,
+                    });
+                }
+                DecodeErrorPolicy::Skip | DecodeErrorPolicy::DeadLetter => {
+                    rejected.push(Rejected {
+                        topic: self.options.topic.clone(),
+                        partition,
+                        offset,
+                        key: m.key().map(<[u8]>::to_vec),
+                        payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                        reason,
+                    });
+                }
+            },
+        }
+        Ok(())
+    }
+
     fn batch(&mut self, rejected: Vec<Rejected>) -> Result<SourceBatch, SourceError> {
-        let mut columns = self.decoder.finish();
+        let mut columns = self.value.finish();
+        if let Some(key) = &mut self.key {
+            columns.extend(key.finish());
+        }
         let m = self.options.metadata;
         let mut push = |on: bool, a: ArrayRef| {
             if on {
@@ -292,6 +522,9 @@ impl KafkaSource {
         push(m.partition, Arc::new(self.meta.partition.finish()));
         push(m.offset, Arc::new(self.meta.offset.finish()));
         push(m.timestamp, Arc::new(self.meta.timestamp.finish()));
+        for h in &mut self.headers {
+            columns.push(Arc::new(h.finish()));
+        }
         let batch =
             RecordBatch::try_new(self.schema.clone(), columns).map_err(|e| SourceError::Fatal {
                 context: format!("source {}", self.options.name),
@@ -307,13 +540,21 @@ impl KafkaSource {
 
 impl Source for KafkaSource {
     fn schema(&self) -> SchemaRef {
-        self.schema.clone()
+        self.state.schema.clone()
     }
 
     fn poll(&mut self, timeout: Duration) -> Result<SourcePoll, SourceError> {
         self.refresh_assignment()?;
         let mut rejected = Vec::new();
         let mut records = 0;
+        if self.state.held.is_some() {
+            if !self.retry_held(&mut rejected)? {
+                // Waiting for the registry: nothing is read past the held record.
+                std::thread::sleep(timeout.min(Duration::from_millis(50)));
+                return Ok(SourcePoll::Idle);
+            }
+            records += 1;
+        }
         while records < BATCH_ROWS_MAX {
             let wait = if records == 0 {
                 timeout
@@ -328,74 +569,27 @@ impl Source for KafkaSource {
                 }
                 Some(Ok(m)) => m,
             };
-            records += 1;
-            let (partition, offset) = (message.partition(), message.offset());
-            self.positions.insert(partition, offset + 1);
-            let count = self.counts.entry(partition).or_default();
-            count.0 += 1;
-            count.1 += (message.payload_len() + message.key().map_or(0, <[u8]>::len)) as u64;
-            let decoded = match message.payload() {
-                None => Err(DecodeError::Empty),
-                Some(p) => self.decoder.decode(p),
-            };
-            match decoded {
-                Ok(()) => {
-                    self.row_partitions.push(partition);
-                    let m = self.options.metadata;
-                    if m.key {
-                        match message.key() {
-                            Some(k) => self.meta.key.append_value(String::from_utf8_lossy(k)),
-                            None => self.meta.key.append_null(),
-                        }
-                    }
-                    if m.partition {
-                        self.meta.partition.append_value(partition);
-                    }
-                    if m.offset {
-                        self.meta.offset.append_value(offset);
-                    }
-                    if m.timestamp {
-                        self.meta
-                            .timestamp
-                            .append_option(message.timestamp().to_millis());
-                    }
-                }
-                Err(reason) => match self.options.on_decode_error {
-                    DecodeErrorPolicy::Fail => {
-                        return Err(SourceError::DecodeFailed {
-                            topic: self.options.topic.clone(),
-                            partition,
-                            offset,
-                            reason,
-                        });
-                    }
-                    DecodeErrorPolicy::Skip | DecodeErrorPolicy::DeadLetter => {
-                        rejected.push(Rejected {
-                            topic: self.options.topic.clone(),
-                            partition,
-                            offset,
-                            key: message.key().map(<[u8]>::to_vec),
-                            payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-                            reason,
-                        });
-                    }
-                },
+            if !self.state.prepare(&message, self.consumer.context())? {
+                self.state.hold(message.detach());
+                break;
             }
+            records += 1;
+            self.state.take(&message, &mut rejected)?;
         }
         if records == 0 {
             return Ok(SourcePoll::Idle);
         }
-        self.batch(rejected).map(SourcePoll::Batch)
+        self.state.batch(rejected).map(SourcePoll::Batch)
     }
 
     fn assigned_partitions(&self) -> Option<Vec<i32>> {
-        Some(self.assigned.clone())
+        Some(self.state.assigned.clone())
     }
 
     fn pause(&mut self, paused: &[i32]) -> Result<bool, SourceError> {
         // Applied to the whole assignment each time: new partitions start resumed.
-        let assigned = self.assigned.clone();
-        let topic = &self.options.topic;
+        let assigned = self.state.assigned.clone();
+        let topic = &self.state.options.topic;
         let (pause, resume): (Vec<i32>, Vec<i32>) =
             assigned.into_iter().partition(|p| paused.contains(p));
         if !pause.is_empty() {
@@ -410,10 +604,11 @@ impl Source for KafkaSource {
     }
 
     fn positions(&self) -> Vec<SourcePosition> {
-        self.positions
+        self.state
+            .positions
             .iter()
             .map(|(&partition, &next_offset)| SourcePosition {
-                topic: self.options.topic.clone(),
+                topic: self.state.options.topic.clone(),
                 partition,
                 next_offset,
             })
@@ -422,12 +617,18 @@ impl Source for KafkaSource {
 
     fn partition_stats(&self) -> Vec<PartitionStats> {
         let context = self.consumer.context();
-        self.assigned
+        self.state
+            .assigned
             .iter()
             .map(|&partition| {
-                let (records, bytes) = self.counts.get(&partition).copied().unwrap_or_default();
-                let high = context.high_watermark(&self.options.topic, partition);
-                let lag = match (high, self.positions.get(&partition)) {
+                let (records, bytes) = self
+                    .state
+                    .counts
+                    .get(&partition)
+                    .copied()
+                    .unwrap_or_default();
+                let high = context.high_watermark(&self.state.options.topic, partition);
+                let lag = match (high, self.state.positions.get(&partition)) {
                     (Some(high), Some(&next)) => Some((high - next).max(0)),
                     // Nothing read yet from an empty partition.
                     (Some(0), None) => Some(0),
@@ -444,10 +645,13 @@ impl Source for KafkaSource {
     }
 
     fn seek(&mut self, positions: &[SourcePosition]) -> Result<(), SourceError> {
-        assert!(self.assigned.is_empty(), "seek before the first poll");
-        for p in positions.iter().filter(|p| p.topic == self.options.topic) {
-            self.resume.insert(p.partition, p.next_offset);
-            self.positions.insert(p.partition, p.next_offset);
+        assert!(self.state.assigned.is_empty(), "seek before the first poll");
+        for p in positions
+            .iter()
+            .filter(|p| p.topic == self.state.options.topic)
+        {
+            self.state.resume.insert(p.partition, p.next_offset);
+            self.state.positions.insert(p.partition, p.next_offset);
         }
         Ok(())
     }
@@ -469,7 +673,7 @@ impl Source for KafkaSource {
             // A failed commit loses nothing: the next epoch commits later positions, and a
             // restart re-reads from the last commit that did succeed (at-least-once).
             if self.consumer.context().should_log_error() {
-                tracing::warn!(source = %self.options.name, "offset commit failed (will retry next epoch): {e}");
+                tracing::warn!(source = %self.state.options.name, "offset commit failed (will retry next epoch): {e}");
             }
         }
         Ok(())
