@@ -1,12 +1,12 @@
 # Multi-stage build: compile with the full toolchain, run on a slim image as non-root.
 FROM rust:1-bookworm AS build
 WORKDIR /src
-RUN apt-get update && apt-get install -y --no-install-recommends zlib1g-dev && rm -rf /var/lib/apt/lists/*
+RUN apt-get update && apt-get install -y --no-install-recommends zlib1g-dev libssl-dev pkg-config && rm -rf /var/lib/apt/lists/*
 COPY . .
 RUN cargo build --release --bin laminar && strip target/release/laminar
 
 FROM debian:bookworm-slim
-RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates zlib1g \
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates zlib1g libssl3 \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --home /var/lib/laminar laminar \
     && mkdir -p /var/lib/laminar && chown laminar /var/lib/laminar

@@ -309,7 +309,14 @@ fn explain(file: &str) -> u8 {
         let kind = match &source.connector {
             SourceConnector::Kafka {
                 topic, group_id, ..
-            } => format!("kafka topic {topic}, group {group_id}"),
+            } => format!(
+                "kafka {}, group {group_id}",
+                match topic {
+                    laminar_connectors::kafka::Topics::Name(t) => format!("topic {t}"),
+                    laminar_connectors::kafka::Topics::Pattern(_) =>
+                        topic.describe().replacen("pattern", "topic_pattern", 1),
+                }
+            ),
             SourceConnector::File { path, .. } => format!("file {path} (bounded)"),
             SourceConnector::Datagen { table, events, .. } => {
                 let table = format!("{table:?}").to_lowercase();
@@ -418,7 +425,11 @@ fn explain(file: &str) -> u8 {
 fn topics(config: &PipelineConfig) -> Vec<String> {
     let mut topics = Vec::new();
     for s in &config.sources {
-        if let SourceConnector::Kafka { topic, .. } = &s.connector {
+        if let SourceConnector::Kafka {
+            topic: laminar_connectors::kafka::Topics::Name(topic),
+            ..
+        } = &s.connector
+        {
             topics.push(topic.clone());
         }
         topics.extend(s.dead_letter_topic.clone());

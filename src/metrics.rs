@@ -318,19 +318,19 @@ impl Metrics {
                 r,
                 "laminar_source_partition_records_total",
                 "Records read from the partition, decoded or not.",
-                &["pipeline", "source", "partition"],
+                &["pipeline", "source", "topic", "partition"],
             ),
             partition_bytes: counter(
                 r,
                 "laminar_source_partition_bytes_total",
                 "Bytes of keys and values read from the partition.",
-                &["pipeline", "source", "partition"],
+                &["pipeline", "source", "topic", "partition"],
             ),
             partition_lag: int_gauge(
                 r,
                 "laminar_source_partition_lag_records",
                 "Records in the partition after the last one read (the broker's high watermark minus the position).",
-                &["pipeline", "source", "partition"],
+                &["pipeline", "source", "topic", "partition"],
             ),
             sink_transactions: counter(
                 r,
@@ -420,7 +420,12 @@ impl Metrics {
     /// A source partition's counters (totals since start) and lag.
     pub fn source_partition(&self, source: &str, stats: &laminar_connectors::PartitionStats) {
         let partition = stats.partition.to_string();
-        let l = [self.pipeline.as_str(), source, partition.as_str()];
+        let l = [
+            self.pipeline.as_str(),
+            source,
+            stats.topic.as_str(),
+            partition.as_str(),
+        ];
         let records = self.partition_records.with_label_values(&l);
         records.inc_by(stats.records.saturating_sub(records.get()));
         let bytes = self.partition_bytes.with_label_values(&l);

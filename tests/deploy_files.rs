@@ -25,6 +25,7 @@ fn exported() -> BTreeSet<String> {
     metrics.source_partition(
         "s",
         &laminar_connectors::PartitionStats {
+            topic: "t".into(),
             partition: 0,
             records: 1,
             bytes: 1,

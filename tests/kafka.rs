@@ -106,7 +106,9 @@ fn kafka_pipeline_filters_keys_dead_letters_and_commits() {
         let series = |name: &str, p: i32| {
             support::sample(
                 &metrics,
-                &format!(r#"{name}{{partition="{p}",pipeline="kafka-test",source="bids"}}"#),
+                &format!(
+                    r#"{name}{{partition="{p}",pipeline="kafka-test",source="bids",topic="bids"}}"#
+                ),
             )
         };
         let settled = (0..4).all(|p| {
@@ -350,14 +352,15 @@ fn kafka_roundtrip_on_tansu_when_installed() {
         );
         return;
     };
-    // tansu creates topics on first produce; produce first, then run.
+    for topic in ["bids", "priced", "bids-dlq"] {
+        broker.create_topic(topic, 2).unwrap();
+    }
     produce(
         broker.bootstrap(),
         "bids",
         &[(None, Some("k0"), r#"{"auction": 1, "price": 3}"#)],
     )
     .unwrap();
-    produce(broker.bootstrap(), "priced", &[]).unwrap();
     let dir = TempDir::new("tansu");
     let file = pipeline(&dir, broker.bootstrap());
     let mut laminar = Running::start(&["run", &file], &[], &dir);

@@ -159,11 +159,25 @@ pub trait Source: Send {
     fn partition_stats(&self) -> Vec<PartitionStats> {
         Vec::new()
     }
+
+    /// `(topic, partition, id)` of each partition whose id (in `assigned_partitions`,
+    /// batches and `pause`) is not its partition number: the ids a source of several
+    /// topics gives. Saved with the watermark at every commit; empty for the others.
+    fn partition_slots(&self) -> Vec<(String, i32, i32)> {
+        Vec::new()
+    }
+
+    /// Before `seek`: the ids of the last commit, so that each partition keeps its id
+    /// (and its watermark) across a restart.
+    fn restore_partition_slots(&mut self, slots: &[(String, i32, i32)]) {
+        let _ = slots;
+    }
 }
 
 /// One partition's counters, since the source was built.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartitionStats {
+    pub topic: String,
     pub partition: i32,
     /// Records read (decoded or not).
     pub records: u64,

@@ -21,7 +21,10 @@ use laminar_connectors::format::avro::RegistryOptions;
 use laminar_connectors::format::avro::registry::DEFAULT_REGISTRY_TIMEOUT;
 use laminar_connectors::format::json::DecodeColumn;
 use laminar_connectors::format::{COLUMN_TYPE_NAMES, ColumnType, parse_column_type};
-use laminar_connectors::kafka::{KafkaClientOptions, MetadataColumns, StartFrom};
+use laminar_connectors::kafka::admin::NewTopicSpec;
+use laminar_connectors::kafka::{
+    KafkaClientOptions, MetadataColumns, MissingTopic, StartFrom, Topics,
+};
 
 pub use diagnostic::{Diagnostic, Diagnostics, Pos, did_you_mean, hint};
 use interpolate::Substitution;
@@ -46,6 +49,9 @@ pub struct PipelineConfig {
     pub name: String,
     /// `kafka`: shared by every Kafka source, sink and dead-letter topic.
     pub kafka: KafkaClientOptions,
+    /// `kafka.create_topics`: `{ partitions, replication_factor }` for output topics
+    /// laminar creates when they do not exist (absent: it creates none; the broker may).
+    pub create_topics: Option<NewTopicSpec>,
     /// `sources`: where records come from.
     pub sources: Vec<SourceConfig>,
     /// `queries`: SQL continuous queries, each reading a source or an earlier query.
@@ -161,8 +167,10 @@ impl SourceConfig {
 #[derive(Debug, Clone)]
 pub enum SourceConnector {
     Kafka {
-        /// `topic`
-        topic: String,
+        /// `topic`, or `topic_pattern`: a regular expression a topic's whole name must
+        /// match (Kafka's internal `__` topics excepted); new matching topics are picked
+        /// up as they appear.
+        topic: Topics,
         /// `group_id`: consumer group (default: the pipeline name).
         group_id: String,
         /// `start_from`: `earliest` (default), `latest` or `committed`: where to begin in a
@@ -176,6 +184,9 @@ pub enum SourceConnector {
         /// `headers`: header name -> column (VARCHAR NULL, the header's value as UTF-8),
         /// added after the metadata columns.
         headers: Vec<(String, String)>,
+        /// `on_missing_topic`: `fail` (default: exit 2 once the broker has said for 5 s
+        /// that the topic does not exist) or `wait`.
+        on_missing_topic: MissingTopic,
     },
     File {
         /// `path`: a JSON-lines file, read once.
@@ -380,6 +391,8 @@ const SOURCE_KEYS: &[&str] = &[
     "key_format",
     "key_schema",
     "headers",
+    "on_missing_topic",
+    "topic_pattern",
 ];
 const QUERY_KEYS: &[&str] = &[
     "name",
@@ -490,7 +503,7 @@ fn decode(
             }
             Some(name)
         });
-    let kafka = decode_kafka(r, top.get("kafka"), subs);
+    let (kafka, create_topics) = decode_kafka(r, top.get("kafka"), subs);
     let schema_registry = decode_registry(r, top.get("schema_registry"), subs);
     let pipeline_name = name.clone().unwrap_or_default();
 
@@ -553,6 +566,7 @@ fn decode(
         runtime,
         metrics,
         schema_registry,
+        create_topics,
     })
 }
 
@@ -629,16 +643,53 @@ fn decode_registry(
     })
 }
 
-fn decode_kafka(r: &mut Reader, node: Option<&Node>, subs: &[Substitution]) -> KafkaClientOptions {
+fn decode_kafka(
+    r: &mut Reader,
+    node: Option<&Node>,
+    subs: &[Substitution],
+) -> (KafkaClientOptions, Option<NewTopicSpec>) {
     let mut options = KafkaClientOptions {
         bootstrap_servers: DEFAULT_BOOTSTRAP_SERVERS.to_owned(),
         properties: Vec::new(),
     };
-    let Some(fields) =
-        node.and_then(|n| r.mapping(n, "`kafka`", &["bootstrap_servers", "properties"]))
-    else {
-        return options;
+    let Some(fields) = node.and_then(|n| {
+        r.mapping(
+            n,
+            "`kafka`",
+            &["bootstrap_servers", "properties", "create_topics"],
+        )
+    }) else {
+        return (options, None);
     };
+    let create_topics = fields.get("create_topics").and_then(|n| {
+        let f = r.mapping(n, "`create_topics`", &["partitions", "replication_factor"])?;
+        let partitions = match f.get("partitions") {
+            None => 1,
+            Some(p) => match r.u64(p, "`partitions`") {
+                Some(v) if (1..=100_000).contains(&v) => v as i32,
+                Some(_) => {
+                    r.error(pos(p), "`partitions` must be between 1 and 100000");
+                    1
+                }
+                None => 1,
+            },
+        };
+        let replication_factor = match f.get("replication_factor") {
+            None => -1,
+            Some(p) => match r.u64(p, "`replication_factor`") {
+                Some(v) if (1..=100).contains(&v) => v as i32,
+                Some(_) => {
+                    r.error(pos(p), "`replication_factor` must be between 1 and 100 (absent: the broker's default)");
+                    -1
+                }
+                None => -1,
+            },
+        };
+        Some(NewTopicSpec {
+            partitions,
+            replication_factor,
+        })
+    });
     if let Some(b) = fields
         .get("bootstrap_servers")
         .and_then(|n| r.string(n, "`bootstrap_servers`"))
@@ -665,7 +716,7 @@ fn decode_kafka(r: &mut Reader, node: Option<&Node>, subs: &[Substitution]) -> K
             );
         }
     }
-    options
+    (options, create_topics)
 }
 
 fn sql_identifier(r: &mut Reader, node: &Node, what: &str) -> Option<String> {
@@ -698,8 +749,10 @@ fn owner(kind: &str, node: &Node) -> String {
 }
 
 /// Source keys that only kafka sources take.
-const KAFKA_ONLY: [&str; 9] = [
+const KAFKA_ONLY: [&str; 11] = [
     "topic",
+    "topic_pattern",
+    "on_missing_topic",
     "group_id",
     "start_from",
     "metadata_columns",
@@ -752,9 +805,36 @@ fn decode_source(
                 ],
                 "kafka",
             );
-            let topic = r
-                .required(&f, "topic", &what)
-                .and_then(|n| r.string(n, "`topic`"));
+            let topic = match (f.get("topic"), f.get("topic_pattern")) {
+                (Some(n), None) => r.string(n, "`topic`").map(Topics::Name),
+                (None, Some(n)) => r.string(n, "`topic_pattern`").and_then(|pattern| {
+                    match regex::Regex::new(&format!("^(?:{pattern})$")) {
+                        Ok(re) => Some(Topics::Pattern(re)),
+                        Err(e) => {
+                            r.error(
+                                pos(n),
+                                format!("`topic_pattern` is not a valid regular expression: {e}"),
+                            );
+                            None
+                        }
+                    }
+                }),
+                (Some(n), Some(_)) => {
+                    r.error(
+                        pos(n),
+                        format!("{what} has both `topic` and `topic_pattern`; keep one"),
+                    );
+                    None
+                }
+                (None, None) => {
+                    r.error(f.pos, format!("{what} needs `topic` (or `topic_pattern`)"));
+                    None
+                }
+            };
+            let topic_name = match &topic {
+                Some(Topics::Name(t)) => t.clone(),
+                _ => String::new(),
+            };
             let group_id = f
                 .get("group_id")
                 .and_then(|n| r.string(n, "`group_id`"))
@@ -780,18 +860,38 @@ fn decode_source(
                     }
                 }
             }
-            let key = decode_key(r, &f, &what, topic.as_deref().unwrap_or_default(), registry);
+            let key = decode_key(r, &f, &what, &topic_name, registry);
+            if key.format == KeyFormat::Avro
+                && key.columns.is_empty()
+                && matches!(topic, Some(Topics::Pattern(_)))
+            {
+                r.error(
+                    f.get("key_format").map_or(f.pos, pos),
+                    format!("{what} reads a `topic_pattern`: declare the Avro key's columns in `key_schema`"),
+                );
+            }
             let headers = decode_source_headers(r, &f);
-            topic
-                .zip(start_from)
-                .map(|(topic, start_from)| SourceConnector::Kafka {
+            let on_missing_topic =
+                f.get("on_missing_topic")
+                    .map_or(Some(MissingTopic::Fail), |n| {
+                        r.choice(
+                            n,
+                            "on_missing_topic",
+                            &MissingTopic::NAMES,
+                            MissingTopic::from_name,
+                        )
+                    });
+            topic.zip(start_from).zip(on_missing_topic).map(
+                |((topic, start_from), on_missing_topic)| SourceConnector::Kafka {
                     topic,
                     group_id,
                     start_from,
                     metadata,
                     key,
                     headers,
-                })
+                    on_missing_topic,
+                },
+            )
         }
         Some("file") => {
             only_for(r, &KAFKA_ONLY, "file");
@@ -860,11 +960,33 @@ fn decode_source(
         _ => None,
     };
     let topic = match &connector {
-        Some(SourceConnector::Kafka { topic, .. }) => topic.clone(),
+        Some(SourceConnector::Kafka {
+            topic: Topics::Name(t),
+            ..
+        }) => t.clone(),
         _ => String::new(),
     };
     let format_pos = f.get("format").map_or(f.pos, pos);
     let format = decode_format(r, &f, &format!("{topic}-value"), registry);
+    let pattern = matches!(
+        &connector,
+        Some(SourceConnector::Kafka {
+            topic: Topics::Pattern(_),
+            ..
+        })
+    );
+    if pattern
+        && format.is_avro()
+        && registry
+        && f.get("schema").is_none()
+        && f.get("avro_schema").is_none()
+        && f.get("subject").is_none()
+    {
+        r.error(
+            format_pos,
+            format!("{what} reads a `topic_pattern`: name the registry `subject` its columns come from, or declare `schema`"),
+        );
+    }
     if format.is_avro() && !matches!(connector, Some(SourceConnector::Kafka { .. }) | None) {
         r.error(
             format_pos,

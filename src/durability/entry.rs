@@ -61,11 +61,14 @@ pub struct OutputChunk {
 }
 
 /// Watermark state of a source: its current watermark and each partition's highest
-/// event time.
+/// event time, by the source's partition id; for a source of several topics, which
+/// `(topic, partition)` each id stands for.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WatermarkState {
     pub current: i64,
     pub partitions: Vec<(i32, i64)>,
+    /// `(topic, partition, id)`; empty when ids are partition numbers.
+    pub slots: Vec<(String, i32, i32)>,
 }
 
 /// A source's next offsets (and watermark) at a commit.
@@ -327,15 +330,24 @@ impl CommitEntry {
                 w.i64(i64::from(*partition));
                 w.i64(*offset);
             }
+            // Tag 1: watermark; tag 2: watermark and partition ids (`slots`).
             match &s.watermark {
                 None => w.u8(0),
                 Some(wm) => {
-                    w.u8(1);
+                    w.u8(if wm.slots.is_empty() { 1 } else { 2 });
                     w.i64(wm.current);
                     w.u32(wm.partitions.len() as u32);
                     for (p, t) in &wm.partitions {
                         w.i64(i64::from(*p));
                         w.i64(*t);
+                    }
+                    if !wm.slots.is_empty() {
+                        w.u32(wm.slots.len() as u32);
+                        for (topic, p, slot) in &wm.slots {
+                            w.bytes(topic.as_bytes());
+                            w.i64(i64::from(*p));
+                            w.i64(i64::from(*slot));
+                        }
                     }
                 }
             }
@@ -371,16 +383,25 @@ impl CommitEntry {
             }
             let watermark = match r.u8()? {
                 0 => None,
-                1 => {
+                tag @ (1 | 2) => {
                     let current = r.i64()?;
                     let mut partitions = Vec::new();
                     for _ in 0..count(&mut r, "partitions")? {
                         let p = partition(&mut r)?;
                         partitions.push((p, r.i64()?));
                     }
+                    let mut slots = Vec::new();
+                    if tag == 2 {
+                        for _ in 0..count(&mut r, "partition ids")? {
+                            let topic = str_of(&mut r)?;
+                            let p = partition(&mut r)?;
+                            slots.push((topic, p, partition(&mut r)?));
+                        }
+                    }
                     Some(WatermarkState {
                         current,
                         partitions,
+                        slots,
                     })
                 }
                 t => return Err(CodecError(format!("watermark tag {t}"))),

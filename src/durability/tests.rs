@@ -223,6 +223,12 @@ fn workload(seed: u64, epochs: usize) -> Workload {
                 watermark: Some(WatermarkState {
                     current: e as i64 * 100,
                     partitions: vec![(0, e as i64 * 100), (1, e as i64 * 100 + 5)],
+                    // Odd epochs: a source of several topics, with partition ids.
+                    slots: if e % 2 == 1 {
+                        vec![("t".into(), 0, 1), ("u".into(), 0, 0)]
+                    } else {
+                        Vec::new()
+                    },
                 }),
             }],
             sinks: vec![SinkCommit {

@@ -69,6 +69,8 @@ pub enum RunError {
     Durable(#[from] DurableError),
     #[error(transparent)]
     Schema(#[from] super::schemas::SchemaError),
+    #[error(transparent)]
+    Topic(#[from] laminar_connectors::kafka::admin::TopicError),
     #[error(
         "the last epoch did not finish within {SHUTDOWN_TIMEOUT:?} of the stop signal: {what}; \
          stopping without committing it (the next run resumes from the last commit)"
@@ -200,6 +202,17 @@ impl Pipeline {
             .clone()
             .unwrap_or_else(|| Metrics::new(&config.name));
         let registry = super::schemas::registry(config)?;
+        let outputs = output_topics(config);
+        if !outputs.is_empty() {
+            let created = laminar_connectors::kafka::admin::ensure_topics(
+                &kafka,
+                &outputs,
+                config.create_topics,
+            )?;
+            if !created.is_empty() {
+                tracing::info!(?created, "created output topics");
+            }
+        }
         let mut dead_letters = Vec::new();
         let mut sources = Vec::new();
         for s in &config.sources {
@@ -214,6 +227,7 @@ impl Pipeline {
                     start_from,
                     metadata,
                     headers,
+                    on_missing_topic,
                     ..
                 } => {
                     let (value, key) = super::schemas::source_decoders(s, registry.as_ref());
@@ -221,7 +235,7 @@ impl Pipeline {
                         KafkaSource::new(KafkaSourceOptions {
                             name: s.name.clone(),
                             client: kafka.clone(),
-                            topic: topic.clone(),
+                            topics: topic.clone(),
                             group_id: group_id.clone(),
                             start_from: *start_from,
                             value,
@@ -229,6 +243,7 @@ impl Pipeline {
                             metadata: *metadata,
                             headers: headers.clone(),
                             on_decode_error: s.on_decode_error,
+                            on_missing_topic: *on_missing_topic,
                         })
                         .map_err(source_error)?,
                     )
@@ -1171,6 +1186,7 @@ fn source_commit(slot: &SourceSlot, positions: &[SourcePosition]) -> SourceCommi
             WatermarkState {
                 current,
                 partitions,
+                slots: slot.source.partition_slots(),
             }
         }),
     }
@@ -1178,6 +1194,33 @@ fn source_commit(slot: &SourceSlot, positions: &[SourcePosition]) -> SourceCommi
 
 /// Seeks every source to the offsets of the last commit entry and restores its
 /// watermark from the same entry.
+/// Every Kafka topic the pipeline writes: sinks, dead-letter and late-data topics.
+fn output_topics(config: &PipelineConfig) -> Vec<String> {
+    let mut topics: Vec<String> = config
+        .sinks
+        .iter()
+        .filter_map(|s| match &s.connector {
+            SinkConnector::Kafka { topic } => Some(topic.clone()),
+            _ => None,
+        })
+        .chain(
+            config
+                .sources
+                .iter()
+                .filter_map(|s| s.dead_letter_topic.clone()),
+        )
+        .chain(
+            config
+                .queries
+                .iter()
+                .filter_map(|q| q.late_data_topic.clone()),
+        )
+        .collect();
+    topics.sort();
+    topics.dedup();
+    topics
+}
+
 fn resume_sources(sources: &mut [SourceSlot], commit: &CommitEntry) -> Result<(), RunError> {
     let now = Instant::now();
     for slot in sources {
@@ -1194,6 +1237,9 @@ fn resume_sources(sources: &mut [SourceSlot], commit: &CommitEntry) -> Result<()
                 next_offset: *next_offset,
             })
             .collect();
+        if let Some(wm) = &saved.watermark {
+            slot.source.restore_partition_slots(&wm.slots);
+        }
         slot.source
             .seek(&positions)
             .map_err(|source| RunError::Source {

@@ -33,6 +33,8 @@ pub struct Broker {
     bootstrap: String,
     embedded: Option<EmbeddedBroker>,
     child: Option<Child>,
+    /// A directory the broker keeps its data in, removed on drop.
+    dir: Option<std::path::PathBuf>,
 }
 
 impl Broker {
@@ -43,6 +45,7 @@ impl Broker {
             bootstrap: embedded.bootstrap_servers().to_owned(),
             embedded: Some(embedded),
             child: None,
+            dir: None,
         })
     }
 
@@ -59,6 +62,7 @@ impl Broker {
                         bootstrap: embedded.bootstrap_servers().to_owned(),
                         embedded: Some(embedded),
                         child: None,
+                        dir: None,
                     });
                 }
                 Err(e) => last_error = Some(e.into()),
@@ -102,42 +106,82 @@ impl Broker {
             bootstrap,
             embedded: None,
             child: Some(child),
+            dir: None,
         })
     }
 
-    /// A tansu broker (in-memory storage) on a free port, if `tansu` is installed.
+    /// A tansu broker (in-memory storage) on a free port, if tansu is installed (see
+    /// [`tansu_binary`]).
     pub fn tansu() -> Result<Option<Self>, Error> {
-        if Command::new("tansu")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_err()
-        {
+        let Some(bin) = tansu_binary()? else {
             return Ok(None);
-        }
+        };
         let port = free_port()?;
-        let url = format!("tcp://127.0.0.1:{port}");
-        let child = Command::new("tansu")
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-                "--storage-engine",
-                "memory://tansu/",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
+        let child = spawn_tansu(&bin, port, "memory://tansu/", false)?;
         let broker = Self {
             bootstrap: format!("127.0.0.1:{port}"),
             embedded: None,
             child: Some(child),
+            dir: None,
         };
         wait_for_port(port, Duration::from_secs(20))?;
         Ok(Some(broker))
+    }
+
+    /// A tansu broker that requires SASL/SCRAM (SHA-256 or SHA-512) from every client,
+    /// with `users` (`(name, password)`) and `topics` (`(name, partitions)`) made before
+    /// it starts to require it; storage in an `SQLite` file under a temporary directory.
+    pub fn tansu_with_users(
+        users: &[(&str, &str)],
+        topics: &[(&str, i32)],
+    ) -> Result<Option<Self>, Error> {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let Some(bin) = tansu_binary()? else {
+            return Ok(None);
+        };
+        let dir = std::env::temp_dir().join(format!(
+            "laminar-tansu-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir)?;
+        let storage = format!("sqlite://{}/tansu.db", dir.display());
+        let port = free_port()?;
+        let mut open = Self {
+            bootstrap: format!("127.0.0.1:{port}"),
+            embedded: None,
+            child: Some(spawn_tansu(&bin, port, &storage, false)?),
+            dir: Some(dir),
+        };
+        wait_for_port(port, Duration::from_secs(20))?;
+        for (name, password) in users {
+            for mechanism in ["scram256", "scram512"] {
+                let status = Command::new(&bin)
+                    .args([
+                        "user",
+                        "create",
+                        "--broker",
+                        &format!("tcp://127.0.0.1:{port}"),
+                    ])
+                    .args(["--mechanism", mechanism, name, password])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()?;
+                if !status.success() {
+                    return Err(
+                        format!("tansu user create {name} ({mechanism}) failed: {status}").into(),
+                    );
+                }
+            }
+        }
+        for (name, partitions) in topics {
+            open.create_topic(name, *partitions)?;
+        }
+        // The same storage, now requiring authentication.
+        open.kill();
+        open.child = Some(spawn_tansu(&bin, port, &storage, true)?);
+        wait_for_port(port, Duration::from_secs(20))?;
+        Ok(Some(open))
     }
 
     #[must_use]
@@ -145,14 +189,28 @@ impl Broker {
         &self.bootstrap
     }
 
-    /// Creates a topic: through the mock API in process, else by producing to it is not
-    /// enough (partition count), so other brokers get topics at start or from tansu's
-    /// auto-creation.
+    /// Creates a topic: through the mock API in process; on a separate broker with the
+    /// Kafka protocol's `CreateTopics` (tansu has it; `laminar broker` takes topics at
+    /// start instead).
     pub fn create_topic(&self, name: &str, partitions: i32) -> Result<(), Error> {
-        match &self.embedded {
-            Some(e) => Ok(e.create_topic(name, partitions)?),
-            None => Err("create topics of a separate broker when starting it".into()),
+        if let Some(e) = &self.embedded {
+            return Ok(e.create_topic(name, partitions)?);
         }
+        let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+            ClientConfig::new()
+                .set("bootstrap.servers", &self.bootstrap)
+                .create()?;
+        let topic = rdkafka::admin::NewTopic::new(
+            name,
+            partitions,
+            rdkafka::admin::TopicReplication::Fixed(1),
+        );
+        let options =
+            rdkafka::admin::AdminOptions::new().operation_timeout(Some(Duration::from_secs(20)));
+        for result in futures::executor::block_on(admin.create_topics([&topic], &options))? {
+            result.map_err(|(t, code)| format!("create topic {t}: {code}"))?;
+        }
+        Ok(())
     }
 
     /// Stops a separate broker process (SIGKILL), as a crash would.
@@ -167,7 +225,54 @@ impl Broker {
 impl Drop for Broker {
     fn drop(&mut self) {
         self.kill();
+        if let Some(dir) = self.dir.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
+}
+
+/// The tansu binary: `LAMINAR_TANSU`, else `tansu` on the PATH. `None` when neither
+/// runs, unless `LAMINAR_REQUIRE_TANSU` is set (the test command installs tansu and sets
+/// it, so that a missing tansu fails the tests instead of skipping them).
+pub fn tansu_binary() -> Result<Option<std::path::PathBuf>, Error> {
+    let bin =
+        std::env::var_os("LAMINAR_TANSU").map_or_else(|| "tansu".into(), std::path::PathBuf::from);
+    let runs = Command::new(&bin)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    match (runs, std::env::var_os("LAMINAR_REQUIRE_TANSU")) {
+        (true, _) => Ok(Some(bin)),
+        (false, None) => Ok(None),
+        (false, Some(_)) => Err(format!(
+            "LAMINAR_REQUIRE_TANSU is set but {} does not run",
+            bin.display()
+        )
+        .into()),
+    }
+}
+
+fn spawn_tansu(bin: &Path, port: u16, storage: &str, authentication: bool) -> Result<Child, Error> {
+    let url = format!("tcp://127.0.0.1:{port}");
+    let mut command = Command::new(bin);
+    command.args([
+        "broker",
+        "--listener-url",
+        &url,
+        "--advertised-listener-url",
+        &url,
+        "--storage-engine",
+        storage,
+    ]);
+    if authentication {
+        command.arg("--authentication");
+    }
+    Ok(command
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?)
 }
 
 /// A port nothing listens on right now.
@@ -225,10 +330,24 @@ pub struct Message {
 
 /// Produces `messages` to `topic` and waits for every acknowledgement.
 pub fn produce_messages(bootstrap: &str, topic: &str, messages: &[Message]) -> Result<(), Error> {
-    let producer: BaseProducer = ClientConfig::new()
+    produce_messages_with(bootstrap, &[], topic, messages)
+}
+
+/// [`produce_messages`] with librdkafka `properties` (SASL settings, say).
+pub fn produce_messages_with(
+    bootstrap: &str,
+    properties: &[(&str, &str)],
+    topic: &str,
+    messages: &[Message],
+) -> Result<(), Error> {
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", bootstrap)
-        .set("enable.idempotence", "true")
-        .create()?;
+        .set("enable.idempotence", "true");
+    for (k, v) in properties {
+        config.set(*k, *v);
+    }
+    let producer: BaseProducer = config.create()?;
     for m in messages {
         let mut record = BaseRecord::<[u8], [u8]>::to(topic).payload(&m.value);
         if let Some(k) = &m.key {
@@ -283,12 +402,28 @@ pub fn consume(
     quiet: Duration,
     timeout: Duration,
 ) -> Result<Vec<Record>, Error> {
-    let consumer: BaseConsumer = ClientConfig::new()
+    consume_with(bootstrap, &[], topic, expected, quiet, timeout)
+}
+
+/// [`consume`] with librdkafka `properties` (SASL settings, say).
+pub fn consume_with(
+    bootstrap: &str,
+    properties: &[(&str, &str)],
+    topic: &str,
+    expected: usize,
+    quiet: Duration,
+    timeout: Duration,
+) -> Result<Vec<Record>, Error> {
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", bootstrap)
         .set("group.id", "laminar-test-reader")
         .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .create()?;
+        .set("isolation.level", "read_committed");
+    for (k, v) in properties {
+        config.set(*k, *v);
+    }
+    let consumer: BaseConsumer = config.create()?;
     let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
     let partitions = metadata
         .topics()

@@ -201,6 +201,12 @@ impl ClientContext for LogContext {
     }
 }
 
+/// For producers that only ask for metadata (the output topic check).
+impl rdkafka::producer::ProducerContext for LogContext {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &rdkafka::producer::DeliveryResult<'_>, (): ()) {}
+}
+
 impl ConsumerContext for LogContext {
     fn post_rebalance(
         &self,

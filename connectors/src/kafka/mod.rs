@@ -8,9 +8,11 @@
 //! delays the pipeline (backpressure through the bounded producer queue) and loses
 //! nothing; a permanent delivery error stops the pipeline before any offset is committed.
 
+pub mod admin;
 pub mod broker;
 mod client;
 mod sink;
+mod slots;
 mod source;
 
 pub use client::{KafkaClientOptions, LogContext, REDACTED, SECRET_PROPERTIES, is_secret_property};
@@ -18,4 +20,7 @@ pub use sink::{
     EPOCH_HEADER, ExactlyOnce, KafkaSink, KafkaSinkOptions, KeyEncoding, OutputRecord, SEQ_HEADER,
     SINK_HEADER, ValueEncoding,
 };
-pub use source::{KafkaSource, KafkaSourceOptions, MetadataColumns, StartFrom, source_columns};
+pub use slots::Topics;
+pub use source::{
+    KafkaSource, KafkaSourceOptions, MetadataColumns, MissingTopic, StartFrom, source_columns,
+};

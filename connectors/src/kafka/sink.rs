@@ -396,20 +396,44 @@ impl KafkaSink {
                 });
             tpl.add_partition_offset(topic, p, offset)?;
         }
+        // Each partition's end now (its last stable offset, as read_committed readers
+        // see it): read back until there, or until the end-of-partition event. Both, so
+        // that a broker whose reported end lags its last record (tansu 0.6 reports the
+        // last batch's first offset + 1), or one that never sends the event, is still
+        // read to the end.
+        let mut ends: BTreeMap<i32, i64> = BTreeMap::new();
+        for &p in &partitions {
+            let (_, high) = consumer.fetch_watermarks(topic, p, READ_BACK_TIMEOUT)?;
+            ends.insert(p, high);
+        }
+        let mut at_end: HashSet<i32> = partitions
+            .iter()
+            .copied()
+            .filter(|p| {
+                let start = starts.iter().find(|(sp, _)| sp == p).map_or(0, |&(_, o)| o);
+                start >= ends[p]
+            })
+            .collect();
         consumer.assign(&tpl)?;
-        let mut at_end: HashSet<i32> = HashSet::new();
         let epoch_text = epoch.to_string();
         let started = Instant::now();
-        while at_end.len() < partitions.len() {
+        // Once every partition is at its end, what was fetched is still taken from the
+        // local queue (the rest of a batch past an end reported too low), until a poll
+        // finds nothing.
+        let mut drained = false;
+        while at_end.len() < partitions.len() || !drained {
             if started.elapsed() > READ_BACK_TIMEOUT {
                 return Err(SinkError::Delivery {
                     topic: topic.clone(),
                     message: format!(
-                        "reading back the output of epoch {epoch} did not reach the end of                          every partition within {READ_BACK_TIMEOUT:?}"
+                        "reading back the output of epoch {epoch} did not reach the end of \
+                         every partition within {READ_BACK_TIMEOUT:?}"
                     ),
                 });
             }
-            match consumer.poll(Duration::from_millis(200)) {
+            let polled = consumer.poll(Duration::from_millis(200));
+            drained = polled.is_none();
+            match polled {
                 None => {}
                 Some(Err(KafkaError::PartitionEOF(p))) => {
                     at_end.insert(p);
@@ -418,7 +442,9 @@ impl KafkaSink {
                     tracing::warn!(sink = %self.options.name, "reading back output (retrying): {e}");
                 }
                 Some(Ok(m)) => {
-                    at_end.remove(&m.partition());
+                    if m.offset() + 1 >= ends.get(&m.partition()).copied().unwrap_or(i64::MAX) {
+                        at_end.insert(m.partition());
+                    }
                     let Some(headers) = m.headers() else { continue };
                     let mut of_epoch = false;
                     let mut mine = false;

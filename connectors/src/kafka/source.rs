@@ -30,6 +30,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::client::{KafkaClientOptions, LogContext};
+use super::slots::{Slots, Topics};
 use crate::format::json::DecodeColumn;
 use crate::format::types::{ColumnType, EpochUnit, TIMESTAMP_TZ};
 use crate::format::{DecodeError, DecoderSpec, RecordDecoder};
@@ -70,6 +71,32 @@ impl StartFrom {
         }
     }
 }
+
+/// What a source does while its topic does not exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MissingTopic {
+    /// Stop the pipeline (exit 2) once the broker has said so for [`MISSING_TOPIC_GRACE`].
+    Fail,
+    /// Wait for the topic, logging now and then; `/ready` stays 503 meanwhile.
+    Wait,
+}
+
+impl MissingTopic {
+    pub const NAMES: [&'static str; 2] = ["fail", "wait"];
+
+    #[must_use]
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "fail" => Some(Self::Fail),
+            "wait" => Some(Self::Wait),
+            _ => None,
+        }
+    }
+}
+
+/// How long the broker must keep saying that a topic does not exist before a source
+/// with `on_missing_topic: fail` gives up (metadata of a topic just created can lag).
+pub const MISSING_TOPIC_GRACE: Duration = Duration::from_secs(5);
 
 /// Kafka metadata a source can add as columns after the declared ones.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -144,7 +171,8 @@ pub struct KafkaSourceOptions {
     /// The source's name in the pipeline (logs, metrics).
     pub name: String,
     pub client: KafkaClientOptions,
-    pub topic: String,
+    /// The topic, or a pattern of topics.
+    pub topics: Topics,
     /// Consumer group; defaults to the pipeline name.
     pub group_id: String,
     pub start_from: StartFrom,
@@ -156,6 +184,7 @@ pub struct KafkaSourceOptions {
     /// Header name -> column (VARCHAR NULL), after the metadata columns.
     pub headers: Vec<(String, String)>,
     pub on_decode_error: DecodeErrorPolicy,
+    pub on_missing_topic: MissingTopic,
 }
 
 pub struct KafkaSource {
@@ -172,21 +201,25 @@ struct State {
     key: Option<RecordDecoder>,
     meta: MetaBuilders,
     headers: Vec<StringBuilder>,
-    /// Next offset to read per partition, for what `poll` has returned.
+    /// The slot id of each `(topic, partition)`: the engine's partition ids.
+    slots: Slots,
+    /// Next offset to read per slot, for what `poll` has returned.
     positions: BTreeMap<i32, i64>,
-    /// Partition of each decoded row of the batch being built.
+    /// Slot of each decoded row of the batch being built.
     row_partitions: Vec<i32>,
-    /// Partitions assigned so far, ascending.
+    /// Slots assigned so far, ascending.
     assigned: Vec<i32>,
     /// Where to resume partitions (a commit entry) instead of `start_from`.
-    resume: BTreeMap<i32, i64>,
+    resume: BTreeMap<(String, i32), i64>,
     last_metadata: Option<Instant>,
-    /// Records and bytes read per partition, for metrics.
+    /// Records and bytes read per slot, for metrics.
     counts: BTreeMap<i32, (u64, u64)>,
     /// A record waiting for the schema registry, and when to ask again.
     held: Option<(OwnedMessage, Instant)>,
     /// Backoff of the next registry retry.
     registry_backoff: Duration,
+    /// Since when the broker has said the topic does not exist (none assigned yet).
+    missing_since: Option<Instant>,
 }
 
 /// First and longest wait before asking an unreachable registry again.
@@ -202,15 +235,6 @@ const METADATA_REFRESH: Duration = Duration::from_secs(5);
 const METADATA_RETRY: Duration = Duration::from_millis(500);
 /// Longest a metadata request may block `poll`.
 const METADATA_TIMEOUT: Duration = Duration::from_millis(500);
-
-/// A list of `topic`'s partitions.
-fn partition_list(topic: &str, partitions: impl Iterator<Item = i32>) -> TopicPartitionList {
-    let mut tpl = TopicPartitionList::new();
-    for p in partitions {
-        tpl.add_partition(topic, p);
-    }
-    tpl
-}
 
 struct MetaBuilders {
     key: StringBuilder,
@@ -279,6 +303,7 @@ impl KafkaSource {
                     .iter()
                     .map(|_| StringBuilder::new())
                     .collect(),
+                slots: Slots::new(&options.topics),
                 options,
                 positions: BTreeMap::new(),
                 row_partitions: Vec::new(),
@@ -288,12 +313,13 @@ impl KafkaSource {
                 counts: BTreeMap::new(),
                 held: None,
                 registry_backoff: REGISTRY_RETRY_MIN,
+                missing_since: None,
             },
         })
     }
 
-    /// Assigns partitions of the topic that are not assigned yet: at the resume offset,
-    /// else at the group's committed offset, else as `start_from` says.
+    /// Assigns partitions of the topics that are not assigned yet: at the resume
+    /// offset, else at the group's committed offset, else as `start_from` says.
     fn refresh_assignment(&mut self) -> Result<(), SourceError> {
         let st = &mut self.state;
         let every = if st.assigned.is_empty() {
@@ -305,38 +331,60 @@ impl KafkaSource {
             return Ok(());
         }
         st.last_metadata = Some(Instant::now());
-        let topic = &st.options.topic;
-        let metadata = match self.consumer.fetch_metadata(Some(topic), METADATA_TIMEOUT) {
+        let one = match &st.options.topics {
+            Topics::Name(t) => Some(t.as_str()),
+            Topics::Pattern(_) => None,
+        };
+        let metadata = match self.consumer.fetch_metadata(one, METADATA_TIMEOUT) {
             Ok(m) => m,
             Err(e) => {
                 if self.consumer.context().should_log_error() {
-                    tracing::warn!(source = %st.options.name, "cannot fetch metadata of topic {topic} (retrying): {e}");
+                    tracing::warn!(source = %st.options.name,
+                        "cannot fetch metadata of {} (retrying): {e}", st.options.topics.describe());
                 }
                 return Ok(());
             }
         };
-        let partitions: Vec<i32> = super::client::topic_partitions(&metadata, topic)
-            .into_iter()
-            .filter(|p| !st.assigned.contains(p))
-            .collect();
-        if partitions.is_empty() {
-            if st.assigned.is_empty() && self.consumer.context().should_log_error() {
-                tracing::warn!(source = %st.options.name, topic = %topic,
-                    "topic does not exist (yet); waiting for it");
+        let mut found: Vec<(String, i32)> = Vec::new();
+        let mut why = None;
+        for t in metadata.topics() {
+            if !st.options.topics.selects(t.name()) {
+                continue;
             }
-            return Ok(());
+            match t.error() {
+                Some(e) => why = Some(RDKafkaErrorCode::from(e).to_string()),
+                None => found.extend(t.partitions().iter().map(|p| (t.name().to_owned(), p.id()))),
+            }
         }
+        if found.is_empty() && st.assigned.is_empty() {
+            return st.topic_missing(self.consumer.context(), why.as_deref());
+        }
+        st.missing_since = None;
+        found.sort();
         let mut tpl = TopicPartitionList::new();
-        for &p in &partitions {
+        let mut new = Vec::new();
+        for (topic, p) in found {
+            if st
+                .slots
+                .get(&topic, p)
+                .is_some_and(|slot| st.assigned.contains(&slot))
+            {
+                continue;
+            }
+            let slot = st.slots.assign(&topic, p);
             let offset = st
                 .resume
-                .get(&p)
+                .get(&(topic.clone(), p))
                 .map_or(Offset::Stored, |&o| Offset::Offset(o));
-            tpl.add_partition_offset(topic, p, offset)?;
+            tpl.add_partition_offset(&topic, p, offset)?;
+            new.push(slot);
+        }
+        if new.is_empty() {
+            return Ok(());
         }
         self.consumer.incremental_assign(&tpl)?;
-        tracing::debug!(source = %st.options.name, ?partitions, "assigned partitions");
-        st.assigned.extend(partitions);
+        tracing::debug!(source = %st.options.name, partitions = tpl.count(), "assigned partitions");
+        st.assigned.extend(new);
         st.assigned.sort_unstable();
         Ok(())
     }
@@ -348,19 +396,21 @@ impl KafkaSource {
             return Err(SourceError::Fatal {
                 context: format!("source {}", options.name),
                 message: format!(
-                    "a partition of topic {} has no committed offset for group {} \
+                    "a partition of {} has no committed offset for group {} \
                      (start_from: committed): {error}",
-                    options.topic, options.group_id
+                    options.topics.describe(),
+                    options.group_id
                 ),
             });
         }
-        if self.consumer.context().should_log_error() {
-            if code == Some(RDKafkaErrorCode::UnknownTopicOrPartition) {
-                tracing::warn!(source = %options.name, topic = %options.topic,
-                    "topic does not exist (yet); waiting for it");
-            } else {
-                tracing::warn!(source = %options.name, "consume error (retrying): {error}");
+        if code == Some(RDKafkaErrorCode::UnknownTopicOrPartition) {
+            // Deleted while read, or not there yet: metadata tells which at the refresh.
+            if self.consumer.context().should_log_error() {
+                tracing::warn!(source = %options.name, topic = %options.topics.describe(),
+                    "the broker says the topic does not exist: {error}");
             }
+        } else if self.consumer.context().should_log_error() {
+            tracing::warn!(source = %options.name, "consume error (retrying): {error}");
         }
         Ok(())
     }
@@ -385,6 +435,38 @@ impl KafkaSource {
 }
 
 impl State {
+    /// The broker answered that the topic does not exist: wait, or (after the grace)
+    /// fail, as `on_missing_topic` says.
+    fn topic_missing(
+        &mut self,
+        context: &LogContext,
+        why: Option<&str>,
+    ) -> Result<(), SourceError> {
+        let since = *self.missing_since.get_or_insert_with(Instant::now);
+        let topic = self.options.topics.describe();
+        match self.options.on_missing_topic {
+            MissingTopic::Fail if since.elapsed() >= MISSING_TOPIC_GRACE => {
+                Err(SourceError::Fatal {
+                    context: format!("source {}", self.options.name),
+                    message: format!(
+                        "no partition of {topic} exists (the broker has said so for {:.0?}{}); \
+                     create the topic, or set `on_missing_topic: wait` to wait for it",
+                        since.elapsed(),
+                        why.map_or_else(String::new, |w| format!(": {w}"))
+                    ),
+                })
+            }
+            MissingTopic::Fail => Ok(()),
+            MissingTopic::Wait => {
+                if context.should_log_error() {
+                    tracing::warn!(source = %self.options.name, topic = %topic,
+                        "topic does not exist (yet); waiting for it (on_missing_topic: wait)");
+                }
+                Ok(())
+            }
+        }
+    }
+
     /// Asks the registry for what the record's value and key need: `Ok(false)` when it did
     /// not answer, and the record (now held) must wait; a refusal that waiting won't fix
     /// (bad credentials) is an error.
@@ -439,8 +521,10 @@ impl State {
     /// Takes one record: its row, or its rejection.
     fn take<M: Message>(&mut self, m: &M, rejected: &mut Vec<Rejected>) -> Result<(), SourceError> {
         let (partition, offset) = (m.partition(), m.offset());
-        self.positions.insert(partition, offset + 1);
-        let count = self.counts.entry(partition).or_default();
+        // Every partition read from was assigned a slot first.
+        let slot = self.slots.get(m.topic(), partition).unwrap_or(partition);
+        self.positions.insert(slot, offset + 1);
+        let count = self.counts.entry(slot).or_default();
         count.0 += 1;
         count.1 += (m.payload().map_or(0, <[u8]>::len) + m.key().map_or(0, <[u8]>::len)) as u64;
         match self.parse(m) {
@@ -449,7 +533,7 @@ impl State {
                 if let Some(key) = &mut self.key {
                     key.append();
                 }
-                self.row_partitions.push(partition);
+                self.row_partitions.push(slot);
                 let meta = self.options.metadata;
                 if meta.key {
                     match m.key() {
@@ -486,7 +570,7 @@ impl State {
             Err(reason) => match self.options.on_decode_error {
                 DecodeErrorPolicy::Fail => {
                     return Err(SourceError::DecodeFailed {
-                        topic: self.options.topic.clone(),
+                        topic: m.topic().to_owned(),
                         partition,
                         offset,
                         reason,
@@ -494,7 +578,7 @@ impl State {
                 }
                 DecodeErrorPolicy::Skip | DecodeErrorPolicy::DeadLetter => {
                     rejected.push(Rejected {
-                        topic: self.options.topic.clone(),
+                        topic: m.topic().to_owned(),
                         partition,
                         offset,
                         key: m.key().map(<[u8]>::to_vec),
@@ -588,70 +672,87 @@ impl Source for KafkaSource {
 
     fn pause(&mut self, paused: &[i32]) -> Result<bool, SourceError> {
         // Applied to the whole assignment each time: new partitions start resumed.
-        let assigned = self.state.assigned.clone();
-        let topic = &self.state.options.topic;
-        let (pause, resume): (Vec<i32>, Vec<i32>) =
-            assigned.into_iter().partition(|p| paused.contains(p));
-        if !pause.is_empty() {
-            self.consumer
-                .pause(&partition_list(topic, pause.into_iter()))?;
+        let st = &self.state;
+        let (mut pause, mut resume) = (TopicPartitionList::new(), TopicPartitionList::new());
+        for &slot in &st.assigned {
+            let Some((topic, p)) = st.slots.partition(slot) else {
+                continue;
+            };
+            if paused.contains(&slot) {
+                pause.add_partition(topic, *p);
+            } else {
+                resume.add_partition(topic, *p);
+            }
         }
-        if !resume.is_empty() {
-            self.consumer
-                .resume(&partition_list(topic, resume.into_iter()))?;
+        if pause.count() > 0 {
+            self.consumer.pause(&pause)?;
+        }
+        if resume.count() > 0 {
+            self.consumer.resume(&resume)?;
         }
         Ok(true)
     }
 
     fn positions(&self) -> Vec<SourcePosition> {
-        self.state
-            .positions
+        let st = &self.state;
+        st.positions
             .iter()
-            .map(|(&partition, &next_offset)| SourcePosition {
-                topic: self.state.options.topic.clone(),
-                partition,
-                next_offset,
+            .filter_map(|(&slot, &next_offset)| {
+                let (topic, partition) = st.slots.partition(slot)?;
+                Some(SourcePosition {
+                    topic: topic.clone(),
+                    partition: *partition,
+                    next_offset,
+                })
             })
             .collect()
     }
 
     fn partition_stats(&self) -> Vec<PartitionStats> {
         let context = self.consumer.context();
-        self.state
-            .assigned
+        let st = &self.state;
+        st.assigned
             .iter()
-            .map(|&partition| {
-                let (records, bytes) = self
-                    .state
-                    .counts
-                    .get(&partition)
-                    .copied()
-                    .unwrap_or_default();
-                let high = context.high_watermark(&self.state.options.topic, partition);
-                let lag = match (high, self.state.positions.get(&partition)) {
+            .filter_map(|&slot| {
+                let (topic, partition) = st.slots.partition(slot)?;
+                let (records, bytes) = st.counts.get(&slot).copied().unwrap_or_default();
+                let high = context.high_watermark(topic, *partition);
+                let lag = match (high, st.positions.get(&slot)) {
                     (Some(high), Some(&next)) => Some((high - next).max(0)),
                     // Nothing read yet from an empty partition.
                     (Some(0), None) => Some(0),
                     _ => None,
                 };
-                PartitionStats {
-                    partition,
+                Some(PartitionStats {
+                    topic: topic.clone(),
+                    partition: *partition,
                     records,
                     bytes,
                     lag,
-                }
+                })
             })
             .collect()
     }
 
+    fn partition_slots(&self) -> Vec<(String, i32, i32)> {
+        self.state.slots.list()
+    }
+
+    fn restore_partition_slots(&mut self, slots: &[(String, i32, i32)]) {
+        self.state.slots.restore(slots);
+    }
+
     fn seek(&mut self, positions: &[SourcePosition]) -> Result<(), SourceError> {
-        assert!(self.state.assigned.is_empty(), "seek before the first poll");
+        let st = &mut self.state;
+        assert!(st.assigned.is_empty(), "seek before the first poll");
         for p in positions
             .iter()
-            .filter(|p| p.topic == self.state.options.topic)
+            .filter(|p| st.options.topics.selects(&p.topic))
         {
-            self.state.resume.insert(p.partition, p.next_offset);
-            self.state.positions.insert(p.partition, p.next_offset);
+            let slot = st.slots.assign(&p.topic, p.partition);
+            st.resume
+                .insert((p.topic.clone(), p.partition), p.next_offset);
+            st.positions.insert(slot, p.next_offset);
         }
         Ok(())
     }
