@@ -117,7 +117,7 @@ impl Broker {
             return Ok(None);
         };
         let port = free_port()?;
-        let child = spawn_tansu(&bin, port, "memory://tansu/", false)?;
+        let child = spawn_tansu(&bin, port, "memory://tansu/", false, None)?;
         let broker = Self {
             bootstrap: format!("127.0.0.1:{port}"),
             embedded: None,
@@ -144,14 +144,15 @@ impl Broker {
             std::process::id(),
             N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
-        std::fs::create_dir_all(&dir)?;
-        let storage = format!("sqlite://{}/tansu.db", dir.display());
+        std::fs::create_dir_all(dir.join("db"))?;
+        // tansu reads an SQLite URL's host and path relative to its working directory.
+        let storage = "sqlite://db/tansu.db";
         let port = free_port()?;
         let mut open = Self {
             bootstrap: format!("127.0.0.1:{port}"),
             embedded: None,
-            child: Some(spawn_tansu(&bin, port, &storage, false)?),
-            dir: Some(dir),
+            child: Some(spawn_tansu(&bin, port, storage, false, Some(&dir))?),
+            dir: Some(dir.clone()),
         };
         wait_for_port(port, Duration::from_secs(20))?;
         for (name, password) in users {
@@ -179,7 +180,7 @@ impl Broker {
         }
         // The same storage, now requiring authentication.
         open.kill();
-        open.child = Some(spawn_tansu(&bin, port, &storage, true)?);
+        open.child = Some(spawn_tansu(&bin, port, storage, true, Some(&dir))?);
         wait_for_port(port, Duration::from_secs(20))?;
         Ok(Some(open))
     }
@@ -254,7 +255,13 @@ pub fn tansu_binary() -> Result<Option<std::path::PathBuf>, Error> {
     }
 }
 
-fn spawn_tansu(bin: &Path, port: u16, storage: &str, authentication: bool) -> Result<Child, Error> {
+fn spawn_tansu(
+    bin: &Path,
+    port: u16,
+    storage: &str,
+    authentication: bool,
+    dir: Option<&Path>,
+) -> Result<Child, Error> {
     let url = format!("tcp://127.0.0.1:{port}");
     let mut command = Command::new(bin);
     command.args([
@@ -268,6 +275,9 @@ fn spawn_tansu(bin: &Path, port: u16, storage: &str, authentication: bool) -> Re
     ]);
     if authentication {
         command.arg("--authentication");
+    }
+    if let Some(dir) = dir {
+        command.current_dir(dir);
     }
     Ok(command
         .stdout(Stdio::null())

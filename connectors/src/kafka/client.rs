@@ -190,6 +190,16 @@ impl ClientContext for LogContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::Authentication) {
+            // Retried by librdkafka like any connection error, but a wrong setting, not
+            // a broker away: said as such, every time.
+            tracing::error!(
+                connector = %self.name,
+                "the broker refused laminar's credentials (check security.protocol, sasl.mechanism, sasl.username and the password): {}",
+                self.scrub(reason)
+            );
+            return;
+        }
         if self.should_log_error() {
             let text = format!("{error}: {reason}");
             tracing::warn!(
