@@ -17,6 +17,10 @@ need perl || missing+=(perl)
 need pkg-config || missing+=(pkg-config)
 [ -e /usr/include/zlib.h ] || missing+=(zlib1g-dev)
 [ -e /usr/include/openssl/ssl.h ] || missing+=(libssl-dev)
+# The TLS test puts stunnel (a TLS terminator) in front of the embedded broker and makes
+# its certificates with the openssl command.
+need stunnel4 || need stunnel || missing+=(stunnel4)
+need openssl || missing+=(openssl)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
@@ -38,7 +42,7 @@ if ! [ -x "$tools/bin/tansu" ] && ! need tansu; then
   echo "tansu: $(( $(date +%s) - start )) s"
 fi
 export PATH="$tools/bin:$PATH"
-export LAMINAR_REQUIRE_TANSU=1
+export LAMINAR_REQUIRE_TANSU=1 LAMINAR_REQUIRE_TLS=1
 
 if need rustfmt; then
   cargo fmt --all -- --check

@@ -80,6 +80,10 @@ enum Command {
         /// Topics to create at start, as NAME or NAME:PARTITIONS.
         #[arg(long = "topic", value_name = "NAME[:PARTITIONS]")]
         topics: Vec<String>,
+        /// The address clients are told to connect to (broker i at port + i), when a
+        /// proxy (a TLS terminator, a port mapping) stands in front of `--listen`.
+        #[arg(long, value_name = "HOST:PORT")]
+        advertise: Option<String>,
     },
     /// Built-in Nexmark benchmark.
     Bench(laminar::bench::BenchArgs),
@@ -140,7 +144,8 @@ fn main() -> ExitCode {
             listen,
             brokers,
             topics,
-        } => broker(listen, brokers, &topics),
+            advertise,
+        } => broker(listen, brokers, &topics, advertise.as_deref()),
         Command::Bench(args) => match laminar::bench::run(&args) {
             Ok(()) => exit::OK,
             Err(e) => {
@@ -580,8 +585,19 @@ fn install_stop_handlers() -> std::io::Result<Arc<AtomicBool>> {
     Ok(stop)
 }
 
-fn broker(listen: SocketAddr, brokers: i32, topics: &[String]) -> u8 {
-    let broker = match EmbeddedBroker::start(brokers.max(1), Some(listen)) {
+fn broker(listen: SocketAddr, brokers: i32, topics: &[String], advertise: Option<&str>) -> u8 {
+    let advertise = match advertise.map(|a| a.rsplit_once(':').map(|(h, p)| (h, p.parse::<u16>())))
+    {
+        None => None,
+        Some(Some((host, Ok(port)))) if !host.is_empty() && listen.port() != 0 => {
+            Some((host, port))
+        }
+        Some(_) => {
+            eprintln!("laminar: --advertise takes HOST:PORT, and needs --listen with a fixed port");
+            return exit::INVALID;
+        }
+    };
+    let broker = match EmbeddedBroker::start_advertising(brokers.max(1), Some(listen), advertise) {
         Ok(b) => b,
         Err(e) => {
             eprintln!("laminar: cannot start the broker on {listen}: {e}");

@@ -7,6 +7,7 @@
 //!   on the PATH; `None` otherwise.
 //!
 //! - [`registry::SchemaRegistry`]: a schema registry speaking the Confluent REST API.
+//! - [`tls::TlsFront`]: TLS (stunnel, with certificates from openssl) in front of a broker.
 //!
 //! Real Kafka or Redpanda containers need Docker, which these machines lack; every test
 //! here speaks the Kafka protocol to a real broker implementation through librdkafka.
@@ -25,6 +26,7 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Message as _, Offset, TopicPartitionList};
 
 pub mod registry;
+pub mod tls;
 
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -85,8 +87,22 @@ impl Broker {
         port: u16,
         topics: &[(&str, i32)],
     ) -> Result<Self, Error> {
+        Self::laminar_process_advertising(laminar, port, None, topics)
+    }
+
+    /// [`Broker::laminar_process`] telling clients to connect to `advertise` (a proxy
+    /// in front of `port`) instead.
+    pub fn laminar_process_advertising(
+        laminar: &Path,
+        port: u16,
+        advertise: Option<&str>,
+        topics: &[(&str, i32)],
+    ) -> Result<Self, Error> {
         let mut command = Command::new(laminar);
         command.args(["broker", "--listen", &format!("127.0.0.1:{port}")]);
+        if let Some(a) = advertise {
+            command.args(["--advertise", a]);
+        }
         for (name, partitions) in topics {
             command.args(["--topic", &format!("{name}:{partitions}")]);
         }
@@ -135,15 +151,10 @@ impl Broker {
         users: &[(&str, &str)],
         topics: &[(&str, i32)],
     ) -> Result<Option<Self>, Error> {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let Some(bin) = tansu_binary()? else {
             return Ok(None);
         };
-        let dir = std::env::temp_dir().join(format!(
-            "laminar-tansu-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        ));
+        let dir = temp_dir("tansu")?;
         std::fs::create_dir_all(dir.join("db"))?;
         // tansu reads an SQLite URL's host and path relative to its working directory.
         let storage = "sqlite://db/tansu.db";
@@ -285,12 +296,24 @@ fn spawn_tansu(
         .spawn()?)
 }
 
+/// A new directory under the system's temporary one (the caller removes it).
+pub(crate) fn temp_dir(tag: &str) -> Result<std::path::PathBuf, Error> {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "laminar-{tag}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
 /// A port nothing listens on right now.
 pub fn free_port() -> Result<u16, Error> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn wait_for_port(port: u16, timeout: Duration) -> Result<(), Error> {
+pub(crate) fn wait_for_port(port: u16, timeout: Duration) -> Result<(), Error> {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {

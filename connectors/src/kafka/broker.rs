@@ -49,6 +49,17 @@ impl EmbeddedBroker {
     /// Starts `brokers` mock brokers on ephemeral loopback ports. With `listen`, also
     /// serves them on `listen`, `listen + 1`, ... through relays.
     pub fn start(brokers: i32, listen: Option<SocketAddr>) -> KafkaResult<Self> {
+        Self::start_advertising(brokers, listen, None)
+    }
+
+    /// As [`EmbeddedBroker::start`], but with `listen`, the brokers tell clients to
+    /// connect to `advertise` (`(host, port)`; broker i at `port + i`) instead: the
+    /// address of a proxy in front of the relays (a TLS terminator, a port mapping).
+    pub fn start_advertising(
+        brokers: i32,
+        listen: Option<SocketAddr>,
+        advertise: Option<(&str, u16)>,
+    ) -> KafkaResult<Self> {
         let config = ClientConfig::new();
         let native = config.create_native_config()?;
         let client = Client::new(
@@ -83,18 +94,22 @@ impl EmbeddedBroker {
                 let relay = start_relay(addr, (*target).to_owned())
                     .map_err(|_| KafkaError::MockCluster(RDKafkaErrorCode::Fail))?;
                 broker.relays.push(relay);
-                let host = CString::new(addr.ip().to_string())
+                let (host, port) = match &advertise {
+                    Some((host, port)) => ((*host).to_owned(), port + i as u16),
+                    None => (addr.ip().to_string(), addr.port()),
+                };
+                let c_host = CString::new(host.as_str())
                     .map_err(|_| KafkaError::MockCluster(RDKafkaErrorCode::InvalidArgument))?;
                 // SAFETY: cluster live, host a valid C string; broker ids start at 1.
                 unsafe {
                     rdsys::rd_kafka_mock_broker_set_host_port(
                         cluster,
                         i as i32 + 1,
-                        host.as_ptr(),
-                        i32::from(addr.port()),
+                        c_host.as_ptr(),
+                        i32::from(port),
                     );
                 };
-                advertised.push(addr.to_string());
+                advertised.push(format!("{host}:{port}"));
             }
             broker.bootstrap = advertised.join(",");
         }
