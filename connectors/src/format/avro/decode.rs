@@ -452,6 +452,14 @@ struct Cursor<'a> {
 
 impl<'a> Cursor<'a> {
     fn long(&mut self) -> Result<i64, DecodeError> {
+        // One byte: the small numbers (lengths, indices, flags) most varints are.
+        if let Some(&b) = self.buf.get(self.pos)
+            && b & 0x80 == 0
+        {
+            self.pos += 1;
+            let v = u64::from(b);
+            return Ok((v >> 1) as i64 ^ -((v & 1) as i64));
+        }
         let mut value: u64 = 0;
         for shift in (0..64).step_by(7) {
             let Some(&b) = self.buf.get(self.pos) else {
@@ -817,6 +825,8 @@ pub struct AvroDecoder {
     /// Compiled writer schemas by registry id (0 for a fixed schema); an `Err` is why
     /// every record written with that schema is rejected.
     programs: HashMap<u32, Result<Arc<Program>, DecodeError>>,
+    /// The program of the last record: consecutive records mostly share a schema.
+    last: Option<(u32, Arc<Program>)>,
 }
 
 impl AvroDecoder {
@@ -835,6 +845,7 @@ impl AvroDecoder {
             writers,
             reader,
             programs,
+            last: None,
         })
     }
 
@@ -891,14 +902,20 @@ impl AvroDecoder {
             WriterSchemas::Fixed(_) => (0, bytes),
             WriterSchemas::Registry(_) => (wire_schema_id(bytes)?, &bytes[WIRE_HEADER_BYTES..]),
         };
-        let program = match self.programs.get(&id) {
-            Some(Ok(p)) => p.clone(),
-            Some(Err(e)) => return Err(e.clone()),
-            // `prepare` was not called for this record: a bug in the caller.
-            None => {
-                debug_assert!(false, "parse before prepare for schema id {id}");
-                return Err(DecodeError::UnknownSchemaId(id));
-            }
+        if !matches!(&self.last, Some((last, _)) if *last == id) {
+            let program = match self.programs.get(&id) {
+                Some(Ok(p)) => p.clone(),
+                Some(Err(e)) => return Err(e.clone()),
+                // `prepare` was not called for this record: a bug in the caller.
+                None => {
+                    debug_assert!(false, "parse before prepare for schema id {id}");
+                    return Err(DecodeError::UnknownSchemaId(id));
+                }
+            };
+            self.last = Some((id, program));
+        }
+        let Some((_, program)) = &self.last else {
+            unreachable!("set above");
         };
         program.run(datum, &mut self.rows)?;
         self.rows.check()
