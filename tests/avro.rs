@@ -272,6 +272,57 @@ fn avro_round_trips_through_the_registry_and_follows_schema_evolution() {
         Schema::String
     ));
 
+    // Another pipeline reads the output back: Avro keys (the key subject's schema, a
+    // single string, as column `_key_value`) and values, columns from the registry.
+    let back = dir.write(
+        "back.yaml",
+        &format!(
+            r"pipeline: avro-back
+kafka:
+  bootstrap_servers: {}
+schema_registry:
+  url: {}
+sources:
+  - name: counts
+    connector: kafka
+    topic: click-counts
+    format: avro
+    key_format: avro
+queries:
+  - name: keyed
+    sql: SELECT _key_value AS k, user, clicks FROM counts
+sinks:
+  - {{ name: out, from: keyed, connector: file, path: {} }}
+",
+            broker.bootstrap(),
+            registry.url(),
+            dir.path("back.jsonl").display()
+        ),
+    );
+    let back = back.display().to_string();
+    let reader_dir = TempDir::new("avro-back");
+    let mut reader = Running::start(&["run", &back], &[], &reader_dir);
+    let deadline = Instant::now() + TIMEOUT;
+    let lines = loop {
+        let text = std::fs::read_to_string(dir.path("back.jsonl")).unwrap_or_default();
+        if text.lines().count() >= out.len() || Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    reader.stop();
+    let mut read_back: BTreeMap<String, i64> = BTreeMap::new();
+    for line in lines.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(v["k"], v["user"], "{line}");
+        *read_back.entry(v["user"].as_str().unwrap().to_owned()).or_default() += v["clicks"].as_i64().unwrap();
+    }
+    let mut per_user: BTreeMap<String, i64> = BTreeMap::new();
+    for ((user, _), n) in &expected {
+        *per_user.entry(user.clone()).or_default() += n;
+    }
+    assert_eq!(read_back, per_user);
+
     let mut reasons: Vec<String> = dlq
         .iter()
         .map(|r| {
