@@ -147,17 +147,6 @@ state:
     dir.write("pipeline.yaml", &text).display().to_string()
 }
 
-fn wait_for_lines(running: &Running, pattern: &str, timeout: Duration) -> String {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let log = std::fs::read_to_string(&running.stderr_file).unwrap_or_default();
-        if log.contains(pattern) || Instant::now() > deadline {
-            return log;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn avro_round_trips_through_the_registry_and_follows_schema_evolution() {
     let broker = Broker::in_process().unwrap();
@@ -187,7 +176,7 @@ fn avro_round_trips_through_the_registry_and_follows_schema_evolution() {
     let dir = TempDir::new("avro");
     let file = registry_pipeline(&dir, broker.bootstrap(), &registry.url());
     let mut running = Running::start(&["run", &file], &[], &dir);
-    wait_for_lines(&running, "pipeline running", TIMEOUT);
+    running.wait_for_log("pipeline running", TIMEOUT);
 
     // The producer evolves its schema mid-stream: laminar reads v2 records (an added
     // field it does not know) without a restart.
@@ -315,7 +304,9 @@ sinks:
     for line in lines.lines() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
         assert_eq!(v["k"], v["user"], "{line}");
-        *read_back.entry(v["user"].as_str().unwrap().to_owned()).or_default() += v["clicks"].as_i64().unwrap();
+        *read_back
+            .entry(v["user"].as_str().unwrap().to_owned())
+            .or_default() += v["clicks"].as_i64().unwrap();
     }
     let mut per_user: BTreeMap<String, i64> = BTreeMap::new();
     for ((user, _), n) in &expected {
@@ -325,14 +316,7 @@ sinks:
 
     let mut reasons: Vec<String> = dlq
         .iter()
-        .map(|r| {
-            r.headers
-                .iter()
-                .find(|(k, _)| k == "laminar.error")
-                .unwrap()
-                .1
-                .clone()
-        })
+        .map(|r| r.header("laminar.error").unwrap().to_owned())
         .collect();
     reasons.sort();
     assert!(
@@ -358,7 +342,7 @@ fn a_registry_that_stops_answering_holds_records_and_loses_none() {
     let dir = TempDir::new("avro-down");
     let file = registry_pipeline(&dir, broker.bootstrap(), &registry.url());
     let mut running = Running::start(&["run", &file], &[], &dir);
-    wait_for_lines(&running, "pipeline running", TIMEOUT);
+    running.wait_for_log("pipeline running", TIMEOUT);
 
     // While the registry answers 503, records of a schema id laminar has not seen wait.
     let v2 = Schema::parse_str(&click_v2().to_string()).unwrap();
@@ -371,7 +355,7 @@ fn a_registry_that_stops_answering_holds_records_and_loses_none() {
     messages.extend((0..50).map(|i| click(&v1, v1_id, "bob", base + i, None)));
     messages.extend(far_ahead(&v1, v1_id, base));
     produce_messages(broker.bootstrap(), "clicks", &messages).unwrap();
-    let log = wait_for_lines(&running, "holding the record", TIMEOUT);
+    let log = running.wait_for_log("holding the record", TIMEOUT);
     assert!(log.contains("holding the record"), "{log}");
     let early = consume(
         broker.bootstrap(),

@@ -165,14 +165,7 @@ fn kafka_pipeline_filters_keys_dead_letters_and_commits() {
     assert_eq!(dlq.len(), 3);
     let reasons: Vec<String> = dlq
         .iter()
-        .map(|r| {
-            r.headers
-                .iter()
-                .find(|(k, _)| k == "laminar.error")
-                .unwrap()
-                .1
-                .clone()
-        })
+        .map(|r| r.header("laminar.error").unwrap().to_owned())
         .collect();
     assert!(
         reasons.iter().any(|r| r.starts_with("invalid JSON")),

@@ -103,12 +103,7 @@ fn no_secret_appears_in_any_output() {
         let mut running = Running::start(&["--log-format", format, "run", &file], &env, &dir);
         // The output topics are checked first (the broker refuses the SASL handshake, so
         // the check gives up after its timeout), then the registry is asked.
-        let deadline = std::time::Instant::now() + Duration::from_secs(40);
-        while !running.stderr().contains("value schema registered")
-            && std::time::Instant::now() < deadline
-        {
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        running.wait_for_log("value schema registered", Duration::from_secs(40));
         std::thread::sleep(Duration::from_secs(1));
         running.signal("KILL");
         let _ = running.wait(Duration::from_secs(10));

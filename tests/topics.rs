@@ -176,10 +176,7 @@ state:
     // another partition's event time (2999 or 3499), its window [1000, 2000) would have
     // closed without it, and its records would be late.
     let mut running = Running::start(&["run", &file], &[], &dir);
-    let deadline = Instant::now() + TIMEOUT;
-    while !running.stderr().contains("pipeline running") && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    running.wait_for_log("pipeline running", TIMEOUT);
     send("orders-eu", 0, "eu", 3000, 5000, true);
     send("orders-eu", 1, "eu", 3000, 5000, true);
     send("orders-ap", 0, "ap", 3500, 5000, true);
@@ -244,10 +241,7 @@ fn output_topics_are_created_when_asked_and_missing_ones_are_an_error_on_tansu()
     );
     let mut running = Running::start(&["run", &file], &[], &dir);
     // The reader needs the topic's partitions: wait for laminar to have made it.
-    let deadline = Instant::now() + TIMEOUT;
-    while !running.stderr().contains("pipeline running") && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    running.wait_for_log("pipeline running", TIMEOUT);
     let out = consume(broker.bootstrap(), "events-out", 20, QUIET, TIMEOUT).unwrap();
     running.stop();
     assert_eq!(out.len(), 20, "{}", running.stderr());
@@ -296,18 +290,9 @@ fn sasl_scram_authenticates_against_a_broker_that_requires_it() {
         let file = passthrough(&dir, broker.bootstrap(), "", &kafka);
         // A wrong password: the broker refuses it, laminar says so (and keeps trying).
         let mut refused = Running::start(&["run", &file], &[("KAFKA_PASSWORD", "wrong")], &dir);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !refused.stderr().contains("refused laminar's credentials")
-            && Instant::now() < deadline
-        {
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        assert!(
-            refused.stderr().contains("refused laminar's credentials"),
-            "{}",
-            refused.stderr()
-        );
-        assert!(!refused.stderr().contains("wrong"), "{}", refused.stderr());
+        let log = refused.wait_for_log("refused laminar's credentials", Duration::from_secs(30));
+        assert!(log.contains("refused laminar's credentials"), "{log}");
+        assert!(!log.contains("wrong"), "{log}");
         refused.signal("KILL");
         let _ = refused.wait(Duration::from_secs(10));
         // The right one: records flow.

@@ -426,6 +426,17 @@ pub struct Record {
     pub timestamp: Option<i64>,
 }
 
+impl Record {
+    /// The value of the (first) header named `key`.
+    #[must_use]
+    pub fn header(&self, key: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
 /// Reads `topic` from the beginning of every partition (`read_committed`) until `expected`
 /// records arrived and then `quiet` passed with nothing new, or `timeout` passed.
 pub fn consume(

@@ -173,6 +173,18 @@ impl Running {
         std::fs::read_to_string(&self.stderr_file).unwrap_or_default()
     }
 
+    /// Waits until stderr holds `text`, at most `timeout`; stderr as it is then.
+    pub fn wait_for_log(&self, text: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = self.stderr();
+            if log.contains(text) || Instant::now() > deadline {
+                return log;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// SIGTERM, then waits for a clean exit (0), failing the test with stderr otherwise.
     pub fn stop(&mut self) {
         self.signal("TERM");
