@@ -132,3 +132,34 @@ fn no_secret_appears_in_any_output() {
     assert_clean("a failed registry login", &err);
     assert!(!err.contains("wrong-pw-Kk22"), "{err}");
 }
+
+#[test]
+fn a_misspelt_secret_property_is_refused_without_its_value() {
+    let broker = Broker::in_process().unwrap();
+    let dir = TempDir::new("secrets-typo");
+    let file = dir.write(
+        "pipeline.yaml",
+        &format!(
+            r"pipeline: typo
+kafka:
+  bootstrap_servers: {}
+  properties:
+    sasl.passwrod: ${{KAFKA_PASSWORD}}
+sources:
+  - {{ name: events, connector: kafka, topic: events, schema: {{ id: BIGINT }} }}
+queries:
+  - {{ name: all, sql: SELECT id FROM events }}
+sinks:
+  - {{ name: out, from: all, connector: stdout }}
+",
+            broker.bootstrap()
+        ),
+    );
+    let (code, out, err) = laminar(
+        &["run", &file.display().to_string()],
+        &[("KAFKA_PASSWORD", KAFKA_PASSWORD)],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("sasl.passwrod"), "{err}");
+    assert_clean("a configuration error", &(out + &err));
+}

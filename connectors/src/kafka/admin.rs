@@ -50,9 +50,8 @@ fn missing(
     // A consumer's metadata request does not auto-create topics.
     let consumer: BaseConsumer<LogContext> = client
         .config(&[("allow.auto.create.topics", "false")])
-        .create_with_context(
-            LogContext::new("output topics").with_secrets(client.secret_values()),
-        )?;
+        .create_with_context(LogContext::new("output topics").with_secrets(client.secret_values()))
+        .map_err(super::client::redacted)?;
     let deadline = std::time::Instant::now() + CHECK_TIMEOUT;
     let mut out = Vec::new();
     let mut warned = false;
@@ -104,9 +103,10 @@ pub fn ensure_topics(
     let Some(spec) = create else {
         return auto_create(client, &missing).map(|()| Vec::new());
     };
-    let admin: AdminClient<LogContext> = client.config(&[]).create_with_context(
-        LogContext::new("output topics").with_secrets(client.secret_values()),
-    )?;
+    let admin: AdminClient<LogContext> = client
+        .config(&[])
+        .create_with_context(LogContext::new("output topics").with_secrets(client.secret_values()))
+        .map_err(super::client::redacted)?;
     let new: Vec<NewTopic<'_>> = missing
         .iter()
         .map(|t| {
@@ -141,9 +141,8 @@ pub fn ensure_topics(
 fn auto_create(client: &KafkaClientOptions, missing: &[String]) -> Result<(), TopicError> {
     let producer: BaseProducer<LogContext> = client
         .config(&[("allow.auto.create.topics", "true")])
-        .create_with_context(
-            LogContext::new("output topics").with_secrets(client.secret_values()),
-        )?;
+        .create_with_context(LogContext::new("output topics").with_secrets(client.secret_values()))
+        .map_err(super::client::redacted)?;
     for topic in missing {
         let _ = producer.client().fetch_metadata(Some(topic), CHECK_TIMEOUT);
     }

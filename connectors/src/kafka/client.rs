@@ -89,6 +89,19 @@ impl KafkaClientOptions {
     }
 }
 
+/// `error` without the property value a configuration error quotes: a misspelt secret
+/// property (`sasl.passwrod: ${PASSWORD}`) is not known to be secret, and the key and
+/// librdkafka's description say enough.
+#[must_use]
+pub fn redacted(error: KafkaError) -> KafkaError {
+    match error {
+        KafkaError::ClientConfig(code, desc, key, _) => {
+            KafkaError::ClientConfig(code, desc, key, REDACTED.to_owned())
+        }
+        other => other,
+    }
+}
+
 /// Logs librdkafka's messages and errors under the connector's name, rate limited.
 pub struct LogContext {
     name: String,

@@ -26,7 +26,7 @@ use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
 
-use super::client::{KafkaClientOptions, LogContext};
+use super::client::{KafkaClientOptions, LogContext, redacted};
 use crate::format::avro::AvroEncoder;
 use crate::format::json::{JsonEncoder, write_cell_text};
 use crate::{FlushOutcome, Rejected, Sink, SinkError};
@@ -210,7 +210,8 @@ impl KafkaSink {
         {
             config.set("transactional.id", id);
         }
-        let producer: ThreadedProducer<DeliveryContext> = config.create_with_context(context)?;
+        let producer: ThreadedProducer<DeliveryContext> =
+            config.create_with_context(context).map_err(redacted)?;
         if options
             .exactly_once
             .as_ref()
@@ -303,6 +304,7 @@ impl KafkaSink {
                 ("auto.offset.reset", "earliest"),
             ])
             .create()
+            .map_err(redacted)
     }
 
     /// Exactly-once: sends `records` of `epoch`, except the sequence numbers in `skip`

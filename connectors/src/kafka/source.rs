@@ -263,9 +263,11 @@ impl KafkaSource {
             // otherwise add up to librdkafka's default 500 ms to every record's latency.
             ("fetch.wait.max.ms", FETCH_WAIT_MAX_MS),
         ]);
-        let consumer: BaseConsumer<LogContext> = config.create_with_context(
-            LogContext::new(&options.name).with_secrets(options.client.secret_values()),
-        )?;
+        let consumer: BaseConsumer<LogContext> = config
+            .create_with_context(
+                LogContext::new(&options.name).with_secrets(options.client.secret_values()),
+            )
+            .map_err(super::client::redacted)?;
         let fatal = |message: String| SourceError::Fatal {
             context: format!("source {}", options.name),
             message,
