@@ -277,16 +277,9 @@ fn explain(file: &str) -> u8 {
     if uses_kafka {
         let properties: Vec<String> = config
             .kafka
-            .properties
+            .shown_properties()
             .iter()
-            .map(|(k, v)| {
-                let v = if laminar_connectors::kafka::is_secret_property(k) {
-                    laminar_connectors::kafka::REDACTED
-                } else {
-                    v
-                };
-                format!("{k}={v}")
-            })
+            .map(|(k, v)| format!("{k}={v}"))
             .collect();
         let _ = writeln!(
             out,
@@ -318,8 +311,8 @@ fn explain(file: &str) -> u8 {
                 "kafka {}, group {group_id}",
                 match topic {
                     laminar_connectors::kafka::Topics::Name(t) => format!("topic {t}"),
-                    laminar_connectors::kafka::Topics::Pattern(_) =>
-                        topic.describe().replacen("pattern", "topic_pattern", 1),
+                    laminar_connectors::kafka::Topics::Pattern(re) =>
+                        format!("topic_pattern {}", re.as_str()),
                 }
             ),
             SourceConnector::File { path, .. } => format!("file {path} (bounded)"),
@@ -426,35 +419,6 @@ fn explain(file: &str) -> u8 {
     exit::OK
 }
 
-/// Every topic a pipeline names: sources, sinks, dead-letter and late-data topics.
-fn topics(config: &PipelineConfig) -> Vec<String> {
-    let mut topics = Vec::new();
-    for s in &config.sources {
-        if let SourceConnector::Kafka {
-            topic: laminar_connectors::kafka::Topics::Name(topic),
-            ..
-        } = &s.connector
-        {
-            topics.push(topic.clone());
-        }
-        topics.extend(s.dead_letter_topic.clone());
-    }
-    topics.extend(
-        config
-            .queries
-            .iter()
-            .filter_map(|q| q.late_data_topic.clone()),
-    );
-    for s in &config.sinks {
-        if let SinkConnector::Kafka { topic } = &s.connector {
-            topics.push(topic.clone());
-        }
-    }
-    topics.sort();
-    topics.dedup();
-    topics
-}
-
 fn run(
     file: &str,
     embedded_broker: bool,
@@ -497,7 +461,7 @@ fn run(
                 return exit::FATAL;
             }
         };
-        for topic in topics(&config) {
+        for topic in config.topics() {
             if let Err(e) = broker.create_topic(&topic, DEFAULT_PARTITIONS) {
                 eprintln!("laminar: cannot create topic {topic} on the embedded broker: {e}");
                 return exit::FATAL;

@@ -69,6 +69,51 @@ pub struct PipelineConfig {
     pub schema_registry: Option<RegistryConfig>,
 }
 
+impl PipelineConfig {
+    /// Every Kafka topic the pipeline writes: sinks, dead-letter and late-data topics.
+    #[must_use]
+    pub fn output_topics(&self) -> Vec<String> {
+        let mut topics: Vec<String> = self
+            .sinks
+            .iter()
+            .filter_map(|s| match &s.connector {
+                SinkConnector::Kafka { topic } => Some(topic.clone()),
+                _ => None,
+            })
+            .chain(
+                self.sources
+                    .iter()
+                    .filter_map(|s| s.dead_letter_topic.clone()),
+            )
+            .chain(
+                self.queries
+                    .iter()
+                    .filter_map(|q| q.late_data_topic.clone()),
+            )
+            .collect();
+        topics.sort();
+        topics.dedup();
+        topics
+    }
+
+    /// Every Kafka topic the pipeline names: the sources' (by name; patterns name none)
+    /// and the output topics.
+    #[must_use]
+    pub fn topics(&self) -> Vec<String> {
+        let mut topics = self.output_topics();
+        topics.extend(self.sources.iter().filter_map(|s| match &s.connector {
+            SourceConnector::Kafka {
+                topic: Topics::Name(t),
+                ..
+            } => Some(t.clone()),
+            _ => None,
+        }));
+        topics.sort();
+        topics.dedup();
+        topics
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct RegistryConfig {
     /// `url`, `username`, `password` (a secret: write `${VAR}`), `timeout_ms`.
@@ -1266,6 +1311,21 @@ fn decode_format(
     FormatConfig::Avro { schema, subject }
 }
 
+/// A `key_format` value: `string`, `json` or `avro`.
+fn key_format(r: &mut Reader, node: &Node) -> Option<KeyFormat> {
+    r.choice(
+        node,
+        "key_format",
+        &["string", "json", "avro"],
+        |s| match s {
+            "string" => Some(KeyFormat::String),
+            "json" => Some(KeyFormat::Json),
+            "avro" => Some(KeyFormat::Avro),
+            _ => None,
+        },
+    )
+}
+
 /// `key_format` and `key_schema` of a kafka source.
 fn decode_key(
     r: &mut Reader,
@@ -1276,14 +1336,7 @@ fn decode_key(
 ) -> KeyConfig {
     let format_node = f.get("key_format");
     let format = format_node
-        .and_then(|n| {
-            r.choice(n, "key_format", &["string", "json", "avro"], |s| match s {
-                "string" => Some(KeyFormat::String),
-                "json" => Some(KeyFormat::Json),
-                "avro" => Some(KeyFormat::Avro),
-                _ => None,
-            })
-        })
+        .and_then(|n| key_format(r, n))
         .unwrap_or(KeyFormat::String);
     let schema_node = f.get("key_schema");
     let columns = schema_node
@@ -1644,14 +1697,7 @@ fn decode_sink(
         );
     }
     let key_format_node = f.get("key_format");
-    let key_format = key_format_node.and_then(|n| {
-        r.choice(n, "key_format", &["string", "json", "avro"], |s| match s {
-            "string" => Some(KeyFormat::String),
-            "json" => Some(KeyFormat::Json),
-            "avro" => Some(KeyFormat::Avro),
-            _ => None,
-        })
-    });
+    let key_format = key_format_node.and_then(|n| key_format(r, n));
     let mut headers = Vec::new();
     if let Some(n) = f.get("headers") {
         if let YamlDataOwned::Mapping(map) = &n.data {

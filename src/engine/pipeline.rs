@@ -202,7 +202,7 @@ impl Pipeline {
             .clone()
             .unwrap_or_else(|| Metrics::new(&config.name));
         let registry = super::schemas::registry(config)?;
-        let outputs = output_topics(config);
+        let outputs = config.output_topics();
         if !outputs.is_empty() {
             let created = laminar_connectors::kafka::admin::ensure_topics(
                 &kafka,
@@ -1194,33 +1194,6 @@ fn source_commit(slot: &SourceSlot, positions: &[SourcePosition]) -> SourceCommi
 
 /// Seeks every source to the offsets of the last commit entry and restores its
 /// watermark from the same entry.
-/// Every Kafka topic the pipeline writes: sinks, dead-letter and late-data topics.
-fn output_topics(config: &PipelineConfig) -> Vec<String> {
-    let mut topics: Vec<String> = config
-        .sinks
-        .iter()
-        .filter_map(|s| match &s.connector {
-            SinkConnector::Kafka { topic } => Some(topic.clone()),
-            _ => None,
-        })
-        .chain(
-            config
-                .sources
-                .iter()
-                .filter_map(|s| s.dead_letter_topic.clone()),
-        )
-        .chain(
-            config
-                .queries
-                .iter()
-                .filter_map(|q| q.late_data_topic.clone()),
-        )
-        .collect();
-    topics.sort();
-    topics.dedup();
-    topics
-}
-
 fn resume_sources(sources: &mut [SourceSlot], commit: &CommitEntry) -> Result<(), RunError> {
     let now = Instant::now();
     for slot in sources {

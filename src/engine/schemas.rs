@@ -37,7 +37,27 @@ pub enum SchemaError {
         source: RegistryError,
     },
     #[error("{what}: {message}")]
-    Schema { what: String, message: String },
+    Schema {
+        what: String,
+        message: String,
+        part: Part,
+    },
+}
+
+/// Which part of a record a schema is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    Value,
+    Key,
+}
+
+impl Part {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Value => "value",
+            Self::Key => "key",
+        }
+    }
 }
 
 /// The pipeline's registry client, when it has a `schema_registry`.
@@ -82,6 +102,40 @@ fn with_retry<T>(
     }
 }
 
+/// The columns of the latest schema of `subject` (a single-value schema gives one
+/// column, `single_name`), with its defaults and aliases.
+fn latest_reader(
+    registry: &RegistryClient,
+    what: &str,
+    subject: &str,
+    single_name: &str,
+    part: Part,
+) -> Result<AvroReader, SchemaError> {
+    let latest = with_retry(what, || registry.latest(subject))?;
+    let (reader, skipped) =
+        reader_of_schema(&latest.schema, single_name).map_err(|message| SchemaError::Schema {
+            what: what.to_owned(),
+            message,
+            part,
+        })?;
+    if !skipped.is_empty() {
+        tracing::warn!(
+            subject,
+            version = latest.version,
+            "{what}: fields that cannot be columns are left out: {}",
+            skipped.join(", ")
+        );
+    }
+    tracing::info!(
+        subject,
+        version = latest.version,
+        id = latest.id,
+        columns = reader.columns.len(),
+        "{what}: from the schema registry"
+    );
+    Ok(reader)
+}
+
 /// Fills in the columns of sources (values and keys) that take them from the registry's
 /// latest schema of their subject.
 pub fn resolve_sources(
@@ -97,20 +151,7 @@ pub fn resolve_sources(
                 "source `{}`: the columns of subject `{subject}`",
                 source.name
             );
-            let latest = with_retry(&what, || registry.latest(&subject))?;
-            let (reader, skipped) =
-                reader_of_schema(&latest.schema, "value").map_err(|message| {
-                    SchemaError::Schema {
-                        what: what.clone(),
-                        message,
-                    }
-                })?;
-            if !skipped.is_empty() {
-                tracing::warn!(source = %source.name, subject, version = latest.version,
-                    "fields that cannot be columns are left out: {}", skipped.join(", "));
-            }
-            tracing::info!(source = %source.name, subject, version = latest.version, id = latest.id,
-                columns = reader.columns.len(), "columns from the schema registry");
+            let reader = latest_reader(registry, &what, &subject, "value", Part::Value)?;
             source.columns.clone_from(&reader.columns);
             source.avro_reader = Some(reader);
             source.columns_from_registry = None;
@@ -123,14 +164,7 @@ pub fn resolve_sources(
                 "source `{}`: the key columns of subject `{}`",
                 source.name, key.subject
             );
-            let latest = with_retry(&what, || registry.latest(&key.subject))?;
-            let (reader, _) =
-                reader_of_schema(&latest.schema, "_key_value").map_err(|message| {
-                    SchemaError::Schema {
-                        what: what.clone(),
-                        message,
-                    }
-                })?;
+            let reader = latest_reader(registry, &what, &key.subject, "_key_value", Part::Key)?;
             key.columns.clone_from(&reader.columns);
             key.reader = Some(reader);
         }
@@ -177,6 +211,19 @@ pub fn source_decoders(
     (value, key)
 }
 
+/// The topic a sink writes (its name for sinks that are not Kafka), which names its
+/// derived schemas.
+fn sink_topic(sink: &SinkConfig) -> &str {
+    match &sink.connector {
+        SinkConnector::Kafka { topic } => topic,
+        _ => &sink.name,
+    }
+}
+
+fn parse(json: &serde_json::Value) -> Result<apache_avro::Schema, String> {
+    apache_avro::Schema::parse_str(&json.to_string()).map_err(|e| e.to_string())
+}
+
 /// The Avro schema a sink writes its values with: the given one, or one derived from
 /// the columns.
 pub fn sink_value_schema(
@@ -189,15 +236,9 @@ pub fn sink_value_schema(
     if let Some(s) = schema {
         return Ok(Some((**s).clone()));
     }
-    let topic = match &sink.connector {
-        SinkConnector::Kafka { topic } => topic.as_str(),
-        _ => sink.name.as_str(),
-    };
     let fields: Vec<&Field> = columns.fields().iter().map(AsRef::as_ref).collect();
-    let json = record_schema_of(&format!("{}_value", sanitize_name(topic)), &fields)?;
-    apache_avro::Schema::parse_str(&json.to_string())
-        .map(Some)
-        .map_err(|e| e.to_string())
+    let name = format!("{}_value", sanitize_name(sink_topic(sink)));
+    parse(&record_schema_of(&name, &fields)?).map(Some)
 }
 
 /// The Avro schema of a sink's key columns: one column's type alone, several as a record.
@@ -210,15 +251,43 @@ pub fn sink_key_schema(
         .iter()
         .filter_map(|(k, _)| columns.field_with_name(k).ok())
         .collect();
-    let topic = match &sink.connector {
-        SinkConnector::Kafka { topic } => topic.as_str(),
-        _ => sink.name.as_str(),
+    match fields.as_slice() {
+        [one] => parse(&value_schema_of(one)),
+        several => parse(&record_schema_of(
+            &format!("{}_key", sanitize_name(sink_topic(sink))),
+            several,
+        )?),
+    }
+}
+
+/// The encoder of one part (`value` or `key`) of a sink's records: `schema`, fed by
+/// `columns`, registered under `subject` when a registry is given.
+fn part_encoder(
+    sink: &SinkConfig,
+    part: Part,
+    schema: Result<apache_avro::Schema, String>,
+    columns: &[(usize, &Field)],
+    registered: Option<(&RegistryClient, &str)>,
+) -> Result<AvroEncoder, SchemaError> {
+    let error = |message: String| SchemaError::Schema {
+        what: format!("sink `{}`: the Avro {} schema", sink.name, part.name()),
+        message,
+        part,
     };
-    let json = match fields.as_slice() {
-        [one] => value_schema_of(one),
-        several => record_schema_of(&format!("{}_key", sanitize_name(topic)), several)?,
+    let schema = schema.map_err(error)?;
+    let id = match registered {
+        Some((registry, subject)) => {
+            let json = serde_json::to_value(&schema).map_err(|e| error(e.to_string()))?;
+            let id = with_retry(
+                &format!("sink `{}`: registering subject `{subject}`", sink.name),
+                || registry.register(subject, &json),
+            )?;
+            tracing::info!(sink = %sink.name, subject, id, "{} schema registered", part.name());
+            Some(id)
+        }
+        None => None,
     };
-    apache_avro::Schema::parse_str(&json.to_string()).map_err(|e| e.to_string())
+    AvroEncoder::new(&schema, columns, id).map_err(error)
 }
 
 /// The value and key encodings of a Kafka sink, with their schemas registered when
@@ -229,77 +298,38 @@ pub fn sink_encodings(
     columns: &SchemaRef,
     registry: Option<&RegistryClient>,
 ) -> Result<(ValueEncoding, KeyEncoding), SchemaError> {
-    let what = |part: &str| format!("sink `{}`: the Avro {part} schema", sink.name);
-    let all: Vec<(usize, &Field)> = columns
-        .fields()
-        .iter()
-        .map(AsRef::as_ref)
-        .enumerate()
-        .collect();
-    let value = match sink_value_schema(sink, columns).map_err(|message| SchemaError::Schema {
-        what: what("value"),
-        message,
-    })? {
-        None => ValueEncoding::Json,
-        Some(schema) => {
-            let id = match (registry, &sink.format) {
-                (Some(r), FormatConfig::Avro { subject, .. }) => {
-                    let json = serde_json::to_value(&schema).map_err(|e| SchemaError::Schema {
-                        what: what("value"),
-                        message: e.to_string(),
-                    })?;
-                    let id = with_retry(
-                        &format!("sink `{}`: registering subject `{subject}`", sink.name),
-                        || r.register(subject, &json),
-                    )?;
-                    tracing::info!(sink = %sink.name, subject, id, "value schema registered");
-                    Some(id)
-                }
-                _ => None,
-            };
-            ValueEncoding::Avro(AvroEncoder::new(&schema, &all, id).map_err(|message| {
-                SchemaError::Schema {
-                    what: what("value"),
-                    message,
-                }
-            })?)
+    let value = match (&sink.format, sink_value_schema(sink, columns).transpose()) {
+        (FormatConfig::Avro { subject, .. }, Some(schema)) => {
+            let all: Vec<(usize, &Field)> = columns
+                .fields()
+                .iter()
+                .map(AsRef::as_ref)
+                .enumerate()
+                .collect();
+            let registered = registry.map(|r| (r, subject.as_str()));
+            ValueEncoding::Avro(part_encoder(sink, Part::Value, schema, &all, registered)?)
         }
+        _ => ValueEncoding::Json,
     };
     let key = match sink.key_format {
         None | Some(KeyFormat::String) => KeyEncoding::Text,
         Some(KeyFormat::Json) => KeyEncoding::Json,
         Some(KeyFormat::Avro) => {
-            let schema = sink_key_schema(sink, columns).map_err(|message| SchemaError::Schema {
-                what: what("key"),
-                message,
-            })?;
             let key_columns: Vec<(usize, &Field)> = sink
                 .key
                 .iter()
                 .filter_map(|(k, _)| columns.index_of(k).ok().map(|i| (i, columns.field(i))))
                 .collect();
-            let id = match (registry, &sink.connector) {
-                (Some(r), SinkConnector::Kafka { topic }) => {
-                    let subject = format!("{topic}-key");
-                    let json = serde_json::to_value(&schema).map_err(|e| SchemaError::Schema {
-                        what: what("key"),
-                        message: e.to_string(),
-                    })?;
-                    Some(with_retry(
-                        &format!("sink `{}`: registering subject `{subject}`", sink.name),
-                        || r.register(&subject, &json),
-                    )?)
-                }
-                _ => None,
-            };
-            KeyEncoding::Avro(
-                AvroEncoder::new(&schema, &key_columns, id).map_err(|message| {
-                    SchemaError::Schema {
-                        what: what("key"),
-                        message,
-                    }
-                })?,
-            )
+            let subject = format!("{}-key", sink_topic(sink));
+            let registered = registry.map(|r| (r, subject.as_str()));
+            let schema = sink_key_schema(sink, columns);
+            KeyEncoding::Avro(part_encoder(
+                sink,
+                Part::Key,
+                schema,
+                &key_columns,
+                registered,
+            )?)
         }
     };
     Ok((value, key))

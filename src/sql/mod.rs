@@ -191,11 +191,10 @@ fn check_sink_keys(
         // Avro codecs compile now (registration waits for the run).
         if !missing && let Err(e) = crate::engine::schemas::sink_encodings(sink, schema, None) {
             let pos = match &e {
-                crate::engine::schemas::SchemaError::Schema { what, .. }
-                    if what.contains("key") =>
-                {
-                    sink.key_format_pos
-                }
+                crate::engine::schemas::SchemaError::Schema {
+                    part: crate::engine::schemas::Part::Key,
+                    ..
+                } => sink.key_format_pos,
                 _ => sink.format_pos,
             };
             error(pos, e.to_string());

@@ -80,27 +80,6 @@ struct Shared {
     active: AtomicUsize,
 }
 
-fn base64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            out.push(if i <= chunk.len() {
-                char::from(ALPHABET[(n >> (18 - 6 * i) & 63) as usize])
-            } else {
-                '='
-            });
-        }
-    }
-    out
-}
-
 impl SchemaRegistry {
     /// A registry without authentication.
     pub fn start() -> Result<Self, Error> {
@@ -109,10 +88,9 @@ impl SchemaRegistry {
 
     /// A registry that answers only requests with these basic auth credentials.
     pub fn start_with_auth(user: &str, password: &str) -> Result<Self, Error> {
-        Self::start_with(Some(format!(
-            "Basic {}",
-            base64(format!("{user}:{password}").as_bytes())
-        )))
+        Self::start_with(Some(
+            laminar_connectors::format::avro::registry::basic_auth(&format!("{user}:{password}")),
+        ))
     }
 
     fn start_with(authorization: Option<String>) -> Result<Self, Error> {

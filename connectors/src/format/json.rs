@@ -386,18 +386,35 @@ impl JsonEncoder {
     }
 }
 
-/// Writes the value of one cell as a bare JSON value (used for single-column keys too).
-pub fn write_cell_text(array: &dyn Array, row: usize, out: &mut Vec<u8>) -> Result<(), String> {
-    if array.is_null(row) {
-        return Ok(());
+/// Format options of values written as text: the defaults, shared.
+static TEXT_OPTIONS: FormatOptions<'static> = FormatOptions::new();
+
+/// One column's values as bare text: strings unquoted, the rest as in JSON (Kafka keys of
+/// one column, header values). Made once per batch, then asked row by row.
+pub struct CellText<'a> {
+    array: &'a dyn Array,
+    writer: ColumnWriter<'a>,
+}
+
+impl<'a> CellText<'a> {
+    pub fn new(array: &'a dyn Array) -> Result<Self, String> {
+        Ok(Self {
+            array,
+            writer: writer(array, &TEXT_OPTIONS)?,
+        })
     }
-    let options = FormatOptions::default();
-    let w = writer(array, &options)?;
-    match &w {
-        ColumnWriter::Str(f) => out.extend_from_slice(f(row).as_bytes()),
-        _ => write_value(&w, row, out)?,
+
+    /// Appends row `row`'s text to `out`; a null writes nothing.
+    pub fn write(&self, row: usize, out: &mut Vec<u8>) -> Result<(), String> {
+        if self.array.is_null(row) {
+            return Ok(());
+        }
+        match &self.writer {
+            ColumnWriter::Str(f) => out.extend_from_slice(f(row).as_bytes()),
+            w => write_value(w, row, out)?,
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 fn writer<'a>(

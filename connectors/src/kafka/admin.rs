@@ -15,7 +15,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseProducer, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 
-use super::client::{KafkaClientOptions, LogContext};
+use super::client::{KafkaClientOptions, LogContext, create};
 
 /// How long the metadata of the output topics may take before the check is skipped.
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
@@ -48,10 +48,10 @@ fn missing(
     topics: &[String],
 ) -> Result<Option<Vec<String>>, TopicError> {
     // A consumer's metadata request does not auto-create topics.
-    let consumer: BaseConsumer<LogContext> = client
-        .config(&[("allow.auto.create.topics", "false")])
-        .create_with_context(LogContext::new("output topics").with_secrets(client.secret_values()))
-        .map_err(super::client::redacted)?;
+    let consumer: BaseConsumer<LogContext> = create(
+        &client.config(&[("allow.auto.create.topics", "false")]),
+        client.log_context("output topics"),
+    )?;
     let deadline = std::time::Instant::now() + CHECK_TIMEOUT;
     let mut out = Vec::new();
     let mut warned = false;
@@ -92,7 +92,7 @@ fn missing(
 pub fn ensure_topics(
     client: &KafkaClientOptions,
     topics: &[String],
-    create: Option<NewTopicSpec>,
+    new_topics: Option<NewTopicSpec>,
 ) -> Result<Vec<String>, TopicError> {
     let Some(missing) = missing(client, topics)? else {
         return Ok(Vec::new());
@@ -100,13 +100,11 @@ pub fn ensure_topics(
     if missing.is_empty() {
         return Ok(Vec::new());
     }
-    let Some(spec) = create else {
+    let Some(spec) = new_topics else {
         return auto_create(client, &missing).map(|()| Vec::new());
     };
-    let admin: AdminClient<LogContext> = client
-        .config(&[])
-        .create_with_context(LogContext::new("output topics").with_secrets(client.secret_values()))
-        .map_err(super::client::redacted)?;
+    let admin: AdminClient<LogContext> =
+        create(&client.config(&[]), client.log_context("output topics"))?;
     let new: Vec<NewTopic<'_>> = missing
         .iter()
         .map(|t| {
@@ -139,10 +137,10 @@ pub fn ensure_topics(
 /// Asks for `missing` topics as a producer asks, which makes a broker that auto-creates
 /// topics create them; an error naming the first that is still missing after that.
 fn auto_create(client: &KafkaClientOptions, missing: &[String]) -> Result<(), TopicError> {
-    let producer: BaseProducer<LogContext> = client
-        .config(&[("allow.auto.create.topics", "true")])
-        .create_with_context(LogContext::new("output topics").with_secrets(client.secret_values()))
-        .map_err(super::client::redacted)?;
+    let producer: BaseProducer<LogContext> = create(
+        &client.config(&[("allow.auto.create.topics", "true")]),
+        client.log_context("output topics"),
+    )?;
     for topic in missing {
         let _ = producer.client().fetch_metadata(Some(topic), CHECK_TIMEOUT);
     }

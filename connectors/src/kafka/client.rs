@@ -44,8 +44,18 @@ pub fn is_secret_property(name: &str) -> bool {
 
 impl std::fmt::Debug for KafkaClientOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let properties: Vec<(&str, &str)> = self
-            .properties
+        f.debug_struct("KafkaClientOptions")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("properties", &self.shown_properties())
+            .finish()
+    }
+}
+
+impl KafkaClientOptions {
+    /// The properties as they may be printed: secret values replaced by [`REDACTED`].
+    #[must_use]
+    pub fn shown_properties(&self) -> Vec<(&str, &str)> {
+        self.properties
             .iter()
             .map(|(k, v)| {
                 let v = if is_secret_property(k) {
@@ -55,15 +65,16 @@ impl std::fmt::Debug for KafkaClientOptions {
                 };
                 (k.as_str(), v)
             })
-            .collect();
-        f.debug_struct("KafkaClientOptions")
-            .field("bootstrap_servers", &self.bootstrap_servers)
-            .field("properties", &properties)
-            .finish()
+            .collect()
     }
-}
 
-impl KafkaClientOptions {
+    /// The context a client named `name` logs through: librdkafka's lines under that
+    /// name, with these options' secret values scrubbed from them.
+    #[must_use]
+    pub fn log_context(&self, name: &str) -> LogContext {
+        LogContext::new(name).with_secrets(self.secret_values())
+    }
+
     /// The values of secret properties, to scrub from log lines.
     #[must_use]
     pub fn secret_values(&self) -> Vec<String> {
@@ -89,17 +100,23 @@ impl KafkaClientOptions {
     }
 }
 
-/// `error` without the property value a configuration error quotes: a misspelt secret
-/// property (`sasl.passwrod: ${PASSWORD}`) is not known to be secret, and the key and
-/// librdkafka's description say enough.
-#[must_use]
-pub fn redacted(error: KafkaError) -> KafkaError {
-    match error {
-        KafkaError::ClientConfig(code, desc, key, _) => {
-            KafkaError::ClientConfig(code, desc, key, REDACTED.to_owned())
-        }
-        other => other,
-    }
+/// Every laminar client is made here: from `config` (see [`KafkaClientOptions::config`]),
+/// logging through `context`, and a configuration error does not quote the property
+/// value: a misspelt secret property (`sasl.passwrod: ${PASSWORD}`) is not known to be
+/// secret, and the key and librdkafka's description say enough.
+pub fn create<C, X>(config: &ClientConfig, context: X) -> Result<C, KafkaError>
+where
+    X: ClientContext,
+    C: rdkafka::config::FromClientConfigAndContext<X>,
+{
+    config
+        .create_with_context(context)
+        .map_err(|error| match error {
+            KafkaError::ClientConfig(code, desc, key, _) => {
+                KafkaError::ClientConfig(code, desc, key, REDACTED.to_owned())
+            }
+            other => other,
+        })
 }
 
 /// Logs librdkafka's messages and errors under the connector's name, rate limited.

@@ -15,7 +15,7 @@ mod sink;
 mod slots;
 mod source;
 
-pub use client::{KafkaClientOptions, LogContext, REDACTED, SECRET_PROPERTIES, is_secret_property};
+pub use client::{KafkaClientOptions, LogContext, is_secret_property};
 pub use sink::{
     EPOCH_HEADER, ExactlyOnce, KafkaSink, KafkaSinkOptions, KeyEncoding, OutputRecord, SEQ_HEADER,
     SINK_HEADER, ValueEncoding,

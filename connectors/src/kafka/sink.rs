@@ -26,9 +26,9 @@ use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
 
-use super::client::{KafkaClientOptions, LogContext, redacted};
+use super::client::{KafkaClientOptions, LogContext, create};
 use crate::format::avro::AvroEncoder;
-use crate::format::json::{JsonEncoder, write_cell_text};
+use crate::format::json::{CellText, JsonEncoder};
 use crate::{FlushOutcome, Rejected, Sink, SinkError};
 
 /// How long `write` waits for room in a full producer queue before logging that it is
@@ -197,7 +197,7 @@ impl KafkaSink {
             ("queue.buffering.max.kbytes", "65536"),
         ]);
         let context = DeliveryContext {
-            log: LogContext::new(&options.name).with_secrets(options.client.secret_values()),
+            log: options.client.log_context(&options.name),
             acked: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             first_error: Mutex::new(None),
@@ -210,8 +210,7 @@ impl KafkaSink {
         {
             config.set("transactional.id", id);
         }
-        let producer: ThreadedProducer<DeliveryContext> =
-            config.create_with_context(context).map_err(redacted)?;
+        let producer: ThreadedProducer<DeliveryContext> = create(&config, context)?;
         if options
             .exactly_once
             .as_ref()
@@ -292,19 +291,17 @@ impl KafkaSink {
     }
 
     /// A consumer of the sink's own topic, as `read_committed` readers see it.
-    fn read_back_consumer(&self) -> Result<BaseConsumer, KafkaError> {
-        self.options
-            .client
-            .config(&[
-                ("group.id", "laminar-read-back"),
-                ("enable.auto.commit", "false"),
-                ("enable.auto.offset.store", "false"),
-                ("enable.partition.eof", "true"),
-                ("isolation.level", "read_committed"),
-                ("auto.offset.reset", "earliest"),
-            ])
-            .create()
-            .map_err(redacted)
+    fn read_back_consumer(&self) -> Result<BaseConsumer<LogContext>, KafkaError> {
+        let client = &self.options.client;
+        let config = client.config(&[
+            ("group.id", "laminar-read-back"),
+            ("enable.auto.commit", "false"),
+            ("enable.auto.offset.store", "false"),
+            ("enable.partition.eof", "true"),
+            ("isolation.level", "read_committed"),
+            ("auto.offset.reset", "earliest"),
+        ]);
+        create(&config, client.log_context(&self.options.name))
     }
 
     /// Exactly-once: sends `records` of `epoch`, except the sequence numbers in `skip`
@@ -566,9 +563,11 @@ impl KafkaSink {
                 .encode(batch, &mut self.keys, &mut self.key_ends)
                 .map_err(SinkError::Encode)?,
             (KeyEncoding::Text, [one]) => {
-                let column = batch.column(*one);
+                let column =
+                    CellText::new(batch.column(*one).as_ref()).map_err(SinkError::Encode)?;
                 for row in 0..batch.num_rows() {
-                    write_cell_text(column.as_ref(), row, &mut self.keys)
+                    column
+                        .write(row, &mut self.keys)
                         .map_err(SinkError::Encode)?;
                     self.key_ends.push(self.keys.len());
                 }
@@ -605,16 +604,28 @@ impl KafkaSink {
         let times = times
             .as_ref()
             .map(AsArray::as_primitive::<arrow::datatypes::Int64Type>);
+        let columns = self
+            .options
+            .headers
+            .iter()
+            .map(|(name, i)| {
+                Ok((
+                    name,
+                    batch.column(*i),
+                    CellText::new(batch.column(*i).as_ref())?,
+                ))
+            })
+            .collect::<Result<Vec<_>, String>>()
+            .map_err(SinkError::Encode)?;
         let mut out = Vec::with_capacity(batch.num_rows());
         for row in 0..batch.num_rows() {
-            let mut headers = Vec::with_capacity(self.options.headers.len());
-            for (name, column) in &self.options.headers {
+            let mut headers = Vec::with_capacity(columns.len());
+            for (name, array, text) in &columns {
                 // A null column gives no header, rather than one without a value.
-                let column = batch.column(*column);
-                if !column.is_null(row) {
-                    let mut text = Vec::new();
-                    write_cell_text(column.as_ref(), row, &mut text).map_err(SinkError::Encode)?;
-                    headers.push((name.clone(), Some(text)));
+                if !array.is_null(row) {
+                    let mut value = Vec::new();
+                    text.write(row, &mut value).map_err(SinkError::Encode)?;
+                    headers.push(((*name).clone(), Some(value)));
                 }
             }
             let timestamp = times.and_then(|t| (!t.is_null(row)).then(|| t.value(row)));

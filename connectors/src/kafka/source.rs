@@ -263,11 +263,8 @@ impl KafkaSource {
             // otherwise add up to librdkafka's default 500 ms to every record's latency.
             ("fetch.wait.max.ms", FETCH_WAIT_MAX_MS),
         ]);
-        let consumer: BaseConsumer<LogContext> = config
-            .create_with_context(
-                LogContext::new(&options.name).with_secrets(options.client.secret_values()),
-            )
-            .map_err(super::client::redacted)?;
+        let consumer: BaseConsumer<LogContext> =
+            super::client::create(&config, options.client.log_context(&options.name))?;
         let fatal = |message: String| SourceError::Fatal {
             context: format!("source {}", options.name),
             message,

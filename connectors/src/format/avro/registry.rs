@@ -119,6 +119,12 @@ impl std::fmt::Debug for RegistryClient {
     }
 }
 
+/// The `Authorization` header value of HTTP basic auth for `user:password`.
+#[must_use]
+pub fn basic_auth(credentials: &str) -> String {
+    format!("Basic {}", base64(credentials.as_bytes()))
+}
+
 /// Standard base64 with padding (RFC 4648), for the basic auth header.
 fn base64(bytes: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
@@ -190,7 +196,7 @@ impl RegistryClient {
         Ok(Self {
             agent,
             base,
-            authorization: credentials.map(|c| format!("Basic {}", base64(c.as_bytes()))),
+            authorization: credentials.as_deref().map(basic_auth),
             by_id: Mutex::new(HashMap::new()),
         })
     }
@@ -295,11 +301,7 @@ impl RegistryClient {
             }
             _ => return Err(self.unexpected(status, &body)),
         }
-        let id = body
-            .get("id")
-            .and_then(Value::as_u64)
-            .and_then(|id| u32::try_from(id).ok())
-            .ok_or_else(|| self.unexpected(status, &body))?;
+        let id = id_of(&body).ok_or_else(|| self.unexpected(status, &body))?;
         let version = body.get("version").and_then(Value::as_i64).unwrap_or(0);
         let schema = Arc::new(self.parse_answer(id, &body)?);
         if let Ok(mut cache) = self.by_id.lock() {
@@ -321,11 +323,7 @@ impl RegistryClient {
             Some(&body),
         )?;
         match status {
-            200 => answer
-                .get("id")
-                .and_then(Value::as_u64)
-                .and_then(|id| u32::try_from(id).ok())
-                .ok_or_else(|| self.unexpected(status, &answer)),
+            200 => id_of(&answer).ok_or_else(|| self.unexpected(status, &answer)),
             409 => Err(RegistryError::Incompatible {
                 subject: subject.to_owned(),
                 message: message_of(&answer),
@@ -374,6 +372,13 @@ impl RegistryClient {
             message: format!("HTTP {status}: {}", message_of(body)),
         }
     }
+}
+
+/// The schema id of an answer.
+fn id_of(body: &Value) -> Option<u32> {
+    body.get("id")
+        .and_then(Value::as_u64)
+        .and_then(|id| u32::try_from(id).ok())
 }
 
 fn message_of(body: &Value) -> String {
