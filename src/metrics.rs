@@ -39,6 +39,7 @@ pub struct Metrics {
     partition_bytes: IntCounterVec,
     partition_lag: IntGaugeVec,
     sink_transactions: IntCounterVec,
+    sink_transaction_aborts: IntCounterVec,
     sink_records: IntCounterVec,
     query_late_records: IntCounterVec,
     query_state_keys: IntGaugeVec,
@@ -59,6 +60,7 @@ pub struct Metrics {
     wal_fdatasync: Histogram,
     checkpoints: IntCounter,
     checkpoint_duration: Histogram,
+    checkpoint_failures: IntCounter,
     checkpoint_size: IntGauge,
     checkpoint_last_epoch: IntGauge,
     recovery_duration: Gauge,
@@ -141,6 +143,12 @@ fn int_gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> In
     )
 }
 
+/// A sink's Kafka transactions.
+pub struct TransactionCounters {
+    pub committed: IntCounter,
+    pub aborted: IntCounter,
+}
+
 impl Metrics {
     #[must_use]
     pub fn new(pipeline: &str) -> Arc<Self> {
@@ -191,6 +199,13 @@ impl Metrics {
         .with_label_values(&one);
         let checkpoints = counter(r, "laminar_checkpoints_total", "Checkpoints written.", p)
             .with_label_values(&one);
+        let checkpoint_failures = counter(
+            r,
+            "laminar_checkpoint_failures_total",
+            "Checkpoints that failed (retried; the WAL since the last good one is kept).",
+            p,
+        )
+        .with_label_values(&one);
         let checkpoint_duration = histogram(
             r,
             "laminar_checkpoint_duration_seconds",
@@ -275,6 +290,7 @@ impl Metrics {
             wal_fdatasync,
             checkpoints,
             checkpoint_duration,
+            checkpoint_failures,
             checkpoint_size,
             checkpoint_last_epoch,
             recovery_duration,
@@ -336,6 +352,12 @@ impl Metrics {
                 r,
                 "laminar_sink_transactions_committed_total",
                 "Kafka transactions committed (exactly-once sinks with transactions: true; one per epoch with output).",
+                &["pipeline", "sink"],
+            ),
+            sink_transaction_aborts: counter(
+                r,
+                "laminar_sink_transactions_aborted_total",
+                "Kafka transactions aborted after a failed send or commit (the epoch's output is then read back and the rest sent again).",
                 &["pipeline", "sink"],
             ),
             sink_records: counter(
@@ -400,9 +422,12 @@ impl Metrics {
     }
 
     #[must_use]
-    pub fn sink_transactions(&self, name: &str) -> IntCounter {
-        self.sink_transactions
-            .with_label_values(&[self.pipeline.as_str(), name])
+    pub fn sink_transactions(&self, name: &str) -> TransactionCounters {
+        let l = [self.pipeline.as_str(), name];
+        TransactionCounters {
+            committed: self.sink_transactions.with_label_values(&l),
+            aborted: self.sink_transaction_aborts.with_label_values(&l),
+        }
     }
 
     #[must_use]
@@ -484,6 +509,10 @@ impl Metrics {
             self.checkpoint_duration
                 .observe(now.last_checkpoint_duration.as_secs_f64());
         }
+        self.checkpoint_failures.inc_by(
+            now.checkpoint_failures
+                .saturating_sub(before.checkpoint_failures),
+        );
         if let Some(c) = &now.last_checkpoint {
             self.checkpoint_size
                 .set(i64::try_from(c.arena_len).unwrap_or(i64::MAX));

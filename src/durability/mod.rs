@@ -126,6 +126,8 @@ pub struct DurableStats {
     pub last_checkpoint: Option<checkpoint::CheckpointMeta>,
     pub last_checkpoint_duration: Duration,
     pub last_commit_epoch: u64,
+    /// Checkpoints that failed (each retried later; the WAL still holds their epochs).
+    pub checkpoint_failures: u64,
 }
 
 /// A checkpoint whose arena is being synced on a checkpoint thread.
@@ -140,6 +142,14 @@ struct Pending {
 pub const COMPACT_DEAD_RATIO: f64 = 0.5;
 /// Arenas smaller than this are not compacted (the copy would buy little).
 pub const COMPACT_ARENA_MIN: u64 = 64 << 20;
+
+/// Checkpoints that may fail in a row before the run stops with the last failure. A
+/// failed checkpoint loses nothing (the WAL since the last good one is kept), so it is
+/// retried; a checkpoint that keeps failing would grow the WAL and the recovery time
+/// without bound, and the operator has to look.
+pub const CHECKPOINT_FAILURES_MAX: u32 = 5;
+/// Wait before retrying a failed checkpoint; doubled for each further failure in a row.
+pub const CHECKPOINT_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// A pipeline's WAL and checkpoints in its state directory.
 pub struct Durable {
@@ -161,6 +171,18 @@ pub struct Durable {
     /// holds at least `min` bytes ([`COMPACT_DEAD_RATIO`], [`COMPACT_ARENA_MIN`]).
     compact_ratio: f64,
     compact_min: u64,
+    /// WAL bytes since the last checkpoint that make one due ([`CHECKPOINT_WAL_BYTES`]).
+    checkpoint_wal_bytes: u64,
+    /// First wait before retrying a failed checkpoint ([`CHECKPOINT_RETRY_AFTER`]).
+    retry_after: Duration,
+    /// Checkpoints failed since the last one that succeeded.
+    failures_in_a_row: u32,
+    /// No checkpoint is started before this (but a forced one) after a failure.
+    retry_at: Option<Instant>,
+    /// A sync of the current arena failed: the kernel may have dropped its dirty pages,
+    /// so a later sync of the same file proves nothing. The next checkpoint copies the
+    /// state into a new arena file first (the pages in memory are intact).
+    arena_suspect: bool,
     /// Held for the life of the process: a second laminar on the directory fails.
     #[allow(dead_code, reason = "held, never read")]
     lock: Option<std::fs::File>,
@@ -364,6 +386,11 @@ impl Durable {
             background: true,
             compact_ratio: COMPACT_DEAD_RATIO,
             compact_min: COMPACT_ARENA_MIN,
+            checkpoint_wal_bytes: CHECKPOINT_WAL_BYTES,
+            retry_after: CHECKPOINT_RETRY_AFTER,
+            failures_in_a_row: 0,
+            retry_at: None,
+            arena_suspect: false,
             lock: None,
         };
         let recovered = durable.replay(store, loaded, &records, started)?;
@@ -527,18 +554,31 @@ impl Durable {
     /// written, and the checkpoints, arenas and WAL segments it makes unnecessary are
     /// deleted, at a later call once the sync is done. With `force` (the last epoch of a
     /// run) it all happens before the call returns.
+    ///
+    /// A checkpoint that fails is counted, logged and retried after
+    /// [`CHECKPOINT_RETRY_AFTER`] (doubling): nothing is lost, as the WAL is kept from
+    /// the last good checkpoint on. The error is returned when the checkpoint was forced,
+    /// when the WAL itself failed, or at the [`CHECKPOINT_FAILURES_MAX`]-th failure in a
+    /// row.
     pub fn maybe_checkpoint(
         &mut self,
         store: &mut MmapStore,
         force: bool,
     ) -> Result<bool, DurableError> {
-        let finished = self.finish_pending(force, store.generation())?;
+        let finished = match self.finish_pending(force, store.generation()) {
+            Ok(finished) => finished,
+            Err(e) => {
+                self.checkpoint_failed(e, force)?;
+                false
+            }
+        };
         let Some(commit) = self.last_commit.clone() else {
             return Ok(finished);
         };
         let since = self.wal.stats().bytes - self.wal_bytes_at_checkpoint;
-        let due = since >= CHECKPOINT_WAL_BYTES.max(store.bytes());
-        if !(due || force)
+        let due = since >= self.checkpoint_wal_bytes.max(store.bytes());
+        let waiting = self.retry_at.is_some_and(|at| Instant::now() < at);
+        if !(due && !waiting || force)
             || self.pending.is_some()
             || self
                 .checkpoints
@@ -547,8 +587,36 @@ impl Durable {
         {
             return Ok(finished);
         }
-        self.start_checkpoint(store, force)?;
-        Ok(true)
+        match self.start_checkpoint(store, force) {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                self.checkpoint_failed(e, force)?;
+                Ok(finished)
+            }
+        }
+    }
+
+    /// Counts a failed checkpoint and decides whether the run goes on (see
+    /// [`Durable::maybe_checkpoint`]).
+    fn checkpoint_failed(&mut self, error: DurableError, force: bool) -> Result<(), DurableError> {
+        self.stats.checkpoint_failures += 1;
+        self.failures_in_a_row += 1;
+        if force
+            || matches!(error, DurableError::Wal(_))
+            || self.failures_in_a_row >= CHECKPOINT_FAILURES_MAX
+        {
+            return Err(error);
+        }
+        let wait = self.retry_after * 2_u32.pow(self.failures_in_a_row - 1);
+        self.retry_at = Some(Instant::now() + wait);
+        tracing::error!(
+            failures_in_a_row = self.failures_in_a_row,
+            retry_in_ms = wait.as_millis() as u64,
+            "checkpoint failed ({error}); nothing is lost (the WAL since the last checkpoint \
+             is kept) and it is retried; the run stops after {CHECKPOINT_FAILURES_MAX} \
+             failures in a row"
+        );
+        Ok(())
     }
 
     /// Starts a checkpoint of `store` as of the last commit, now; with `wait`, finishes
@@ -572,7 +640,11 @@ impl Durable {
         let started = Instant::now();
         // The delivered record (if any) must be durable before a checkpoint covers it.
         self.wal.sync()?;
-        if store.fragmentation() > self.compact_ratio
+        if self.arena_suspect {
+            // Only a fresh arena file can be trusted to hold what a checkpoint says.
+            self.compact(store)?;
+            self.arena_suspect = false;
+        } else if store.fragmentation() > self.compact_ratio
             && store.arena_bytes() >= self.compact_min
             && let Err(e) = self.compact(store)
         {
@@ -666,11 +738,23 @@ impl Durable {
         let arena_name = checkpoint::arena_name(meta.generation);
         let storage = self.wal.storage();
         let io = |file: String| move |source| DurableError::Checkpoint { file, source };
-        job.join()
+        if let Err(e) = job
+            .join()
             .unwrap_or_else(|_| Err(std::io::Error::other("the checkpoint thread panicked")))
-            .map_err(io(storage.describe(&arena_name)))?;
+        {
+            self.arena_suspect = meta.generation == current;
+            return Err(io(storage.describe(&arena_name))(e));
+        }
         let name = checkpoint::file_name(meta.epoch);
-        checkpoint::write(storage, &meta, &commit).map_err(io(storage.describe(&name)))?;
+        if let Err(e) = checkpoint::write(storage, &meta, &commit) {
+            // Half-written or not durably named: gone, so that no later start trusts it.
+            let _ = storage.remove(&format!("{name}.tmp"));
+            let _ = storage.remove(&name);
+            let _ = storage.sync_dir();
+            return Err(io(storage.describe(&name))(e));
+        }
+        self.failures_in_a_row = 0;
+        self.retry_at = None;
         let took = started.elapsed();
         tracing::debug!(
             epoch = meta.epoch,
@@ -684,10 +768,10 @@ impl Durable {
         self.stats.last_checkpoint_duration = took;
         self.wal_bytes_at_checkpoint = self.wal.stats().bytes;
         while self.checkpoints.len() > checkpoint::RETAINED {
-            let old = self.checkpoints.remove(0);
-            let name = checkpoint::file_name(old.epoch);
+            let name = checkpoint::file_name(self.checkpoints[0].epoch);
             let storage = self.wal.storage();
             storage.remove(&name).map_err(io(storage.describe(&name)))?;
+            self.checkpoints.remove(0);
         }
         // The dropped checkpoints are gone for good before what they need goes.
         let storage = self.wal.storage();
@@ -712,6 +796,13 @@ impl Durable {
     /// crash tests).
     pub fn set_background_checkpoints(&mut self, on: bool) {
         self.background = on;
+    }
+
+    /// Makes a checkpoint due after `wal_bytes` of WAL (at least the state's size), and
+    /// retries a failed one after `retry_after` (doubling), for tests.
+    pub fn set_checkpoint_policy(&mut self, wal_bytes: u64, retry_after: Duration) {
+        self.checkpoint_wal_bytes = wal_bytes;
+        self.retry_after = retry_after;
     }
 
     /// Compacts the arena at a checkpoint when its dead share is above `ratio` and it

@@ -298,9 +298,10 @@ mod uring {
 /// What [`SimStorage`] does at a chosen call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
-    /// The call fails with EIO and changes nothing.
+    /// The call fails with EIO and changes nothing; a failed sync also loses what it
+    /// was to write (see `Inode::lost`).
     Eio,
-    /// The call fails with ENOSPC and changes nothing.
+    /// The call fails with ENOSPC, like `Eio`.
     NoSpace,
     /// The machine loses power instead of making the call: every later call fails until
     /// [`SimStorage::crash`] brings the disk back as it was left.
@@ -311,6 +312,10 @@ pub enum Fault {
 struct Inode {
     live: Vec<u8>,
     durable: Vec<u8>,
+    /// Byte ranges a failed sync lost: readable, but never written to the disk (a later
+    /// sync that succeeds writes zeros there), as Linux marks the dirty pages clean
+    /// after a failed writeback.
+    lost: Vec<std::ops::Range<usize>>,
 }
 
 #[derive(Debug, Default)]
@@ -382,6 +387,7 @@ impl SimStorage {
                 inode.live.clone_from(&inode.durable);
             }
             inode.durable.clone_from(&inode.live);
+            inode.lost.clear();
         }
         sim.down = false;
         sim.at_sync = None;
@@ -498,9 +504,24 @@ impl Storage for SimStorage {
 
     fn sync(&mut self, name: &str) -> io::Result<()> {
         let mut sim = self.sim();
-        sim.check(true)?;
+        if let Err(e) = sim.check(true) {
+            if !sim.down
+                && let Ok(inode) = sim.inode(name)
+            {
+                let from = inode.durable.len().min(inode.live.len());
+                let to = inode.live.len();
+                inode.lost.push(from..to);
+            }
+            return Err(e);
+        }
         let inode = sim.inode(name)?;
         inode.durable.clone_from(&inode.live);
+        for range in &inode.lost {
+            let end = range.end.min(inode.durable.len());
+            if range.start < end {
+                inode.durable[range.start..end].fill(0);
+            }
+        }
         Ok(())
     }
 

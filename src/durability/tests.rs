@@ -609,3 +609,74 @@ fn the_wal_on_disk_round_trips_with_and_without_io_uring() {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
+
+/// Runs the workload with checkpoints due as soon as the WAL outgrows the state (none
+/// forced) and failed ones retried at once. Returns the last epoch committed, the epoch
+/// being committed when the storage failed, the durability counters and the arena
+/// generation the store ended on.
+fn run_due(sim: &SimStorage, w: &Workload) -> (u64, u64, super::DurableStats, u64) {
+    let Ok((mut durable, recovered)) = Durable::open(Box::new(sim.clone()), u64::MAX) else {
+        return (0, 0, super::DurableStats::default(), 0);
+    };
+    durable.set_background_checkpoints(false);
+    durable.set_checkpoint_policy(1, std::time::Duration::ZERO);
+    let mut store = recovered.store;
+    let mut done = 0;
+    for (ops, commit) in &w.epochs {
+        if ops.iter().any(|op| store.apply(op).is_err()) {
+            return (done, done, durable.stats(), store.generation());
+        }
+        let journal = store.take_journal();
+        let out = output(commit.epoch);
+        if durable.commit(&journal, &[("out", &out)], commit).is_err() {
+            return (done, commit.epoch, durable.stats(), store.generation());
+        }
+        done = commit.epoch;
+        if durable.delivered(commit.epoch).is_err()
+            || durable.maybe_checkpoint(&mut store, false).is_err()
+        {
+            return (done, done, durable.stats(), store.generation());
+        }
+    }
+    (done, done, durable.stats(), store.generation())
+}
+
+#[test]
+fn a_failed_checkpoint_is_retried_and_loses_nothing() {
+    let w = workload(17, 12);
+    let clean = SimStorage::new();
+    let (done, _, stats, _) = run_due(&clean, &w);
+    assert_eq!(done, 12);
+    assert!(stats.checkpoints >= 4, "{stats:?}");
+    assert_eq!(stats.checkpoint_failures, 0);
+    let (mut tolerated, mut fresh_arenas) = (0, 0);
+    for n in 1..=clean.syncs() {
+        for fault in [Fault::Eio, Fault::NoSpace] {
+            let sim = SimStorage::new();
+            sim.fail_sync(n, fault);
+            let (done, attempted, stats, generation) = run_due(&sim, &w);
+            if done == 12 {
+                // Only a checkpoint failed, and the run went on.
+                assert_eq!(stats.checkpoint_failures, 1, "sync {n}: {stats:?}");
+                tolerated += 1;
+                // A failed arena sync may have lost pages: the state moved to a new file.
+                fresh_arenas += u32::from(generation > 1);
+            }
+            sim.crash(|_| 0);
+            check_recovery(&sim, &w, done, attempted);
+            if done == 12 {
+                // The newest checkpoint is whole: recovery did not fall back past it.
+                let (_, recovered) = Durable::open(Box::new(sim.clone()), u64::MAX).unwrap();
+                assert_eq!(
+                    recovered.checkpoint_epoch,
+                    stats.last_checkpoint.map(|c| c.epoch),
+                    "sync {n}"
+                );
+            }
+        }
+    }
+    assert!(
+        tolerated > 0 && fresh_arenas > 0,
+        "tolerated {tolerated}, fresh arenas {fresh_arenas}"
+    );
+}

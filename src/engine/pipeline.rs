@@ -129,8 +129,9 @@ struct SinkSlot {
     from: String,
     sink: SinkHandle,
     records: prometheus::IntCounter,
-    /// Kafka transactions committed (exactly-once sinks with `transactions: true`).
-    transactions: prometheus::IntCounter,
+    /// Kafka transactions committed and aborted (exactly-once sinks with
+    /// `transactions: true`).
+    transactions: crate::metrics::TransactionCounters,
 }
 
 enum SinkHandle {
@@ -499,11 +500,14 @@ impl Pipeline {
                 source,
             };
             let present = sink.read_back(commit.epoch, &starts).map_err(sink_error)?;
-            let (sent, committed) =
-                deliver_epoch(sink, &name, commit.epoch, &records, &present, None)?;
-            slot.transactions.inc_by(u64::from(committed));
+            let already_written = present.len();
+            let done = deliver_epoch(sink, &name, commit.epoch, &records, &starts, present, None)?;
+            slot.transactions
+                .committed
+                .inc_by(u64::from(done.committed));
+            slot.transactions.aborted.inc_by(u64::from(done.aborted));
             tracing::info!(sink = %name, epoch = commit.epoch, records = records.len(),
-                already_written = present.len(), sent,
+                already_written, sent = done.sent,
                 "finished delivering the output of the epoch committed before the restart");
         }
         self.durable.delivered(commit.epoch)?;
@@ -918,13 +922,22 @@ impl Pipeline {
             self.epoch = epoch;
         }
         if !idle && !staged.is_empty() {
-            let none = HashSet::new();
-            for (i, records) in &staged {
+            for ((i, records), starts) in staged.iter().zip(&commit.sinks) {
                 let slot = &mut self.sinks[*i];
                 if let SinkHandle::ExactlyOnce(sink) = &mut slot.sink {
-                    let (_, committed) =
-                        deliver_epoch(sink, &slot.name, epoch, records, &none, self.deadline)?;
-                    slot.transactions.inc_by(u64::from(committed));
+                    let done = deliver_epoch(
+                        sink,
+                        &slot.name,
+                        epoch,
+                        records,
+                        &starts.starts,
+                        HashSet::new(),
+                        self.deadline,
+                    )?;
+                    slot.transactions
+                        .committed
+                        .inc_by(u64::from(done.committed));
+                    slot.transactions.aborted.inc_by(u64::from(done.aborted));
                 }
             }
             laminar_connectors::crash::point("after-delivery");
@@ -1152,25 +1165,76 @@ fn flush_until_done(
     }
 }
 
+/// Tries at sending one epoch's exactly-once output before the run stops with the error.
+const DELIVERY_ATTEMPTS: u32 = 5;
+/// Wait before the second try; doubled for each one after.
+const DELIVERY_RETRY_AFTER: Duration = Duration::from_millis(200);
+
+/// What sending an epoch's exactly-once output took.
+struct EpochDelivery {
+    /// Records sent by the try that succeeded.
+    sent: usize,
+    /// A transaction was committed.
+    committed: bool,
+    /// Transactions aborted by tries that failed.
+    aborted: u32,
+}
+
 /// Sends an exactly-once sink's output of `epoch` (but the sequence numbers in `skip`),
-/// waits for every acknowledgement and commits its transaction; returns records sent and
-/// whether a transaction was committed.
+/// waits for every acknowledgement and commits its transaction.
+///
+/// A try that fails in a way that sending again can mend (a record refused for good, a
+/// transaction the broker requires to be aborted) is abandoned: its transaction is
+/// aborted, the sink's topic is read back from `starts` and what it does not hold is
+/// sent again, in a new transaction, up to [`DELIVERY_ATTEMPTS`] tries.
 fn deliver_epoch(
     sink: &mut KafkaSink,
     name: &str,
     epoch: u64,
     records: &[crate::durability::entry::OutputRecord],
-    skip: &HashSet<u64>,
+    starts: &[(i32, i64)],
+    skip: HashSet<u64>,
     deadline: Option<Instant>,
-) -> Result<(usize, bool), RunError> {
+) -> Result<EpochDelivery, RunError> {
     let sink_error = |source| RunError::Sink {
         name: name.to_owned(),
         source,
     };
-    let sent = sink.send_epoch(epoch, records, skip).map_err(sink_error)?;
-    flush_until_done(sink, name, deadline)?;
-    let committed = sink.finish_epoch().map_err(sink_error)?;
-    Ok((sent, committed))
+    let mut skip = skip;
+    let mut aborted = 0;
+    for attempt in 1.. {
+        let tried = sink
+            .send_epoch(epoch, records, &skip)
+            .map_err(sink_error)
+            .and_then(|sent| {
+                flush_until_done(sink, name, deadline)?;
+                let committed = sink.finish_epoch().map_err(sink_error)?;
+                Ok((sent, committed))
+            });
+        let error = match tried {
+            Ok((sent, committed)) => {
+                return Ok(EpochDelivery {
+                    sent,
+                    committed,
+                    aborted,
+                });
+            }
+            Err(RunError::Sink { source, .. })
+                if attempt < DELIVERY_ATTEMPTS && KafkaSink::retryable(&source) =>
+            {
+                source
+            }
+            Err(e) => return Err(e),
+        };
+        aborted += u32::from(sink.abandon_epoch().map_err(sink_error)?);
+        let wait = DELIVERY_RETRY_AFTER * 2_u32.pow(attempt - 1);
+        tracing::warn!(sink = %name, epoch, attempt, retry_in_ms = wait.as_millis() as u64,
+            "sending the epoch's output failed ({error}); its transaction (if any) is aborted \
+             and what the topic does not hold is sent again");
+        std::thread::sleep(wait);
+        skip = sink.read_back(epoch, starts).map_err(sink_error)?;
+    }
+    unreachable!("the loop returns")
 }
 
 /// A source's part of the commit entry: its next offsets and its watermark.

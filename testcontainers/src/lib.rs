@@ -73,6 +73,14 @@ impl Broker {
         Err(last_error.unwrap_or_else(|| "no free port".into()))
     }
 
+    /// Answers the next `errors.len()` requests of Kafka API `api_key` (0: Produce) with
+    /// these errors (the in-process mock cluster only; elsewhere this does nothing).
+    pub fn push_request_errors(&self, api_key: i16, errors: &[rdkafka::types::RDKafkaRespErr]) {
+        if let Some(e) = &self.embedded {
+            e.push_request_errors(api_key, errors);
+        }
+    }
+
     /// Cuts or restores the network to an in-process broker started with a relay.
     pub fn set_reachable(&self, reachable: bool) {
         if let Some(e) = &self.embedded {

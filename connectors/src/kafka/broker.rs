@@ -21,7 +21,7 @@ use std::thread;
 use rdkafka::client::{Client, DefaultClientContext};
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, KafkaResult};
-use rdkafka::types::{RDKafkaErrorCode, RDKafkaType};
+use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr, RDKafkaType};
 use rdkafka_sys as rdsys;
 
 /// Connections one relay serves at once; more are refused.
@@ -128,6 +128,21 @@ impl EmbeddedBroker {
     pub fn set_reachable(&self, reachable: bool) {
         for relay in &self.relays {
             relay.set_reachable(reachable);
+        }
+    }
+
+    /// Answers the next `errors.len()` requests of Kafka API `api_key` (0: Produce,
+    /// 26: `EndTxn`, ...) with these errors, one each, whichever client sends them; for
+    /// failure tests.
+    pub fn push_request_errors(&self, api_key: i16, errors: &[RDKafkaRespErr]) {
+        // SAFETY: cluster live; the array is read during the call only.
+        unsafe {
+            rdsys::rd_kafka_mock_push_request_errors_array(
+                self.cluster,
+                api_key,
+                errors.len(),
+                errors.as_ptr(),
+            );
         }
     }
 

@@ -113,6 +113,8 @@ pub const SINK_HEADER: &str = "laminar.sink";
 
 /// How long reading back a sink's own output may take before it is an error.
 const READ_BACK_TIMEOUT: Duration = Duration::from_mins(2);
+/// Tries of a transaction commit whose outcome is not known (a retriable error).
+const COMMIT_ATTEMPTS: u32 = 3;
 /// How long `commit_transaction` may take (it flushes first).
 const TRANSACTION_TIMEOUT: Duration = Duration::from_mins(1);
 
@@ -365,12 +367,63 @@ impl KafkaSink {
     /// Exactly-once: after `flush` returned `Done`, commits the epoch's transaction, if
     /// one is open; whether one was.
     pub fn finish_epoch(&mut self) -> Result<bool, SinkError> {
-        if self.in_transaction {
-            self.producer.commit_transaction(TRANSACTION_TIMEOUT)?;
-            self.in_transaction = false;
-            return Ok(true);
+        if !self.in_transaction {
+            return Ok(false);
         }
-        Ok(false)
+        let mut attempt = 1;
+        loop {
+            match self.producer.commit_transaction(TRANSACTION_TIMEOUT) {
+                Ok(()) => break,
+                // The outcome is not known yet: librdkafka finishes the same commit when
+                // asked again (an abort now could undo a commit the broker made).
+                Err(KafkaError::Transaction(e))
+                    if e.is_retriable() && attempt < COMMIT_ATTEMPTS =>
+                {
+                    tracing::warn!(sink = %self.options.name, attempt,
+                        "committing the transaction (retrying): {e}");
+                    attempt += 1;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.in_transaction = false;
+        Ok(true)
+    }
+
+    /// Whether an epoch whose `send_epoch`, `flush` or `finish_epoch` failed with
+    /// `error` may be sent again after [`KafkaSink::abandon_epoch`]: a record that failed
+    /// for good (too large, refused), or a transaction the broker requires to be
+    /// aborted. A fenced or otherwise fatal producer, a timeout of the caller's, a
+    /// configuration or encoding error are not retried.
+    #[must_use]
+    pub fn retryable(error: &SinkError) -> bool {
+        match error {
+            SinkError::Delivery { .. } => true,
+            SinkError::Kafka(KafkaError::Transaction(e)) => !e.is_fatal() && e.txn_requires_abort(),
+            _ => false,
+        }
+    }
+
+    /// Exactly-once, after a [`KafkaSink::retryable`] failure: aborts the open
+    /// transaction (returning `true`), or without one waits until no record is in
+    /// flight; then forgets the failure. The caller reads back what the topic holds with
+    /// [`KafkaSink::read_back`] and sends the rest again.
+    pub fn abandon_epoch(&mut self) -> Result<bool, SinkError> {
+        let aborted = self.in_transaction;
+        if aborted {
+            // Purges what is queued and waits for what is in flight.
+            self.producer.abort_transaction(TRANSACTION_TIMEOUT)?;
+            self.in_transaction = false;
+        }
+        // Every delivery report is served (the purged records' too) before the failure
+        // is forgotten, so none of this epoch's counts against the next attempt.
+        self.producer.flush(READ_BACK_TIMEOUT)?;
+        let context = self.producer.context();
+        context.failed.store(0, Ordering::Relaxed);
+        if let Ok(mut first) = context.first_error.lock() {
+            *first = None;
+        }
+        Ok(aborted)
     }
 
     /// Exactly-once, after a crash: the sequence numbers of `epoch` that this sink's
