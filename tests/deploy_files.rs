@@ -104,3 +104,97 @@ fn the_readme_documents_every_exported_metric() {
         .collect();
     assert!(missing.is_empty(), "README does not document {missing:?}");
 }
+
+/// Packages every `debian:bookworm-slim` image has (its required set) that the binary may
+/// link against without the Dockerfile installing them.
+const SLIM_BASE_PACKAGES: &[&str] = &["libc6", "libgcc-s1", "zlib1g"];
+
+/// The Dockerfile builds in one stage and runs in a slim one as a non-root user, with the
+/// state directory as a volume and the metrics port exposed; and every shared library
+/// the built binary links against comes from a package the runtime stage has (`ldd` and
+/// `dpkg -S` on this Debian machine stand in for running the image, which needs Docker).
+#[test]
+fn the_dockerfile_runtime_stage_has_what_the_binary_links_against() {
+    let dockerfile = read(&repo().join("Dockerfile"));
+    let stages: Vec<&str> = dockerfile.split("\nFROM ").skip(1).collect();
+    assert_eq!(stages.len(), 2, "a build stage and a runtime stage");
+    assert!(stages[0].contains("AS build"), "{}", stages[0]);
+    let runtime = stages[1];
+    assert!(runtime.starts_with("debian:bookworm-slim"), "{runtime}");
+    assert!(runtime.contains("COPY --from=build"), "{runtime}");
+    let user = runtime
+        .lines()
+        .find_map(|l| l.strip_prefix("USER "))
+        .expect("the runtime stage sets a USER");
+    assert!(
+        user.trim() != "root" && user.trim() != "0",
+        "runs as {user}"
+    );
+    assert!(
+        runtime.contains("EXPOSE 9464"),
+        "the metrics port is exposed"
+    );
+    assert!(
+        runtime.contains("VOLUME [\"/var/lib/laminar\"]"),
+        "{runtime}"
+    );
+    let readme = read(&repo().join("README.md"));
+    assert!(readme.contains("-p 9464:9464") && readme.contains(":/var/lib/laminar"));
+    let ignore = read(&repo().join(".dockerignore"));
+    assert!(ignore.lines().any(|l| l.trim() == "target/"), "{ignore}");
+
+    // The runtime stage's `apt-get install` packages.
+    let install = runtime
+        .split("apt-get install")
+        .nth(1)
+        .expect("the runtime stage installs packages");
+    let installed: BTreeSet<&str> = install
+        .split("&&")
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .filter(|w| !w.starts_with('-') && *w != "\\")
+        .collect();
+    let Ok(ldd) = std::process::Command::new("ldd")
+        .arg(env!("CARGO_BIN_EXE_laminar"))
+        .output()
+    else {
+        eprintln!("skipped: no ldd here");
+        return;
+    };
+    let ldd = String::from_utf8(ldd.stdout).unwrap();
+    let libraries: Vec<&str> = ldd
+        .lines()
+        .filter_map(|l| l.split("=>").nth(1))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert!(
+        libraries.iter().any(|l| l.contains("libssl")),
+        "librdkafka links OpenSSL: {ldd}"
+    );
+    for library in libraries {
+        let real = std::fs::canonicalize(library).unwrap();
+        let found = [std::path::PathBuf::from(library), real]
+            .iter()
+            .find_map(|path| {
+                let out = std::process::Command::new("dpkg")
+                    .arg("-S")
+                    .arg(path)
+                    .output()
+                    .ok()?;
+                out.status.success().then(|| {
+                    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                    let package = text.split(':').next().unwrap_or_default().to_owned();
+                    package
+                })
+            });
+        let Some(package) = found else {
+            panic!("{library} belongs to no Debian package: the image would lack it");
+        };
+        assert!(
+            installed.contains(package.as_str()) || SLIM_BASE_PACKAGES.contains(&package.as_str()),
+            "the binary links {library} from {package}, which the runtime stage does not \
+             install (it installs {installed:?})"
+        );
+    }
+}
