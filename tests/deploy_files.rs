@@ -105,6 +105,62 @@ fn the_readme_documents_every_exported_metric() {
     assert!(missing.is_empty(), "README does not document {missing:?}");
 }
 
+/// Every key a pipeline file may hold is in the README's reference: as `path` in a row of
+/// its own, or named in the row of its parent (`sources[].events` / `rate_per_s`, or
+/// `event_time`'s `column`).
+#[test]
+fn the_readme_documents_every_pipeline_key() {
+    let readme = read(&repo().join("README.md"));
+    let rows: Vec<&str> = readme.lines().filter(|l| l.starts_with("| `")).collect();
+    let mut missing = Vec::new();
+    for (section, keys) in laminar::config::KEYS {
+        for key in *keys {
+            let path = format!("{section}{key}");
+            let parent = section.trim_end_matches('.');
+            let documented = readme.contains(&format!("`{path}`"))
+                || readme.contains(&format!("`{path}."))
+                || readme.contains(&format!("`{path}[]."))
+                || rows.iter().any(|row| {
+                    let first = row.split(" | ").next().unwrap_or_default();
+                    !parent.is_empty()
+                        && (first.contains(&format!("`{parent}`"))
+                            || first.contains(&format!("`{parent}.")))
+                        && row.contains(key)
+                });
+            if !documented {
+                missing.push(path);
+            }
+        }
+    }
+    assert!(missing.is_empty(), "README does not document {missing:?}");
+}
+
+/// Every option of every command (`laminar CMD --help`) is in the README.
+#[test]
+fn the_readme_documents_every_command_line_option() {
+    let readme = read(&repo().join("README.md"));
+    let mut missing = Vec::new();
+    for command in ["run", "validate", "explain", "broker", "bench"] {
+        let help = std::process::Command::new(env!("CARGO_BIN_EXE_laminar"))
+            .args([command, "--help"])
+            .output()
+            .unwrap();
+        assert!(help.status.success(), "laminar {command} --help");
+        let help = String::from_utf8(help.stdout).unwrap();
+        let options: BTreeSet<&str> = help
+            .split(|c: char| c.is_whitespace() || c == ',' || c == '=' || c == '[' || c == ']')
+            .filter(|w| w.starts_with("--") && w.len() > 2)
+            .collect();
+        assert!(!options.is_empty() || command == "validate", "{help}");
+        for option in options {
+            if option != "--help" && !readme.contains(option) {
+                missing.push(format!("{command} {option}"));
+            }
+        }
+    }
+    assert!(missing.is_empty(), "README does not document {missing:?}");
+}
+
 /// Packages every `debian:bookworm-slim` image has (its required set) that the binary may
 /// link against without the Dockerfile installing them.
 const SLIM_BASE_PACKAGES: &[&str] = &["libc6", "libgcc-s1", "zlib1g"];
@@ -184,8 +240,7 @@ fn the_dockerfile_runtime_stage_has_what_the_binary_links_against() {
                     .ok()?;
                 out.status.success().then(|| {
                     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-                    let package = text.split(':').next().unwrap_or_default().to_owned();
-                    package
+                    text.split(':').next().unwrap_or_default().to_owned()
                 })
             });
         let Some(package) = found else {

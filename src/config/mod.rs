@@ -462,6 +462,35 @@ const SINK_KEYS: &[&str] = &[
     "headers",
     "timestamp",
 ];
+const KAFKA_KEYS: &[&str] = &["bootstrap_servers", "properties", "create_topics"];
+const CREATE_TOPICS_KEYS: &[&str] = &["partitions", "replication_factor"];
+const EMIT_KEYS: &[&str] = &["every_ms"];
+const STATE_KEYS: &[&str] = &[
+    "dir",
+    "checkpoint_interval_ms",
+    "memory_bytes_max",
+    "huge_pages",
+];
+const RUNTIME_KEYS: &[&str] = &["cores"];
+const METRICS_KEYS: &[&str] = &["listen"];
+
+/// Every key a pipeline file may hold, by where it goes (`sources[].` is each source):
+/// what the README's reference must document.
+pub const KEYS: &[(&str, &[&str])] = &[
+    ("", TOP_KEYS),
+    ("kafka.", KAFKA_KEYS),
+    ("kafka.create_topics.", CREATE_TOPICS_KEYS),
+    ("schema_registry.", REGISTRY_KEYS),
+    ("sources[].", SOURCE_KEYS),
+    ("sources[].event_time.", EVENT_TIME_KEYS),
+    ("queries[].", QUERY_KEYS),
+    ("queries[].emit.", EMIT_KEYS),
+    ("sinks[].", SINK_KEYS),
+    ("state.", STATE_KEYS),
+    ("runtime.", RUNTIME_KEYS),
+    ("metrics.", METRICS_KEYS),
+];
+
 const SOURCE_CONNECTORS: &[&str] = &["kafka", "file", "datagen"];
 const SINK_CONNECTORS: &[&str] = &["kafka", "file", "stdout"];
 const FORMATS: &[&str] = &["json", "avro"];
@@ -589,14 +618,14 @@ fn decode(
     let runtime = RuntimeConfig {
         cores: top
             .get("runtime")
-            .and_then(|n| r.mapping(n, "`runtime`", &["cores"]))
+            .and_then(|n| r.mapping(n, "`runtime`", RUNTIME_KEYS))
             .and_then(|f| f.get("cores").and_then(|c| r.u64(c, "`cores`")))
             .unwrap_or(0),
     };
     let metrics = MetricsConfig {
         listen: top
             .get("metrics")
-            .and_then(|n| r.mapping(n, "`metrics`", &["listen"]))
+            .and_then(|n| r.mapping(n, "`metrics`", METRICS_KEYS))
             .and_then(|f| f.get("listen").and_then(|l| r.string(l, "`listen`"))),
     };
     check_names(r, &relations, &declared(&top, "sinks"));
@@ -697,17 +726,11 @@ fn decode_kafka(
         bootstrap_servers: DEFAULT_BOOTSTRAP_SERVERS.to_owned(),
         properties: Vec::new(),
     };
-    let Some(fields) = node.and_then(|n| {
-        r.mapping(
-            n,
-            "`kafka`",
-            &["bootstrap_servers", "properties", "create_topics"],
-        )
-    }) else {
+    let Some(fields) = node.and_then(|n| r.mapping(n, "`kafka`", KAFKA_KEYS)) else {
         return (options, None);
     };
     let create_topics = fields.get("create_topics").and_then(|n| {
-        let f = r.mapping(n, "`create_topics`", &["partitions", "replication_factor"])?;
+        let f = r.mapping(n, "`create_topics`", CREATE_TOPICS_KEYS)?;
         let partitions = match f.get("partitions") {
             None => 1,
             Some(p) => match r.u64(p, "`partitions`") {
@@ -1546,7 +1569,7 @@ fn decode_query(r: &mut Reader, node: &Node, text: &str) -> Option<QueryConfig> 
     let emit = match f.get("emit") {
         None => Some(EmitPolicy::OnWindowClose),
         Some(n) if matches!(n.data, YamlDataOwned::Mapping(_)) => {
-            let m = r.mapping(n, "`emit`", &["every_ms"]);
+            let m = r.mapping(n, "`emit`", EMIT_KEYS);
             let every = m
                 .and_then(|m| r.required(&m, "every_ms", "`emit`"))
                 .and_then(|e| r.u64(e, "`every_ms`"));
@@ -1789,18 +1812,7 @@ fn decode_state(r: &mut Reader, node: Option<&Node>, pipeline: &str) -> StateCon
         memory_bytes_max: DEFAULT_MEMORY_BYTES_MAX,
         huge_pages: false,
     };
-    let Some(f) = node.and_then(|n| {
-        r.mapping(
-            n,
-            "`state`",
-            &[
-                "dir",
-                "checkpoint_interval_ms",
-                "memory_bytes_max",
-                "huge_pages",
-            ],
-        )
-    }) else {
+    let Some(f) = node.and_then(|n| r.mapping(n, "`state`", STATE_KEYS)) else {
         return state;
     };
     if let Some(d) = f.get("dir").and_then(|n| r.string(n, "`dir`")) {
