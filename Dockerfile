@@ -13,7 +13,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates
 COPY --from=build /src/target/release/laminar /usr/local/bin/laminar
 USER laminar
 WORKDIR /var/lib/laminar
-VOLUME ["/var/lib/laminar"]
+VOLUME ["/pipelines", "/var/lib/laminar"]
 EXPOSE 9464
 ENTRYPOINT ["laminar"]
 CMD ["--help"]

@@ -191,11 +191,16 @@ fn the_dockerfile_runtime_stage_has_what_the_binary_links_against() {
         "the metrics port is exposed"
     );
     assert!(
-        runtime.contains("VOLUME [\"/var/lib/laminar\"]"),
+        runtime.contains(r#"VOLUME ["/pipelines", "/var/lib/laminar"]"#),
         "{runtime}"
     );
     let readme = read(&repo().join("README.md"));
-    assert!(readme.contains("-p 9464:9464") && readme.contains(":/var/lib/laminar"));
+    assert!(
+        readme.contains("-p 9464:9464")
+            && readme.contains(":/pipelines")
+            && readme.contains(":/var/lib/laminar"),
+        "the README's docker run publishes the port and mounts both volumes"
+    );
     let ignore = read(&repo().join(".dockerignore"));
     assert!(ignore.lines().any(|l| l.trim() == "target/"), "{ignore}");
 
