@@ -48,6 +48,54 @@ pub trait ArenaFile: Send {
     fn syncer(&self) -> io::Result<Syncer>;
     /// Tells the kernel how the arena is about to be read.
     fn advise(&self, access: Access);
+    /// A read-only view of `[0, len)` that another thread may read while this arena is
+    /// appended to (those bytes are never written again). Its `append` fails.
+    fn snapshot(&self, len: u64) -> io::Result<Box<dyn ArenaFile>>;
+}
+
+/// A read-only arena: a second mapping of a [`MappedArena`]'s file, or bytes in memory.
+pub struct SnapshotArena {
+    map: Option<memmap2::Mmap>,
+    copy: Vec<u8>,
+}
+
+impl SnapshotArena {
+    /// An arena of these bytes, in memory.
+    #[must_use]
+    pub fn of_bytes(bytes: Vec<u8>) -> Self {
+        Self {
+            map: None,
+            copy: bytes,
+        }
+    }
+}
+
+impl ArenaFile for SnapshotArena {
+    fn bytes(&self) -> &[u8] {
+        self.map.as_deref().unwrap_or(&self.copy)
+    }
+
+    fn append(&mut self, _: &[u8]) -> io::Result<()> {
+        Err(io::Error::other(
+            "a snapshot of the state arena is read-only",
+        ))
+    }
+
+    fn syncer(&self) -> io::Result<Syncer> {
+        Ok(Box::new(|| Ok(())))
+    }
+
+    fn advise(&self, access: Access) {
+        if let Some(map) = &self.map {
+            let _ = map.advise(advice(access));
+        }
+    }
+
+    fn snapshot(&self, len: u64) -> io::Result<Box<dyn ArenaFile>> {
+        Ok(Box::new(Self::of_bytes(
+            self.bytes()[..len as usize].to_vec(),
+        )))
+    }
 }
 
 /// Options of a [`MappedArena`].
@@ -215,6 +263,22 @@ impl ArenaFile for MappedArena {
             let _ = map.advise(advice(access));
         }
     }
+
+    fn snapshot(&self, len: u64) -> io::Result<Box<dyn ArenaFile>> {
+        assert!(len <= self.len, "a snapshot past the arena's end");
+        if len == 0 {
+            return Ok(Box::new(SnapshotArena::of_bytes(Vec::new())));
+        }
+        let file = File::open(&self.path)?;
+        // SAFETY: as in `map_file`; the bytes `[0, len)` are never written again (the
+        // arena only appends), so this read-only mapping sees fixed data while the
+        // writable one grows past it.
+        let map = unsafe { MmapOptions::new().len(len as usize).map(&file)? };
+        Ok(Box::new(SnapshotArena {
+            map: Some(map),
+            copy: Vec::new(),
+        }))
+    }
 }
 
 fn advice(access: Access) -> Advice {
@@ -289,6 +353,12 @@ impl ArenaFile for SimArena {
     }
 
     fn advise(&self, _: Access) {}
+
+    fn snapshot(&self, len: u64) -> io::Result<Box<dyn ArenaFile>> {
+        Ok(Box::new(SnapshotArena::of_bytes(
+            self.data[..len as usize].to_vec(),
+        )))
+    }
 }
 
 #[cfg(test)]

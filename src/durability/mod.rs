@@ -138,6 +138,17 @@ struct Pending {
     job: std::thread::JoinHandle<std::io::Result<()>>,
 }
 
+/// A compaction of the state arena running on a thread of its own.
+struct Compaction {
+    /// The arena generation it writes.
+    generation: u64,
+    /// Arena bytes of the snapshot it copies; what was appended after them is copied when
+    /// the compacted store is adopted.
+    snapshot_len: u64,
+    started: Instant,
+    job: std::thread::JoinHandle<Result<MmapStore, crate::state::StateError>>,
+}
+
 /// The arena share of dead bytes past which a checkpoint compacts first.
 pub const COMPACT_DEAD_RATIO: f64 = 0.5;
 /// Arenas smaller than this are not compacted (the copy would buy little).
@@ -164,6 +175,11 @@ pub struct Durable {
     stats: DurableStats,
     /// The checkpoint in flight, if any: at most one.
     pending: Option<Pending>,
+    /// The compaction in flight, if any: at most one.
+    compaction: Option<Compaction>,
+    /// The store moved to a compacted arena since the last checkpoint: the next one is
+    /// due, so that the old arena can go.
+    compacted: bool,
     /// Sync arenas for checkpoints on a thread of their own (tests turn it off to make
     /// the order of sync calls deterministic).
     background: bool,
@@ -383,6 +399,8 @@ impl Durable {
             last_commit: None,
             stats: DurableStats::default(),
             pending: None,
+            compaction: None,
+            compacted: false,
             background: true,
             compact_ratio: COMPACT_DEAD_RATIO,
             compact_min: COMPACT_ARENA_MIN,
@@ -572,11 +590,12 @@ impl Durable {
                 false
             }
         };
+        self.finish_compaction(store, force)?;
         let Some(commit) = self.last_commit.clone() else {
             return Ok(finished);
         };
         let since = self.wal.stats().bytes - self.wal_bytes_at_checkpoint;
-        let due = since >= self.checkpoint_wal_bytes.max(store.bytes());
+        let due = since >= self.checkpoint_wal_bytes.max(store.bytes()) || self.compacted;
         let waiting = self.retry_at.is_some_and(|at| Instant::now() < at);
         if !(due && !waiting || force)
             || self.pending.is_some()
@@ -641,18 +660,27 @@ impl Durable {
         // The delivered record (if any) must be durable before a checkpoint covers it.
         self.wal.sync()?;
         if self.arena_suspect {
-            // Only a fresh arena file can be trusted to hold what a checkpoint says.
-            self.compact(store)?;
+            // Only a fresh arena file can be trusted to hold what a checkpoint says: the
+            // one a compaction in flight writes, or a copy made now.
+            if self.finish_compaction(store, true)?.is_none() {
+                self.compact(store)?;
+            }
             self.arena_suspect = false;
-        } else if store.fragmentation() > self.compact_ratio
+        } else if self.compaction.is_none()
+            && store.fragmentation() > self.compact_ratio
             && store.arena_bytes() >= self.compact_min
-            && let Err(e) = self.compact(store)
         {
-            // The store is unchanged: checkpoint the current generation, compact later.
-            tracing::warn!("cannot compact the state arena ({e}); checkpointing it as it is");
-            let name = checkpoint::arena_name(store.generation() + 1);
-            let _ = self.wal.storage().remove(&name);
+            // Compacts on a thread of its own; this checkpoint covers the arena as it is,
+            // a later one the compacted arena.
+            if let Err(e) = self.start_compaction(store) {
+                tracing::warn!("cannot compact the state arena ({e}); it stays as it is");
+                let name = checkpoint::arena_name(store.generation() + 1);
+                let _ = self.wal.storage().remove(&name);
+            } else if !self.background {
+                self.finish_compaction(store, true)?;
+            }
         }
+        self.compacted = false;
         let meta = checkpoint::CheckpointMeta {
             epoch: commit.epoch,
             lsn: self.last_lsn,
@@ -698,7 +726,90 @@ impl Durable {
         self.finish_pending(true, store.generation())
     }
 
-    /// Copies the live state into a new arena generation.
+    /// Starts compacting `store` on a thread of its own (on this one when checkpoints
+    /// are not in the background): its live records as of now are copied into a new
+    /// arena generation, which [`Durable::finish_compaction`] adopts.
+    fn start_compaction(&mut self, store: &MmapStore) -> Result<(), DurableError> {
+        let generation = store.generation() + 1;
+        let name = checkpoint::arena_name(generation);
+        let storage = self.wal.storage();
+        let io = |file: String| move |source| DurableError::Checkpoint { file, source };
+        let arena = storage
+            .open_arena(&name, None)
+            .map_err(io(storage.describe(&name)))?;
+        storage.sync_dir().map_err(io(storage.describe("")))?;
+        let (snapshot, snapshot_len) = store.snapshot().map_err(io(
+            storage.describe(&checkpoint::arena_name(store.generation()))
+        ))?;
+        let from = store.generation();
+        let compact = move || MmapStore::compact_snapshot(snapshot, from, arena, generation);
+        let job = if self.background {
+            std::thread::Builder::new()
+                .name("laminar-compaction".to_owned())
+                .spawn(compact)
+                .map_err(io(name))?
+        } else {
+            let result = compact();
+            std::thread::spawn(move || result)
+        };
+        self.compaction = Some(Compaction {
+            generation,
+            snapshot_len,
+            started: Instant::now(),
+            job,
+        });
+        Ok(())
+    }
+
+    /// Adopts the compaction in flight once it is done (waiting for it when `wait`):
+    /// the records appended since its snapshot are copied after the compacted ones, and
+    /// the store moves to the new arena. Returns how long that held the caller (not
+    /// counting a wait for the thread). A
+    /// compaction that failed leaves the store as it was (logged; tried again later).
+    pub fn finish_compaction(
+        &mut self,
+        store: &mut MmapStore,
+        wait: bool,
+    ) -> Result<Option<Duration>, DurableError> {
+        let Some(compaction) = self.compaction.take_if(|c| wait || c.job.is_finished()) else {
+            return Ok(None);
+        };
+        let (before, fragmentation) = (store.arena_bytes(), store.fragmentation());
+        let joined = compaction.job.join().unwrap_or_else(|_| {
+            Err(crate::state::StateError::Io(std::io::Error::other(
+                "the compaction thread panicked",
+            )))
+        });
+        // Only this part holds the caller once the thread is done.
+        let held = Instant::now();
+        let adopted =
+            joined.and_then(|compacted| store.adopt_compaction(compacted, compaction.snapshot_len));
+        match adopted {
+            Ok(old) => {
+                drop(old);
+                let pause = held.elapsed();
+                tracing::info!(
+                    generation = compaction.generation,
+                    before_bytes = before,
+                    after_bytes = store.arena_bytes(),
+                    fragmentation,
+                    took_ms = compaction.started.elapsed().as_millis() as u64,
+                    held_pipeline_ms = pause.as_millis() as u64,
+                    "state arena compacted"
+                );
+                self.compacted = true;
+                Ok(Some(pause))
+            }
+            Err(e) => {
+                tracing::warn!("cannot compact the state arena ({e}); it stays as it is");
+                let name = checkpoint::arena_name(compaction.generation);
+                let _ = self.wal.storage().remove(&name);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Copies the live state into a new arena generation, on this thread.
     fn compact(&mut self, store: &mut MmapStore) -> Result<(), DurableError> {
         let started = Instant::now();
         let generation = store.generation() + 1;
@@ -777,10 +888,12 @@ impl Durable {
         let storage = self.wal.storage();
         storage.sync_dir().map_err(io(storage.describe("")))?;
         // Arenas neither a retained checkpoint nor the store needs: generations that
-        // compaction replaced.
+        // compaction replaced (not the one a compaction in flight writes).
+        let compacting = self.compaction.as_ref().map(|c| c.generation);
         for name in storage.list().map_err(io(storage.describe("")))? {
             if let Some(generation) = checkpoint::parse_arena_name(&name)
                 && generation != current
+                && Some(generation) != compacting
                 && !self.checkpoints.iter().any(|c| c.generation == generation)
             {
                 storage.remove(&name).map_err(io(storage.describe(&name)))?;
@@ -819,6 +932,9 @@ impl Durable {
         if let Some(pending) = self.pending.take() {
             // Its arena is about to be deleted: only wait for the thread.
             let _ = pending.job.join();
+        }
+        if let Some(compaction) = self.compaction.take() {
+            let _ = compaction.job.join();
         }
         self.wal.sync()?;
         let storage = self.wal.storage();

@@ -680,3 +680,44 @@ fn a_failed_checkpoint_is_retried_and_loses_nothing() {
         "tolerated {tolerated}, fresh arenas {fresh_arenas}"
     );
 }
+
+/// Compaction on its own thread, with checkpoints in the background too: the changes of
+/// the epochs that run while it copies are carried over when the compacted arena is
+/// adopted, the store always matches the model, and recovery after a power loss at the
+/// end is right.
+#[test]
+fn background_compaction_keeps_every_change_made_while_it_runs() {
+    let w = workload(23, 40);
+    let sim = SimStorage::new();
+    let (mut durable, recovered) = Durable::open(Box::new(sim.clone()), u64::MAX).unwrap();
+    durable.set_compaction(0.0, 0);
+    durable.set_checkpoint_policy(1, std::time::Duration::ZERO);
+    let mut store = recovered.store;
+    for (i, (ops, commit)) in w.epochs.iter().enumerate() {
+        for op in ops {
+            store.apply(op).unwrap();
+        }
+        let journal = store.take_journal();
+        durable
+            .commit(&journal, &[("out", &output(commit.epoch))], commit)
+            .unwrap();
+        durable.delivered(commit.epoch).unwrap();
+        durable.maybe_checkpoint(&mut store, false).unwrap();
+        assert_eq!(
+            store_contents(&store),
+            w.states[i],
+            "epoch {}",
+            commit.epoch
+        );
+    }
+    let generation = store.generation();
+    durable.maybe_checkpoint(&mut store, true).unwrap();
+    assert_eq!(store_contents(&store), w.states[w.epochs.len() - 1]);
+    assert!(
+        store.generation() > 2,
+        "compactions were adopted: generation {generation}"
+    );
+    drop((durable, store));
+    sim.crash(|_| 0);
+    check_recovery(&sim, &w, 40, 40);
+}

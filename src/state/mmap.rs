@@ -14,7 +14,10 @@
 //! `fdatasync` of what was appended since the last one (incremental, and run on another
 //! thread: see [`crate::durability`]). Superseded records and tombstones are counted as
 //! dead bytes; once they are most of the arena, [`MmapStore::compact`] copies the
-//! live records, in the order they sit in the arena, into a new generation of it.
+//! live records, in the order they sit in the arena, into a new generation of it. Off the
+//! owner's thread, [`MmapStore::compact_snapshot`] does so from a read-only snapshot of
+//! the arena, and [`MmapStore::adopt_compaction`] then carries over what was appended
+//! since the snapshot.
 //!
 //! Arena format (little-endian). Header, 64 bytes: magic `LAMARN\0\x01` (last byte: the
 //! format version), generation (u64), zeros. Then records, each starting 8-aligned:
@@ -239,8 +242,13 @@ impl MmapStore {
                 self.generation
             )));
         }
-        let total = bytes.len();
-        let mut at = ARENA_HEADER as usize;
+        self.replay_from(ARENA_HEADER as usize)
+    }
+
+    /// Indexes the arena's records from offset `from` (a record boundary) to its end.
+    fn replay_from(&mut self, from: usize) -> Result<(), OpenError> {
+        let total = self.arena.bytes().len();
+        let mut at = from;
         // The records are borrowed from the arena while the index is rebuilt; the index
         // does not touch the arena, so split the borrow by moving the arena out.
         let arena = std::mem::replace(&mut self.arena, Box::new(EmptyArena));
@@ -552,6 +560,69 @@ impl MmapStore {
     }
 }
 
+impl MmapStore {
+    /// A read-only view of the arena as it is now, and its length, for
+    /// [`MmapStore::compact_snapshot`] on another thread.
+    pub fn snapshot(&self) -> std::io::Result<(Box<dyn ArenaFile>, u64)> {
+        let len = self.arena_bytes();
+        Ok((self.arena.snapshot(len)?, len))
+    }
+
+    /// Compaction off the owner's thread, first half: the store `snapshot` (an arena of
+    /// generation `generation`, from [`MmapStore::snapshot`]) holds, with its live
+    /// records copied into `into` as generation `new_generation`. Reads only the
+    /// snapshot, so the owner goes on appending meanwhile. Transient memory: a second
+    /// index.
+    pub fn compact_snapshot(
+        snapshot: Box<dyn ArenaFile>,
+        generation: u64,
+        into: Box<dyn ArenaFile>,
+        new_generation: u64,
+    ) -> Result<Self, StateError> {
+        let mut store = Self::open(snapshot, generation, u64::MAX).map_err(|e| match e {
+            OpenError::State(e) => e,
+            OpenError::Corrupt(message) => StateError::Corrupt {
+                namespace: String::new(),
+                message: format!("the arena snapshot being compacted: {message}"),
+            },
+        })?;
+        drop(store.compact(into, new_generation)?);
+        Ok(store)
+    }
+
+    /// Compaction off the owner's thread, second half, on the owner's thread:
+    /// `compacted` (from [`MmapStore::compact_snapshot`] of this store's arena as of
+    /// `snapshot_len` bytes) gets the records appended since, copied after its own and
+    /// indexed, and becomes this store. The work is proportional to what was appended
+    /// since the snapshot. Returns the old arena; on an error this store is unchanged.
+    pub fn adopt_compaction(
+        &mut self,
+        mut compacted: Self,
+        snapshot_len: u64,
+    ) -> Result<Box<dyn ArenaFile>, StateError> {
+        let from = compacted.arena.bytes().len();
+        compacted
+            .arena
+            .append(&self.arena.bytes()[snapshot_len as usize..])?;
+        if let Err(e) = compacted.replay_from(from) {
+            // Records this store wrote and indexed itself: not a disk problem.
+            panic!("state records appended during a compaction do not index again: {e}");
+        }
+        assert!(
+            compacted.live == self.live
+                && compacted.keys() == self.keys()
+                && compacted.ns_names == self.ns_names,
+            "a compacted store differs from the one it copies"
+        );
+        compacted.bytes_max = self.bytes_max;
+        compacted.journal = std::mem::take(&mut self.journal);
+        compacted.scratch = std::mem::take(&mut self.scratch);
+        compacted.arena.advise(Access::Random);
+        let old = std::mem::replace(self, compacted);
+        Ok(old.arena)
+    }
+}
+
 /// Lays out one record in `b`.
 fn encode_into(b: &mut Vec<u8>, kind: u8, flags: u8, ns: u32, key: &[u8], value: &[u8]) {
     assert!(
@@ -594,6 +665,9 @@ impl ArenaFile for EmptyArena {
         Err(std::io::Error::other("the state arena is being rebuilt"))
     }
     fn advise(&self, _: Access) {}
+    fn snapshot(&self, _: u64) -> std::io::Result<Box<dyn ArenaFile>> {
+        Err(std::io::Error::other("the state arena is being rebuilt"))
+    }
 }
 
 impl StateStore for MmapStore {
@@ -735,6 +809,12 @@ mod tests {
         Reopen,
         /// Copy the live records into a new generation.
         Compact,
+        /// Take a snapshot to compact as if on another thread, while the ops go on.
+        StartCompaction,
+        /// Compact the snapshot and adopt it, with the records appended since.
+        FinishCompaction,
+        /// Open one more (empty) namespace.
+        NewNamespace,
     }
 
     fn key() -> impl Strategy<Value = Vec<u8>> {
@@ -751,6 +831,9 @@ mod tests {
             1 => Just(Op::Snapshot),
             1 => Just(Op::Reopen),
             1 => Just(Op::Compact),
+            1 => Just(Op::StartCompaction),
+            1 => Just(Op::FinishCompaction),
+            1 => Just(Op::NewNamespace),
         ]
     }
 
@@ -778,6 +861,8 @@ mod tests {
             let ns = [store.namespace("a").unwrap(), store.namespace("b").unwrap()];
             let mut model = Model::new();
             let mut snapshots: Vec<(u64, u64, Model)> = Vec::new();
+            let mut compacting: Option<(Box<dyn ArenaFile>, u64)> = None;
+            let mut namespaces = 2;
             for op in ops {
                 match op {
                     Op::Put(n, k, v) => {
@@ -797,12 +882,40 @@ mod tests {
                     Op::Snapshot => {
                         snapshots.push((store.generation(), store.arena_bytes(), model.clone()));
                     }
+                    Op::StartCompaction => {
+                        compacting = Some(store.snapshot().unwrap());
+                    }
+                    Op::FinishCompaction => {
+                        if let Some((snapshot, len)) = compacting.take() {
+                            let generation = store.generation() + 1;
+                            let arena = sim
+                                .clone()
+                                .open_arena(&format!("arena-{generation}"), None)
+                                .unwrap();
+                            let compacted = MmapStore::compact_snapshot(
+                                snapshot,
+                                store.generation(),
+                                arena,
+                                generation,
+                            )
+                            .unwrap();
+                            drop(store.adopt_compaction(compacted, len).unwrap());
+                            prop_assert_eq!(store.generation(), generation);
+                        }
+                    }
+                    Op::NewNamespace => {
+                        let name = ["c", "d", "e", "f"][namespaces % 4];
+                        store.namespace(name).unwrap();
+                        namespaces += 1;
+                    }
                     Op::Reopen => {
+                        compacting = None;
                         let (generation, len) = (store.generation(), store.arena_bytes());
                         drop(store);
                         store = open(&sim, generation, Some(len));
                     }
                     Op::Compact => {
+                        compacting = None;
                         let generation = store.generation() + 1;
                         let arena = sim
                             .clone()
