@@ -688,6 +688,12 @@ state:
         "{}",
         laminar.stderr()
     );
+    // The order within a partition is not checked: the mock cluster neither rejects a
+    // batch whose sequence number skips a refused one nor hides aborted records, so
+    // records sent again land after later ones there. (A broker that does both keeps
+    // the prefix a partition holds in order: an aborted transaction is sent again
+    // whole, and without transactions the producer stops at a refused record instead of
+    // leaving a gap.)
     assert!(
         laminar.is_running(),
         "the run stopped: {}",
@@ -704,9 +710,18 @@ state:
     let aborted = series("laminar_sink_transactions_aborted_total");
     eprintln!("transactions aborted: {aborted}");
     if transactions {
+        // One abort per failed try: a refused request fails one (two may fail the same
+        // one), and librdkafka may refuse to commit the next try with "skipped sequence
+        // numbers" after a purge. At most 4, as the fifth try would be the last.
         assert!(
-            (1.0..=2.0).contains(&aborted),
-            "aborted {aborted}\n{metrics}"
+            (1.0..=4.0).contains(&aborted),
+            "aborted {aborted}:\n{}",
+            laminar
+                .stderr()
+                .lines()
+                .filter(|l| l.contains("failed ("))
+                .collect::<Vec<_>>()
+                .join("\n")
         );
         assert!(series("laminar_sink_transactions_committed_total") >= 1.0);
     } else {

@@ -77,11 +77,20 @@ pub fn parse_arena_name(name: &str) -> Option<u64> {
 }
 
 /// Writes the checkpoint file of `meta` (its arena already durable).
+/// Why a checkpoint file could not be written.
+#[derive(Debug)]
+pub enum WriteError {
+    /// Creating, writing or renaming it failed: nothing was lost, it may be tried again.
+    Write(std::io::Error),
+    /// An `fsync` failed: never retried (the kernel may have dropped the data).
+    Sync(std::io::Error),
+}
+
 pub fn write(
     storage: &mut dyn Storage,
     meta: &CheckpointMeta,
     commit: &CommitEntry,
-) -> std::io::Result<()> {
+) -> Result<(), WriteError> {
     let name = file_name(meta.epoch);
     let tmp = format!("{name}.tmp");
     let mut w = Writer::default();
@@ -100,11 +109,11 @@ pub fn write(
     w.bytes(&commit.encode());
     let crc = crc32c::crc32c(&w.buf);
     w.u32(crc);
-    storage.create(&tmp)?;
-    storage.append(&tmp, &w.buf)?;
-    storage.sync(&tmp)?;
-    storage.rename(&tmp, &name)?;
-    storage.sync_dir()
+    storage.create(&tmp).map_err(WriteError::Write)?;
+    storage.append(&tmp, &w.buf).map_err(WriteError::Write)?;
+    storage.sync(&tmp).map_err(WriteError::Sync)?;
+    storage.rename(&tmp, &name).map_err(WriteError::Write)?;
+    storage.sync_dir().map_err(WriteError::Sync)
 }
 
 /// Reads and verifies one checkpoint file.

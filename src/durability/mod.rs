@@ -84,6 +84,17 @@ pub enum DurableError {
     },
     #[error("recovering state: {0}")]
     State(#[from] crate::state::StateError),
+    /// An `fsync` of a state file failed. Never retried: Linux may mark the pages clean
+    /// with their data lost, so the run stops and the next start recovers from the last
+    /// checkpoint and the WAL.
+    #[error(
+        "fdatasync of {file} failed: {source}; stopping (a failed sync is never retried; the next start recovers from the last checkpoint and the WAL)"
+    )]
+    Sync {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// The tombstone of a run that drained every source.
@@ -195,10 +206,6 @@ pub struct Durable {
     failures_in_a_row: u32,
     /// No checkpoint is started before this (but a forced one) after a failure.
     retry_at: Option<Instant>,
-    /// A sync of the current arena failed: the kernel may have dropped its dirty pages,
-    /// so a later sync of the same file proves nothing. The next checkpoint copies the
-    /// state into a new arena file first (the pages in memory are intact).
-    arena_suspect: bool,
     /// Held for the life of the process: a second laminar on the directory fails.
     #[allow(dead_code, reason = "held, never read")]
     lock: Option<std::fs::File>,
@@ -408,7 +415,6 @@ impl Durable {
             retry_after: CHECKPOINT_RETRY_AFTER,
             failures_in_a_row: 0,
             retry_at: None,
-            arena_suspect: false,
             lock: None,
         };
         let recovered = durable.replay(store, loaded, &records, started)?;
@@ -576,8 +582,8 @@ impl Durable {
     /// A checkpoint that fails is counted, logged and retried after
     /// [`CHECKPOINT_RETRY_AFTER`] (doubling): nothing is lost, as the WAL is kept from
     /// the last good checkpoint on. The error is returned when the checkpoint was forced,
-    /// when the WAL itself failed, or at the [`CHECKPOINT_FAILURES_MAX`]-th failure in a
-    /// row.
+    /// when an `fsync` failed (never retried) or the WAL did, or at the
+    /// [`CHECKPOINT_FAILURES_MAX`]-th failure in a row.
     pub fn maybe_checkpoint(
         &mut self,
         store: &mut MmapStore,
@@ -621,7 +627,7 @@ impl Durable {
         self.stats.checkpoint_failures += 1;
         self.failures_in_a_row += 1;
         if force
-            || matches!(error, DurableError::Wal(_))
+            || matches!(error, DurableError::Wal(_) | DurableError::Sync { .. })
             || self.failures_in_a_row >= CHECKPOINT_FAILURES_MAX
         {
             return Err(error);
@@ -659,14 +665,7 @@ impl Durable {
         let started = Instant::now();
         // The delivered record (if any) must be durable before a checkpoint covers it.
         self.wal.sync()?;
-        if self.arena_suspect {
-            // Only a fresh arena file can be trusted to hold what a checkpoint says: the
-            // one a compaction in flight writes, or a copy made now.
-            if self.finish_compaction(store, true)?.is_none() {
-                self.compact(store)?;
-            }
-            self.arena_suspect = false;
-        } else if self.compaction.is_none()
+        if self.compaction.is_none()
             && store.fragmentation() > self.compact_ratio
             && store.arena_bytes() >= self.compact_min
         {
@@ -680,7 +679,6 @@ impl Durable {
                 self.finish_compaction(store, true)?;
             }
         }
-        self.compacted = false;
         let meta = checkpoint::CheckpointMeta {
             epoch: commit.epoch,
             lsn: self.last_lsn,
@@ -715,6 +713,7 @@ impl Durable {
             started,
             job,
         });
+        self.compacted = false;
         if wait || !self.background {
             self.finish_pending(true, store.generation())?;
         }
@@ -809,30 +808,6 @@ impl Durable {
         }
     }
 
-    /// Copies the live state into a new arena generation, on this thread.
-    fn compact(&mut self, store: &mut MmapStore) -> Result<(), DurableError> {
-        let started = Instant::now();
-        let generation = store.generation() + 1;
-        let name = checkpoint::arena_name(generation);
-        let storage = self.wal.storage();
-        let io = |file: String| move |source| DurableError::Checkpoint { file, source };
-        let arena = storage
-            .open_arena(&name, None)
-            .map_err(io(storage.describe(&name)))?;
-        storage.sync_dir().map_err(io(storage.describe("")))?;
-        let (before, fragmentation) = (store.arena_bytes(), store.fragmentation());
-        drop(store.compact(arena, generation)?);
-        tracing::info!(
-            generation,
-            before_bytes = before,
-            after_bytes = store.arena_bytes(),
-            fragmentation,
-            took_ms = started.elapsed().as_millis() as u64,
-            "state arena compacted"
-        );
-        Ok(())
-    }
-
     /// Finishes the checkpoint in flight once its arena is durable (waiting for it when
     /// `wait`): writes its file and deletes what it makes unnecessary. `current` is the
     /// store's arena generation, which is never deleted.
@@ -849,20 +824,30 @@ impl Durable {
         let arena_name = checkpoint::arena_name(meta.generation);
         let storage = self.wal.storage();
         let io = |file: String| move |source| DurableError::Checkpoint { file, source };
-        if let Err(e) = job
+        if let Err(source) = job
             .join()
             .unwrap_or_else(|_| Err(std::io::Error::other("the checkpoint thread panicked")))
         {
-            self.arena_suspect = meta.generation == current;
-            return Err(io(storage.describe(&arena_name))(e));
+            return Err(DurableError::Sync {
+                file: storage.describe(&arena_name),
+                source,
+            });
         }
         let name = checkpoint::file_name(meta.epoch);
-        if let Err(e) = checkpoint::write(storage, &meta, &commit) {
-            // Half-written or not durably named: gone, so that no later start trusts it.
-            let _ = storage.remove(&format!("{name}.tmp"));
-            let _ = storage.remove(&name);
-            let _ = storage.sync_dir();
-            return Err(io(storage.describe(&name))(e));
+        match checkpoint::write(storage, &meta, &commit) {
+            Ok(()) => {}
+            Err(checkpoint::WriteError::Sync(source)) => {
+                return Err(DurableError::Sync {
+                    file: storage.describe(&name),
+                    source,
+                });
+            }
+            Err(checkpoint::WriteError::Write(e)) => {
+                // Half-written: gone, so that no later start trusts it.
+                let _ = storage.remove(&format!("{name}.tmp"));
+                let _ = storage.remove(&name);
+                return Err(io(storage.describe(&name))(e));
+            }
         }
         self.failures_in_a_row = 0;
         self.retry_at = None;
@@ -878,15 +863,31 @@ impl Durable {
         self.stats.last_checkpoint = Some(meta);
         self.stats.last_checkpoint_duration = took;
         self.wal_bytes_at_checkpoint = self.wal.stats().bytes;
+        // What the new checkpoint makes unnecessary goes. A file that cannot be removed
+        // stays (and is tried again after the next checkpoint): that costs only space.
+        let removed = |storage: &mut dyn Storage, name: &str| match storage.remove(name) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(
+                    file = storage.describe(name),
+                    "cannot remove ({e}); trying again after the next checkpoint"
+                );
+                false
+            }
+        };
         while self.checkpoints.len() > checkpoint::RETAINED {
             let name = checkpoint::file_name(self.checkpoints[0].epoch);
-            let storage = self.wal.storage();
-            storage.remove(&name).map_err(io(storage.describe(&name)))?;
+            if !removed(self.wal.storage(), &name) {
+                break;
+            }
             self.checkpoints.remove(0);
         }
         // The dropped checkpoints are gone for good before what they need goes.
         let storage = self.wal.storage();
-        storage.sync_dir().map_err(io(storage.describe("")))?;
+        storage.sync_dir().map_err(|source| DurableError::Sync {
+            file: storage.describe(""),
+            source,
+        })?;
         // Arenas neither a retained checkpoint nor the store needs: generations that
         // compaction replaced (not the one a compaction in flight writes).
         let compacting = self.compaction.as_ref().map(|c| c.generation);
@@ -896,7 +897,7 @@ impl Durable {
                 && Some(generation) != compacting
                 && !self.checkpoints.iter().any(|c| c.generation == generation)
             {
-                storage.remove(&name).map_err(io(storage.describe(&name)))?;
+                removed(storage, &name);
             }
         }
         // The WAL is kept from the oldest retained checkpoint on, for the fallback.

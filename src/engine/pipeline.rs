@@ -501,13 +501,14 @@ impl Pipeline {
             };
             let present = sink.read_back(commit.epoch, &starts).map_err(sink_error)?;
             let already_written = present.len();
-            let done = deliver_epoch(sink, &name, commit.epoch, &records, &starts, present, None)?;
-            slot.transactions
-                .committed
-                .inc_by(u64::from(done.committed));
-            slot.transactions.aborted.inc_by(u64::from(done.aborted));
+            let output = EpochOutput {
+                epoch: commit.epoch,
+                records: &records,
+                starts: &starts,
+            };
+            let sent = deliver_epoch(sink, &name, output, present, None, &slot.transactions)?;
             tracing::info!(sink = %name, epoch = commit.epoch, records = records.len(),
-                already_written, sent = done.sent,
+                already_written, sent,
                 "finished delivering the output of the epoch committed before the restart");
         }
         self.durable.delivered(commit.epoch)?;
@@ -925,19 +926,19 @@ impl Pipeline {
             for ((i, records), starts) in staged.iter().zip(&commit.sinks) {
                 let slot = &mut self.sinks[*i];
                 if let SinkHandle::ExactlyOnce(sink) = &mut slot.sink {
-                    let done = deliver_epoch(
-                        sink,
-                        &slot.name,
+                    let output = EpochOutput {
                         epoch,
                         records,
-                        &starts.starts,
+                        starts: &starts.starts,
+                    };
+                    deliver_epoch(
+                        sink,
+                        &slot.name,
+                        output,
                         HashSet::new(),
                         self.deadline,
+                        &slot.transactions,
                     )?;
-                    slot.transactions
-                        .committed
-                        .inc_by(u64::from(done.committed));
-                    slot.transactions.aborted.inc_by(u64::from(done.aborted));
                 }
             }
             laminar_connectors::crash::point("after-delivery");
@@ -1165,23 +1166,23 @@ fn flush_until_done(
     }
 }
 
+/// An exactly-once sink's output of one epoch, and where it starts in each partition of
+/// its topic (as the commit entry recorded).
+#[derive(Clone, Copy)]
+struct EpochOutput<'a> {
+    epoch: u64,
+    records: &'a [crate::durability::entry::OutputRecord],
+    starts: &'a [(i32, i64)],
+}
+
 /// Tries at sending one epoch's exactly-once output before the run stops with the error.
 const DELIVERY_ATTEMPTS: u32 = 5;
 /// Wait before the second try; doubled for each one after.
 const DELIVERY_RETRY_AFTER: Duration = Duration::from_millis(200);
 
-/// What sending an epoch's exactly-once output took.
-struct EpochDelivery {
-    /// Records sent by the try that succeeded.
-    sent: usize,
-    /// A transaction was committed.
-    committed: bool,
-    /// Transactions aborted by tries that failed.
-    aborted: u32,
-}
-
 /// Sends an exactly-once sink's output of `epoch` (but the sequence numbers in `skip`),
-/// waits for every acknowledgement and commits its transaction.
+/// waits for every acknowledgement and commits its transaction (counted in
+/// `transactions`); returns how many records the try that succeeded sent.
 ///
 /// A try that fails in a way that sending again can mend (a record refused for good, a
 /// transaction the broker requires to be aborted) is abandoned: its transaction is
@@ -1190,18 +1191,21 @@ struct EpochDelivery {
 fn deliver_epoch(
     sink: &mut KafkaSink,
     name: &str,
-    epoch: u64,
-    records: &[crate::durability::entry::OutputRecord],
-    starts: &[(i32, i64)],
+    output: EpochOutput<'_>,
     skip: HashSet<u64>,
     deadline: Option<Instant>,
-) -> Result<EpochDelivery, RunError> {
+    transactions: &crate::metrics::TransactionCounters,
+) -> Result<usize, RunError> {
+    let EpochOutput {
+        epoch,
+        records,
+        starts,
+    } = output;
     let sink_error = |source| RunError::Sink {
         name: name.to_owned(),
         source,
     };
     let mut skip = skip;
-    let mut aborted = 0;
     for attempt in 1.. {
         let tried = sink
             .send_epoch(epoch, records, &skip)
@@ -1213,11 +1217,8 @@ fn deliver_epoch(
             });
         let error = match tried {
             Ok((sent, committed)) => {
-                return Ok(EpochDelivery {
-                    sent,
-                    committed,
-                    aborted,
-                });
+                transactions.committed.inc_by(u64::from(committed));
+                return Ok(sent);
             }
             Err(RunError::Sink { source, .. })
                 if attempt < DELIVERY_ATTEMPTS && KafkaSink::retryable(&source) =>
@@ -1226,7 +1227,9 @@ fn deliver_epoch(
             }
             Err(e) => return Err(e),
         };
-        aborted += u32::from(sink.abandon_epoch().map_err(sink_error)?);
+        if sink.abandon_epoch().map_err(sink_error)? {
+            transactions.aborted.inc();
+        }
         let wait = DELIVERY_RETRY_AFTER * 2_u32.pow(attempt - 1);
         tracing::warn!(sink = %name, epoch, attempt, retry_in_ms = wait.as_millis() as u64,
             "sending the epoch's output failed ({error}); its transaction (if any) is aborted \

@@ -159,6 +159,14 @@ impl ProducerContext for DeliveryContext {
                     *end = (*end).max(m.offset() + 1);
                 }
             }
+            // Purged by `abort_transaction`: the abort is the failure, already handled
+            // (these reports may come after the next try began).
+            Err((
+                KafkaError::MessageProduction(
+                    RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight,
+                ),
+                _,
+            )) => {}
             Err((e, _)) => {
                 self.failed.fetch_add(1, Ordering::Relaxed);
                 if let Ok(mut first) = self.first_error.lock() {
@@ -188,6 +196,27 @@ pub struct KafkaSink {
 
 impl KafkaSink {
     pub fn new(options: KafkaSinkOptions) -> Result<Self, SinkError> {
+        let producer = Self::producer(&options, BTreeMap::new())?;
+        Ok(Self {
+            options,
+            producer,
+            encoder: JsonEncoder::default(),
+            values: Vec::new(),
+            value_ends: Vec::new(),
+            keys: Vec::new(),
+            key_ends: Vec::new(),
+            staged: Vec::new(),
+            staged_bytes: 0,
+            start_ends: None,
+            in_transaction: false,
+        })
+    }
+
+    /// The sink's producer; `ends` are the per-partition ends acknowledged so far.
+    fn producer(
+        options: &KafkaSinkOptions,
+        ends: BTreeMap<i32, i64>,
+    ) -> Result<ThreadedProducer<DeliveryContext>, SinkError> {
         let mut config = options.client.config(&[
             ("enable.idempotence", "true"),
             ("acks", "all"),
@@ -203,37 +232,27 @@ impl KafkaSink {
             acked: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             first_error: Mutex::new(None),
-            ends: Mutex::new(BTreeMap::new()),
+            ends: Mutex::new(ends),
         };
-        if let Some(id) = options
+        let transactional_id = options
             .exactly_once
             .as_ref()
-            .and_then(|e| e.transactional_id.as_ref())
-        {
+            .and_then(|e| e.transactional_id.as_ref());
+        if let Some(id) = transactional_id {
             config.set("transactional.id", id);
+        } else if options.exactly_once.is_some() {
+            // A record refused for good stops the producer instead of leaving a gap that
+            // later records of its partition skip over: what reached a partition is then
+            // always a prefix of what was sent to it, so sending the missing records
+            // again (after a read-back) keeps their order.
+            config.set("enable.gapless.guarantee", "true");
         }
         let producer: ThreadedProducer<DeliveryContext> = create(&config, context)?;
-        if options
-            .exactly_once
-            .as_ref()
-            .is_some_and(|e| e.transactional_id.is_some())
-        {
+        if transactional_id.is_some() {
             // Fences an earlier instance and aborts the transaction it left open.
             producer.init_transactions(TRANSACTION_TIMEOUT)?;
         }
-        Ok(Self {
-            options,
-            producer,
-            encoder: JsonEncoder::default(),
-            values: Vec::new(),
-            value_ends: Vec::new(),
-            keys: Vec::new(),
-            key_ends: Vec::new(),
-            staged: Vec::new(),
-            staged_bytes: 0,
-            start_ends: None,
-            in_transaction: false,
-        })
+        Ok(producer)
     }
 
     /// Exactly-once: the rows written since the last call, encoded.
@@ -326,7 +345,12 @@ impl KafkaSink {
             return Ok(0);
         }
         if transactional {
-            self.producer.begin_transaction()?;
+            if let Err(e) = self.producer.begin_transaction() {
+                // One the broker wants aborted is aborted by `abandon_epoch`.
+                self.in_transaction =
+                    matches!(&e, KafkaError::Transaction(t) if t.txn_requires_abort());
+                return Err(e.into());
+            }
             self.in_transaction = true;
         }
         let epoch_text = epoch.to_string();
@@ -405,8 +429,9 @@ impl KafkaSink {
     }
 
     /// Exactly-once, after a [`KafkaSink::retryable`] failure: aborts the open
-    /// transaction (returning `true`), or without one waits until no record is in
-    /// flight; then forgets the failure. The caller reads back what the topic holds with
+    /// transaction (returning `true`), or without transactions waits until no record is
+    /// in flight and starts a new producer (the failure stopped the old one); then
+    /// forgets the failure. The caller reads back what the topic holds with
     /// [`KafkaSink::read_back`] and sends the rest again.
     pub fn abandon_epoch(&mut self) -> Result<bool, SinkError> {
         let aborted = self.in_transaction;
@@ -418,10 +443,26 @@ impl KafkaSink {
         // Every delivery report is served (the purged records' too) before the failure
         // is forgotten, so none of this epoch's counts against the next attempt.
         self.producer.flush(READ_BACK_TIMEOUT)?;
-        let context = self.producer.context();
-        context.failed.store(0, Ordering::Relaxed);
-        if let Ok(mut first) = context.first_error.lock() {
-            *first = None;
+        let transactional = self
+            .options
+            .exactly_once
+            .as_ref()
+            .is_some_and(|e| e.transactional_id.is_some());
+        if transactional {
+            let context = self.producer.context();
+            context.failed.store(0, Ordering::Relaxed);
+            if let Ok(mut first) = context.first_error.lock() {
+                *first = None;
+            }
+        } else {
+            let ends = self
+                .producer
+                .context()
+                .ends
+                .lock()
+                .map(|e| e.clone())
+                .unwrap_or_default();
+            self.producer = Self::producer(&self.options, ends)?;
         }
         Ok(aborted)
     }
