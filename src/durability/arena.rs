@@ -51,6 +51,11 @@ pub trait ArenaFile: Send {
     /// A read-only view of `[0, len)` that another thread may read while this arena is
     /// appended to (those bytes are never written again). Its `append` fails.
     fn snapshot(&self, len: u64) -> io::Result<Box<dyn ArenaFile>>;
+    /// Allocates (and maps) the room the next growth would, now, so that appends soon
+    /// after do not pay for it.
+    fn reserve(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A read-only arena: a second mapping of a [`MappedArena`]'s file, or bytes in memory.
@@ -262,6 +267,10 @@ impl ArenaFile for MappedArena {
             // A hint: a kernel that ignores it costs only speed.
             let _ = map.advise(advice(access));
         }
+    }
+
+    fn reserve(&mut self) -> io::Result<()> {
+        self.grow(self.cap + 1)
     }
 
     fn snapshot(&self, len: u64) -> io::Result<Box<dyn ArenaFile>> {

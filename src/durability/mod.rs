@@ -785,7 +785,13 @@ impl Durable {
             joined.and_then(|compacted| store.adopt_compaction(compacted, compaction.snapshot_len));
         match adopted {
             Ok(old) => {
-                drop(old);
+                // Freeing the old index of a large state takes a while: not here.
+                let dropped = std::thread::Builder::new()
+                    .name("laminar-compaction".to_owned())
+                    .spawn(move || drop(old));
+                if let Err(e) = dropped {
+                    tracing::debug!("freeing the old state index on this thread: {e}");
+                }
                 let pause = held.elapsed();
                 tracing::info!(
                     generation = compaction.generation,

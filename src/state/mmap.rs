@@ -587,6 +587,8 @@ impl MmapStore {
             },
         })?;
         drop(store.compact(into, new_generation)?);
+        // The owner appends what it wrote meanwhile: the room for it is made here.
+        store.arena.reserve()?;
         Ok(store)
     }
 
@@ -594,12 +596,14 @@ impl MmapStore {
     /// `compacted` (from [`MmapStore::compact_snapshot`] of this store's arena as of
     /// `snapshot_len` bytes) gets the records appended since, copied after its own and
     /// indexed, and becomes this store. The work is proportional to what was appended
-    /// since the snapshot. Returns the old arena; on an error this store is unchanged.
+    /// since the snapshot. Returns the old store, index and arena, to be dropped (off
+    /// the owner's thread: freeing a large index takes a while); on an error this store
+    /// is unchanged.
     pub fn adopt_compaction(
         &mut self,
         mut compacted: Self,
         snapshot_len: u64,
-    ) -> Result<Box<dyn ArenaFile>, StateError> {
+    ) -> Result<Self, StateError> {
         assert!(
             compacted.generation == self.generation + 1 && snapshot_len <= self.arena_bytes(),
             "a compaction adopted by a store it was not made from"
@@ -626,8 +630,7 @@ impl MmapStore {
         compacted.journal = std::mem::take(&mut self.journal);
         compacted.scratch = std::mem::take(&mut self.scratch);
         compacted.arena.advise(Access::Random);
-        let old = std::mem::replace(self, compacted);
-        Ok(old.arena)
+        Ok(std::mem::replace(self, compacted))
     }
 }
 
