@@ -186,6 +186,13 @@ impl ClientContext for LogContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
         let name = &self.name;
         let log_message = self.scrub(log_message);
+        // laminar sets it on purpose (exactly-once sinks without transactions): the
+        // warning that it is experimental is no news to the user.
+        let level = if fac == "CONFWARN" && log_message.contains("enable.gapless.guarantee") {
+            RDKafkaLogLevel::Debug
+        } else {
+            level
+        };
         match level {
             RDKafkaLogLevel::Emerg
             | RDKafkaLogLevel::Alert
