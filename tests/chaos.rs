@@ -4,7 +4,10 @@
 //! with where the broker has them: tansu has no `EndTxn`). laminar is killed with SIGKILL
 //! at random moments, sometimes with the WAL's tail torn mid-record before the restart,
 //! and restarted; at the end the output topics must hold exactly the results of the
-//! input: no row missing, none twice.
+//! input: no row missing, none twice. On the `laminar broker` run, checkpoints come every
+//! few epochs and the state arena is compacted whenever half of it is dead, so kills
+//! also land while both run on their own threads; on tansu, checkpoints come only at a
+//! clean stop, so the WAL's tail can be cut in the middle of any record.
 
 #![allow(clippy::unwrap_used, reason = "test helpers fail the test loudly")]
 
@@ -38,7 +41,11 @@ impl Rng {
     }
 }
 
-fn pipeline(dir: &TempDir, bootstrap: &str, transactions: bool) -> String {
+/// `transactions`: whether the pass-through sink writes in Kafka transactions.
+/// `checkpoints`: the `state` keys that make checkpoints and compactions frequent (so
+/// that kills land while both run on their threads), or none (checkpoints only at a
+/// clean stop: the WAL tail can then be cut mid-record).
+fn pipeline(dir: &TempDir, bootstrap: &str, transactions: bool, checkpoints: &str) -> String {
     let text = format!(
         r"pipeline: chaos
 kafka:
@@ -74,7 +81,7 @@ sinks:
     transactions: {transactions}
 state:
   checkpoint_interval_ms: 50
-"
+{checkpoints}"
     );
     dir.write("pipeline.yaml", &text)
         .to_string_lossy()
@@ -133,8 +140,9 @@ fn input() -> (Vec<(i32, String)>, Vec<String>, Vec<String>) {
 }
 
 /// Tears the WAL's tail as a crash in the middle of a write would: cuts the last record
-/// in half when it was not yet synced (state, output or delivered), else leaves half a
-/// record header after it. Synced data is never touched: the disk keeps it.
+/// in half when it was not yet synced (state, output or delivered, with no checkpoint
+/// that could cover it), else leaves half a record header after it. Synced data is never
+/// touched: the disk keeps it.
 fn tear_wal_tail(state: &std::path::Path) -> Option<String> {
     let mut segments: Vec<_> = std::fs::read_dir(state)
         .ok()?
@@ -144,12 +152,11 @@ fn tear_wal_tail(state: &std::path::Path) -> Option<String> {
                 .is_some_and(|n| n.to_string_lossy().starts_with("wal-"))
         })
         .collect();
-    if std::fs::read_dir(state)
+    // A checkpoint may cover the last record (the WAL is synced before one is taken):
+    // then only the half header after it, which no sync made durable.
+    let checkpointed = std::fs::read_dir(state)
         .ok()?
-        .any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().starts_with("checkpoint-")))
-    {
-        return None;
-    }
+        .any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().starts_with("checkpoint-")));
     segments.sort();
     let last = segments.last()?;
     let data = std::fs::read(last).ok()?;
@@ -167,7 +174,7 @@ fn tear_wal_tail(state: &std::path::Path) -> Option<String> {
     }
     let file = std::fs::OpenOptions::new().write(true).open(last).ok()?;
     match last_record {
-        Some((start, len, kind)) if kind != 3 => {
+        Some((start, len, kind)) if kind != 3 && !checkpointed => {
             let cut = start + usize::midpoint(17, len);
             file.set_len(cut as u64).ok()?;
             Some(format!("cut record of kind {kind} at byte {cut}"))
@@ -235,7 +242,7 @@ const TOPICS: [(&str, i32); 3] = [
 #[test]
 fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     let broker = Broker::laminar_process(std::path::Path::new(LAMINAR), 0, &TOPICS).unwrap();
-    chaos(&broker, true);
+    chaos(&broker, true, OFTEN);
 }
 
 #[test]
@@ -247,11 +254,14 @@ fn sigkill_at_random_moments_loses_and_duplicates_nothing_on_tansu() {
     for (topic, partitions) in TOPICS {
         broker.create_topic(topic, partitions).unwrap();
     }
-    chaos(&broker, false);
+    chaos(&broker, false, "");
 }
 
-/// `transactions`: whether the pass-through sink writes in Kafka transactions.
-fn chaos(broker: &Broker, transactions: bool) {
+/// Checkpoints every few epochs, and compactions as soon as half the arena is dead.
+const OFTEN: &str = "  checkpoint_wal_bytes: 2048\n  compaction_min_bytes: 0\n";
+
+/// `transactions`, `checkpoints`: as for [`pipeline`].
+fn chaos(broker: &Broker, transactions: bool, checkpoints: &str) {
     let seed = std::env::var("LAMINAR_CHAOS_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -278,10 +288,11 @@ fn chaos(broker: &Broker, transactions: bool) {
         }
     });
     let dir = TempDir::new("chaos");
-    let file = pipeline(&dir, broker.bootstrap(), transactions);
+    let file = pipeline(&dir, broker.bootstrap(), transactions, checkpoints);
     let state = dir.path("state");
     let kills = 12;
     let mut tears = 0;
+    let mut compactions = 0;
     for round in 0..kills {
         // Odd rounds stop at a named point of the commit protocol instead of a random
         // moment: right after the commit entry is durable, with half of an epoch's output
@@ -315,6 +326,7 @@ fn chaos(broker: &Broker, transactions: bool) {
             eprintln!("round {round}: crashed at {crash_at}");
         }
         laminar.wait(Duration::from_secs(10));
+        compactions += laminar.stderr().matches("state arena compacted").count();
         if rng.below(2) == 0
             && let Some(what) = tear_wal_tail(&state)
         {
@@ -325,6 +337,11 @@ fn chaos(broker: &Broker, transactions: bool) {
         }
     }
     assert!(tears > 0, "the seed never tore the WAL; pick another");
+    assert!(
+        compactions > 0 || checkpoints.is_empty(),
+        "no run compacted its state arena"
+    );
+    eprintln!("{compactions} compactions adopted over the killed runs");
     producer.join().unwrap();
     // The last run goes to the end.
     let addr = format!("127.0.0.1:{}", laminar_testcontainers::free_port().unwrap());

@@ -378,6 +378,12 @@ pub struct StateConfig {
     pub memory_bytes_max: u64,
     /// `huge_pages`: ask for transparent huge pages on the state arena. Default false.
     pub huge_pages: bool,
+    /// `checkpoint_wal_bytes`: WAL bytes since the last checkpoint that make the next
+    /// one due (at least the state's size). Default 64 MiB.
+    pub checkpoint_wal_bytes: u64,
+    /// `compaction_min_bytes`: the smallest state arena a checkpoint compacts (once
+    /// superseded records are over half of it). Default 64 MiB.
+    pub compaction_min_bytes: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -470,6 +476,8 @@ const STATE_KEYS: &[&str] = &[
     "checkpoint_interval_ms",
     "memory_bytes_max",
     "huge_pages",
+    "checkpoint_wal_bytes",
+    "compaction_min_bytes",
 ];
 const RUNTIME_KEYS: &[&str] = &["cores"];
 const METRICS_KEYS: &[&str] = &["listen"];
@@ -1811,6 +1819,8 @@ fn decode_state(r: &mut Reader, node: Option<&Node>, pipeline: &str) -> StateCon
         checkpoint_interval_ms: DEFAULT_CHECKPOINT_INTERVAL_MS,
         memory_bytes_max: DEFAULT_MEMORY_BYTES_MAX,
         huge_pages: false,
+        checkpoint_wal_bytes: crate::durability::CHECKPOINT_WAL_BYTES,
+        compaction_min_bytes: crate::durability::COMPACT_ARENA_MIN,
     };
     let Some(f) = node.and_then(|n| r.mapping(n, "`state`", STATE_KEYS)) else {
         return state;
@@ -1833,6 +1843,19 @@ fn decode_state(r: &mut Reader, node: Option<&Node>, pipeline: &str) -> StateCon
     }
     if let Some(v) = f.get("huge_pages").and_then(|n| r.bool(n, "`huge_pages`")) {
         state.huge_pages = v;
+    }
+    if let Some(n) = f.get("checkpoint_wal_bytes") {
+        match r.u64(n, "`checkpoint_wal_bytes`") {
+            Some(0) => r.error(pos(n), "`checkpoint_wal_bytes` must be at least 1"),
+            Some(v) => state.checkpoint_wal_bytes = v,
+            None => {}
+        }
+    }
+    if let Some(v) = f
+        .get("compaction_min_bytes")
+        .and_then(|n| r.u64(n, "`compaction_min_bytes`"))
+    {
+        state.compaction_min_bytes = v;
     }
     state
 }

@@ -88,3 +88,28 @@ fn parse_names_missing_variables() {
         "{e}"
     );
 }
+
+#[test]
+fn checkpoint_and_compaction_sizes_are_read_with_defaults() {
+    let c = parse_str(GOOD).unwrap();
+    assert_eq!(
+        c.state.checkpoint_wal_bytes,
+        crate::durability::CHECKPOINT_WAL_BYTES
+    );
+    assert_eq!(
+        c.state.compaction_min_bytes,
+        crate::durability::COMPACT_ARENA_MIN
+    );
+    let set = format!("{GOOD}state:\n  checkpoint_wal_bytes: 4096\n  compaction_min_bytes: 0\n");
+    let c = parse_str(&set).unwrap();
+    assert_eq!(
+        (c.state.checkpoint_wal_bytes, c.state.compaction_min_bytes),
+        (4096, 0)
+    );
+    let zero = format!("{GOOD}state:\n  checkpoint_wal_bytes: 0\n");
+    let e = parse_str(&zero).unwrap_err().to_string();
+    assert!(
+        e.contains("`checkpoint_wal_bytes` must be at least 1"),
+        "{e}"
+    );
+}

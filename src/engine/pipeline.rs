@@ -394,13 +394,21 @@ impl Pipeline {
                 _ => None,
             });
         }
-        let (durable, recovered) = Durable::open_dir(
+        let (mut durable, recovered) = Durable::open_dir(
             Path::new(&config.state.dir),
             config.state.memory_bytes_max,
             crate::durability::arena::ArenaOptions {
                 huge_pages: config.state.huge_pages,
             },
         )?;
+        durable.set_checkpoint_policy(
+            config.state.checkpoint_wal_bytes,
+            crate::durability::CHECKPOINT_RETRY_AFTER,
+        );
+        durable.set_compaction(
+            crate::durability::COMPACT_DEAD_RATIO,
+            config.state.compaction_min_bytes,
+        );
         let Recovered {
             store: mut state,
             commit,
