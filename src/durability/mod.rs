@@ -18,6 +18,13 @@
 //! 4. A `delivered(E)` record is appended (made durable with the next sync), and the
 //!    sources' consumer groups are told the offsets (for monitoring only).
 //!
+//! If step 3 fails in a way sending again can mend (a record the broker refused for good,
+//! a transaction it requires to be aborted), the run does in place what recovery would do
+//! after a crash there: the transaction is aborted (without transactions, the producer,
+//! stopped by librdkafka's gap-less guarantee at the refused record, is replaced once
+//! nothing is in flight), the sink's topic is read back from the epoch's start offsets,
+//! and what it lacks is sent again, up to 5 tries.
+//!
 //! # What recovery does in each crash window
 //!
 //! Recovery loads the newest checkpoint whose checksum holds (an older one if the newest
