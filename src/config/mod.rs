@@ -705,11 +705,7 @@ fn decode_registry(
     }
     let timeout = match f.get("timeout_ms") {
         None => DEFAULT_REGISTRY_TIMEOUT,
-        Some(n) => match r.u64(n, "`timeout_ms`") {
-            Some(0) => {
-                r.error(pos(n), "`timeout_ms` must be at least 1");
-                DEFAULT_REGISTRY_TIMEOUT
-            }
+        Some(n) => match r.positive_u64(n, "`timeout_ms`") {
             Some(ms) => std::time::Duration::from_millis(ms),
             None => DEFAULT_REGISTRY_TIMEOUT,
         },
@@ -1828,12 +1824,11 @@ fn decode_state(r: &mut Reader, node: Option<&Node>, pipeline: &str) -> StateCon
     if let Some(d) = f.get("dir").and_then(|n| r.string(n, "`dir`")) {
         state.dir = d;
     }
-    if let Some(n) = f.get("checkpoint_interval_ms") {
-        match r.u64(n, "`checkpoint_interval_ms`") {
-            Some(0) => r.error(pos(n), "`checkpoint_interval_ms` must be at least 1"),
-            Some(v) => state.checkpoint_interval_ms = v,
-            None => {}
-        }
+    if let Some(v) = f
+        .get("checkpoint_interval_ms")
+        .and_then(|n| r.positive_u64(n, "`checkpoint_interval_ms`"))
+    {
+        state.checkpoint_interval_ms = v;
     }
     if let Some(v) = f
         .get("memory_bytes_max")
@@ -1844,12 +1839,11 @@ fn decode_state(r: &mut Reader, node: Option<&Node>, pipeline: &str) -> StateCon
     if let Some(v) = f.get("huge_pages").and_then(|n| r.bool(n, "`huge_pages`")) {
         state.huge_pages = v;
     }
-    if let Some(n) = f.get("checkpoint_wal_bytes") {
-        match r.u64(n, "`checkpoint_wal_bytes`") {
-            Some(0) => r.error(pos(n), "`checkpoint_wal_bytes` must be at least 1"),
-            Some(v) => state.checkpoint_wal_bytes = v,
-            None => {}
-        }
+    if let Some(v) = f
+        .get("checkpoint_wal_bytes")
+        .and_then(|n| r.positive_u64(n, "`checkpoint_wal_bytes`"))
+    {
+        state.checkpoint_wal_bytes = v;
     }
     if let Some(v) = f
         .get("compaction_min_bytes")

@@ -172,6 +172,17 @@ impl Reader {
         parsed
     }
 
+    /// A whole number of at least 1 (0 is reported as such, and read as absent).
+    pub fn positive_u64(&mut self, node: &Node, what: &str) -> Option<u64> {
+        match self.u64(node, what)? {
+            0 => {
+                self.error(pos(node), format!("{what} must be at least 1"));
+                None
+            }
+            v => Some(v),
+        }
+    }
+
     pub fn bool(&mut self, node: &Node, what: &str) -> Option<bool> {
         if let YamlDataOwned::Value(ScalarOwned::Boolean(b)) = &node.data {
             return Some(*b);
