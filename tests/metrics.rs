@@ -201,3 +201,66 @@ fn a_metrics_address_in_use_is_a_clear_error() {
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("cannot serve metrics on"), "{stderr}");
 }
+
+/// `/ready` answers 503 until the state directory is recovered, and 200 only after (the
+/// recovery is held for a while at a pause point so that the test sees it in between);
+/// `/health` answers 200 all along.
+#[test]
+fn ready_turns_ready_only_after_recovery() {
+    let dir = TempDir::new("ready");
+    let pipeline = dir.write(
+        "ready.yaml",
+        r"pipeline: ready
+sources:
+  - name: bids
+    connector: datagen
+    rate_per_s: 1000
+queries:
+  - name: q
+    sql: SELECT auction FROM bids
+sinks:
+  - { name: out, from: q, connector: stdout }
+state:
+  checkpoint_interval_ms: 100
+",
+    );
+    let addr = format!("127.0.0.1:{}", free_port().unwrap());
+    let mut laminar = Running::start(
+        &["run", pipeline.to_str().unwrap(), "--metrics-addr", &addr],
+        &[("LAMINAR_PAUSE_POINT", "recovery:1500")],
+        &dir,
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut not_ready = 0;
+    loop {
+        assert!(Instant::now() < deadline, "{}", laminar.stderr());
+        assert!(laminar.is_running(), "{}", laminar.stderr());
+        match get(&addr, "/ready").map(|r| r.0) {
+            Some(503) => {
+                not_ready += 1;
+                assert_eq!(get(&addr, "/health").map(|r| r.0), Some(200));
+            }
+            Some(200) => {
+                // Logged once `Pipeline::build` (recovery included) returned.
+                assert!(
+                    laminar.stderr().contains("pipeline running"),
+                    "ready before recovery: {}",
+                    laminar.stderr()
+                );
+                break;
+            }
+            _ => {}
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        not_ready >= 5,
+        "/ready answered 503 only {not_ready} times while recovery was held"
+    );
+    laminar.signal("TERM");
+    assert!(
+        laminar.wait(Duration::from_secs(30)).success(),
+        "{}",
+        laminar.stderr()
+    );
+}

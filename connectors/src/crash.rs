@@ -3,6 +3,10 @@
 //! `LAMINAR_CRASH_POINT=NAME:N` makes the process abort (as `kill -9` would: no
 //! destructors, no flushes) the `N`-th time it passes the point `NAME`. Unset, a point
 //! costs one relaxed load. The points are listed in the durability docs.
+//!
+//! `LAMINAR_PAUSE_POINT=NAME:MS` makes the process sleep `MS` milliseconds each time it
+//! passes the pause point `NAME` (`recovery`: before the state directory is recovered),
+//! so that tests can look at it in the middle (is `/ready` still 503?).
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,5 +49,21 @@ pub fn crash(name: &str) -> ! {
 pub fn point(name: &str) {
     if reached(name) {
         crash(name);
+    }
+}
+
+/// Sleeps at pause point `name` when `LAMINAR_PAUSE_POINT=NAME:MS` names it.
+pub fn pause(name: &str) {
+    static PAUSE: OnceLock<Option<(String, u64)>> = OnceLock::new();
+    let armed = PAUSE.get_or_init(|| {
+        let spec = std::env::var("LAMINAR_PAUSE_POINT").ok()?;
+        let (point, ms) = spec.split_once(':')?;
+        Some((point.to_owned(), ms.parse().ok()?))
+    });
+    if let Some((point, ms)) = armed
+        && point == name
+    {
+        eprintln!("laminar: pause point {name} reached (LAMINAR_PAUSE_POINT); sleeping {ms} ms");
+        std::thread::sleep(std::time::Duration::from_millis(*ms));
     }
 }

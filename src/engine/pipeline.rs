@@ -394,6 +394,7 @@ impl Pipeline {
                 _ => None,
             });
         }
+        laminar_connectors::crash::pause("recovery");
         let (mut durable, recovered) = Durable::open_dir(
             Path::new(&config.state.dir),
             config.state.memory_bytes_max,
