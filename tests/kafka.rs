@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use laminar_testcontainers::{Broker, Record, consume, free_port, produce};
-use support::{LAMINAR, Running, TempDir};
+use support::{LAMINAR, Passthrough, Running, TempDir};
 
 const QUIET: Duration = Duration::from_millis(1500);
 const TIMEOUT: Duration = Duration::from_mins(1);
@@ -643,39 +643,17 @@ fn refused_produce(transactions: bool) {
     let refused = rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED;
     broker.push_request_errors(0, &[refused, refused]);
     let dir = TempDir::new("kafka-abort");
-    let file = dir.write(
-        "pipeline.yaml",
-        &format!(
-            r"pipeline: abort-test
-kafka:
-  bootstrap_servers: {}
-sources:
-  - name: events
-    connector: kafka
-    topic: events
-    schema: {{ id: BIGINT }}
-queries:
-  - name: copy
-    sql: SELECT id FROM events
-sinks:
-  - name: out
-    from: copy
-    connector: kafka
-    topic: copied
-    delivery: exactly_once
-    transactions: {transactions}
-state:
-  checkpoint_interval_ms: 200
-",
-            broker.bootstrap()
-        ),
-    );
+    let sink = format!("    delivery: exactly_once\n    transactions: {transactions}");
+    let file = Passthrough {
+        name: "abort-test",
+        bootstrap: broker.bootstrap(),
+        topic: "copied",
+        sink: &sink,
+        ..Passthrough::default()
+    }
+    .write(&dir, "pipeline.yaml");
     let addr = format!("127.0.0.1:{}", free_port().unwrap());
-    let mut laminar = Running::start(
-        &["run", file.to_str().unwrap(), "--metrics-addr", &addr],
-        &[],
-        &dir,
-    );
+    let mut laminar = Running::start(&["run", &file, "--metrics-addr", &addr], &[], &dir);
     let out = consume(broker.bootstrap(), "copied", n, QUIET, TIMEOUT).unwrap();
     let mut ids: Vec<i64> = out
         .iter()

@@ -10,49 +10,32 @@ use std::time::Duration;
 
 use laminar_testcontainers::Broker;
 use laminar_testcontainers::registry::SchemaRegistry;
-use support::{Running, TempDir, laminar};
+use support::{Passthrough, Running, TempDir, laminar};
 
 const KAFKA_PASSWORD: &str = "kafka-pw-Zq7xW2";
 const KEY_PASSWORD: &str = "key-pw-Hh31Lm";
 const REGISTRY_PASSWORD: &str = "registry-pw-Pp93Tr";
 
 fn pipeline(dir: &TempDir, bootstrap: &str, registry_url: &str) -> String {
-    dir.write(
-        "pipeline.yaml",
-        &format!(
-            r"pipeline: secrets
-kafka:
-  bootstrap_servers: {bootstrap}
-  properties:
+    let sections = format!(
+        "schema_registry:\n  url: {registry_url}\n  username: laminar\n  password: ${{REGISTRY_PASSWORD}}"
+    );
+    Passthrough {
+        name: "secrets",
+        bootstrap,
+        kafka: "  properties:
     security.protocol: SASL_PLAINTEXT
     sasl.mechanism: PLAIN
     sasl.username: laminar
-    sasl.password: ${{KAFKA_PASSWORD}}
-    ssl.key.password: ${{KEY_PASSWORD}}
-    debug: all
-schema_registry:
-  url: {registry_url}
-  username: laminar
-  password: ${{REGISTRY_PASSWORD}}
-sources:
-  - name: events
-    connector: kafka
-    topic: events
-    schema: {{ id: BIGINT }}
-queries:
-  - name: all
-    sql: SELECT id FROM events
-sinks:
-  - name: out
-    from: all
-    connector: kafka
-    topic: out
-    format: avro
-"
-        ),
-    )
-    .display()
-    .to_string()
+    sasl.password: ${KAFKA_PASSWORD}
+    ssl.key.password: ${KEY_PASSWORD}
+    debug: all",
+        sections: &sections,
+        topic: "out",
+        sink: "    format: avro",
+        ..Passthrough::default()
+    }
+    .write(dir, "pipeline.yaml")
 }
 
 fn env() -> Vec<(&'static str, &'static str)> {

@@ -10,35 +10,18 @@ use std::time::Duration;
 
 use laminar_testcontainers::tls::TlsFront;
 use laminar_testcontainers::{Broker, Message, consume_with, free_port, produce_messages_with};
-use support::{LAMINAR, Running, TempDir};
+use support::{LAMINAR, Passthrough, Running, TempDir};
 
 fn pipeline(dir: &TempDir, bootstrap: &str, ca: &str) -> String {
-    dir.write(
-        &format!("pipeline-{}.yaml", ca.len()),
-        &format!(
-            r"pipeline: tls
-kafka:
-  bootstrap_servers: {bootstrap}
-  properties:
-    security.protocol: SSL
-    ssl.ca.location: {ca}
-sources:
-  - name: events
-    connector: kafka
-    topic: events
-    schema: {{ id: BIGINT }}
-queries:
-  - name: all
-    sql: SELECT id * 10 AS id FROM events
-sinks:
-  - {{ name: out, from: all, connector: kafka, topic: events-out }}
-state:
-  checkpoint_interval_ms: 200
-"
-        ),
-    )
-    .display()
-    .to_string()
+    let kafka = format!("  properties:\n    security.protocol: SSL\n    ssl.ca.location: {ca}");
+    Passthrough {
+        name: "tls",
+        bootstrap,
+        kafka: &kafka,
+        select: "id * 10 AS id",
+        ..Passthrough::default()
+    }
+    .write(dir, &format!("pipeline-{}.yaml", ca.len()))
 }
 
 #[test]

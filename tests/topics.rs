@@ -13,37 +13,20 @@ use std::time::{Duration, Instant};
 use laminar_testcontainers::{
     Broker, Message, consume, consume_with, produce_messages, produce_messages_with,
 };
-use support::{Running, TempDir, laminar};
+use support::{Passthrough, Running, TempDir, laminar};
 
 const QUIET: Duration = Duration::from_millis(1500);
 const TIMEOUT: Duration = Duration::from_mins(1);
 
-fn passthrough(dir: &TempDir, bootstrap: &str, source_extra: &str, kafka_extra: &str) -> String {
-    dir.write(
-        "pipeline.yaml",
-        &format!(
-            r"pipeline: topics
-kafka:
-  bootstrap_servers: {bootstrap}
-{kafka_extra}
-sources:
-  - name: events
-    connector: kafka
-    topic: events
-    schema: {{ id: BIGINT }}
-{source_extra}
-queries:
-  - name: all
-    sql: SELECT id FROM events
-sinks:
-  - {{ name: out, from: all, connector: kafka, topic: events-out }}
-state:
-  checkpoint_interval_ms: 200
-"
-        ),
-    )
-    .display()
-    .to_string()
+fn passthrough(dir: &TempDir, bootstrap: &str, source: &str, kafka: &str) -> String {
+    Passthrough {
+        name: "topics",
+        bootstrap,
+        kafka,
+        source,
+        ..Passthrough::default()
+    }
+    .write(dir, "pipeline.yaml")
 }
 
 fn ids(n: i64) -> Vec<Message> {

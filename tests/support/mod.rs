@@ -232,3 +232,83 @@ pub fn sample(metrics: &str, series: &str) -> Option<f64> {
         .parse()
         .ok()
 }
+
+/// A pipeline that copies topic `events` (one BIGINT column `id`) to a Kafka topic, with
+/// lines of YAML added where a test needs them.
+pub struct Passthrough<'a> {
+    pub name: &'a str,
+    pub bootstrap: &'a str,
+    /// Lines under `kafka:` after `bootstrap_servers` (indented two spaces).
+    pub kafka: &'a str,
+    /// Top-level sections after `kafka` (a `schema_registry:` block).
+    pub sections: &'a str,
+    /// Lines of the source after its schema (indented four spaces).
+    pub source: &'a str,
+    /// The query's SELECT list.
+    pub select: &'a str,
+    /// The topic the sink writes.
+    pub topic: &'a str,
+    /// Lines of the sink after its topic (indented four spaces).
+    pub sink: &'a str,
+}
+
+impl Default for Passthrough<'_> {
+    fn default() -> Self {
+        Self {
+            name: "passthrough",
+            bootstrap: "127.0.0.1:9092",
+            kafka: "",
+            sections: "",
+            source: "",
+            select: "id",
+            topic: "events-out",
+            sink: "",
+        }
+    }
+}
+
+impl Passthrough<'_> {
+    /// Writes the pipeline to `file` in `dir`; its path.
+    pub fn write(&self, dir: &TempDir, file: &str) -> String {
+        let Self {
+            name,
+            bootstrap,
+            kafka,
+            sections,
+            source,
+            select,
+            topic,
+            sink,
+        } = self;
+        dir.write(
+            file,
+            &format!(
+                r"pipeline: {name}
+kafka:
+  bootstrap_servers: {bootstrap}
+{kafka}
+{sections}
+sources:
+  - name: events
+    connector: kafka
+    topic: events
+    schema: {{ id: BIGINT }}
+{source}
+queries:
+  - name: all
+    sql: SELECT {select} FROM events
+sinks:
+  - name: out
+    from: all
+    connector: kafka
+    topic: {topic}
+{sink}
+state:
+  checkpoint_interval_ms: 200
+"
+            ),
+        )
+        .display()
+        .to_string()
+    }
+}

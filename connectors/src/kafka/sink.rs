@@ -255,6 +255,14 @@ impl KafkaSink {
         Ok(producer)
     }
 
+    /// Exactly-once with `transactions: true`: each epoch in a Kafka transaction.
+    fn transactional(&self) -> bool {
+        self.options
+            .exactly_once
+            .as_ref()
+            .is_some_and(|e| e.transactional_id.is_some())
+    }
+
     /// Exactly-once: the rows written since the last call, encoded.
     pub fn take_staged(&mut self) -> Vec<OutputRecord> {
         self.staged_bytes = 0;
@@ -335,11 +343,7 @@ impl KafkaSink {
         skip: &HashSet<u64>,
     ) -> Result<usize, SinkError> {
         self.check_failures()?;
-        let transactional = self
-            .options
-            .exactly_once
-            .as_ref()
-            .is_some_and(|e| e.transactional_id.is_some());
+        let transactional = self.transactional();
         let mut sent = 0;
         if records.len() == skip.len() {
             return Ok(0);
@@ -443,12 +447,7 @@ impl KafkaSink {
         // Every delivery report is served (the purged records' too) before the failure
         // is forgotten, so none of this epoch's counts against the next attempt.
         self.producer.flush(READ_BACK_TIMEOUT)?;
-        let transactional = self
-            .options
-            .exactly_once
-            .as_ref()
-            .is_some_and(|e| e.transactional_id.is_some());
-        if transactional {
+        if self.transactional() {
             let context = self.producer.context();
             context.failed.store(0, Ordering::Relaxed);
             if let Ok(mut first) = context.first_error.lock() {
