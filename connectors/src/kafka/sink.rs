@@ -420,13 +420,18 @@ impl KafkaSink {
 
     /// Whether an epoch whose `send_epoch`, `flush` or `finish_epoch` failed with
     /// `error` may be sent again after [`KafkaSink::abandon_epoch`]: a record that failed
-    /// for good (too large, refused), or a transaction the broker requires to be
-    /// aborted. A fenced or otherwise fatal producer, a timeout of the caller's, a
-    /// configuration or encoding error are not retried.
+    /// for good (too large, refused), one librdkafka would not queue because the topic
+    /// is in an error state (a refusal leaves it there until its metadata is fetched
+    /// again), or a transaction the broker requires to be aborted. A fenced or otherwise
+    /// fatal producer, a timeout of the caller's, a configuration or encoding error are
+    /// not retried. The caller bounds the tries: an error that does not pass stops it.
     #[must_use]
     pub fn retryable(error: &SinkError) -> bool {
         match error {
             SinkError::Delivery { .. } => true,
+            SinkError::Kafka(KafkaError::MessageProduction(code)) => {
+                *code != RDKafkaErrorCode::QueueFull
+            }
             SinkError::Kafka(KafkaError::Transaction(e)) => !e.is_fatal() && e.txn_requires_abort(),
             _ => false,
         }
@@ -448,6 +453,11 @@ impl KafkaSink {
         // is forgotten, so none of this epoch's counts against the next attempt.
         self.producer.flush(READ_BACK_TIMEOUT)?;
         if self.transactional() {
+            // A refusal may have put the topic in an error state that refuses to queue
+            // records until the next metadata refresh; this is that refresh.
+            self.producer
+                .client()
+                .fetch_metadata(Some(&self.options.topic), READ_BACK_TIMEOUT)?;
             let context = self.producer.context();
             context.failed.store(0, Ordering::Relaxed);
             if let Ok(mut first) = context.first_error.lock() {
