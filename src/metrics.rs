@@ -496,12 +496,17 @@ impl Metrics {
 
     /// The WAL and checkpoints moved from `before` to `now`.
     pub fn durability(&self, before: &DurableStats, now: &DurableStats) {
-        self.wal_appends
-            .inc_by(now.wal.appends.saturating_sub(before.wal.appends));
-        self.wal_bytes
-            .inc_by(now.wal.bytes.saturating_sub(before.wal.bytes));
-        if now.wal.syncs > before.wal.syncs {
-            self.wal_fdatasync.observe(now.wal.last_sync.as_secs_f64());
+        for (now, before) in [
+            (&now.wal, &before.wal),
+            (&now.reactor_wal, &before.reactor_wal),
+        ] {
+            self.wal_appends
+                .inc_by(now.appends.saturating_sub(before.appends));
+            self.wal_bytes
+                .inc_by(now.bytes.saturating_sub(before.bytes));
+            if now.syncs > before.syncs {
+                self.wal_fdatasync.observe(now.last_sync.as_secs_f64());
+            }
         }
         if now.checkpoints > before.checkpoints {
             self.checkpoints

@@ -139,18 +139,21 @@ fn input() -> (Vec<(i32, String)>, Vec<String>, Vec<String>) {
     (records, counts, copies)
 }
 
-/// Tears the WAL's tail as a crash in the middle of a write would: cuts the last record
-/// in half when it was not yet synced (state, output or delivered, with no checkpoint
-/// that could cover it), else leaves half a record header after it. Synced data is never
-/// touched: the disk keeps it.
-fn tear_wal_tail(state: &std::path::Path) -> Option<String> {
+/// Tears the tail of the WAL whose segments start with `prefix` as a crash in the
+/// middle of a write would: with `cut`, cuts the last record in half when it was not yet
+/// synced (state, output or delivered, with no checkpoint that could cover it), else
+/// leaves half a record header after it. Synced data is never touched: the disk keeps
+/// it.
+fn tear_wal_tail(state: &std::path::Path, prefix: &str, cut: bool) -> Option<String> {
+    let segment = |name: &str| {
+        name.strip_prefix(prefix)
+            .and_then(|rest| rest.strip_suffix(".log"))
+            .is_some_and(|id| id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()))
+    };
     let mut segments: Vec<_> = std::fs::read_dir(state)
         .ok()?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("wal-"))
-        })
+        .filter(|p| p.file_name().is_some_and(|n| segment(&n.to_string_lossy())))
         .collect();
     // A checkpoint may cover the last record (the WAL is synced before one is taken):
     // then only the half header after it, which no sync made durable.
@@ -174,7 +177,7 @@ fn tear_wal_tail(state: &std::path::Path) -> Option<String> {
     }
     let file = std::fs::OpenOptions::new().write(true).open(last).ok()?;
     match last_record {
-        Some((start, len, kind)) if kind != 3 && !checkpointed => {
+        Some((start, len, kind)) if cut && kind != 3 && !checkpointed => {
             let cut = start + usize::midpoint(17, len);
             file.set_len(cut as u64).ok()?;
             Some(format!("cut record of kind {kind} at byte {cut}"))
@@ -328,12 +331,19 @@ fn chaos(broker: &Broker, transactions: bool, checkpoints: &str) {
         laminar.wait(Duration::from_secs(10));
         compactions += laminar.stderr().matches("state arena compacted").count();
         if rng.below(2) == 0
-            && let Some(what) = tear_wal_tail(&state)
+            && let Some(what) = tear_wal_tail(&state, "wal-", true)
         {
             tears += 1;
             eprintln!("round {round}: killed after {delay:?}; tore the WAL: {what}");
         } else {
             eprintln!("round {round}: killed after {delay:?}");
+        }
+        // A reactor's WAL holds records the pipeline's commit entries point to, all
+        // synced before them: only what follows its last sync can be torn.
+        if rng.below(2) == 0
+            && let Some(what) = tear_wal_tail(&state, "wal-r0-", false)
+        {
+            eprintln!("round {round}: tore reactor 0's WAL: {what}");
         }
     }
     assert!(tears > 0, "the seed never tore the WAL; pick another");

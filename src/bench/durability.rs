@@ -225,6 +225,7 @@ fn commit_entry(epoch: u64) -> CommitEntry {
         wall_ms: 0,
         sources: Vec::new(),
         sinks: Vec::new(),
+        reactor_wals: Vec::new(),
     }
 }
 
@@ -244,7 +245,7 @@ fn checkpoint_and_recovery(dir: &Path, mib: u64) -> anyhow::Result<RecoveryRun> 
             store.put(ns, &key(i), &value)?;
             if (i + 1) % ENTRIES_PER_EPOCH == 0 || i + 1 == entries {
                 epoch += 1;
-                durable.commit(&store.take_journal(), &[], &commit_entry(epoch))?;
+                durable.commit(&store.take_journal(), &[], &commit_entry(epoch), &[])?;
             }
         }
     }
@@ -272,7 +273,7 @@ fn checkpoint_and_recovery(dir: &Path, mib: u64) -> anyhow::Result<RecoveryRun> 
         store.put(ns, &key(i), &value)?;
     }
     epoch += 1;
-    durable.commit(&store.take_journal(), &[], &commit_entry(epoch))?;
+    durable.commit(&store.take_journal(), &[], &commit_entry(epoch), &[])?;
     let (incremental_pause, incremental) = checkpoint(&mut durable, &mut store)?;
     let arena_bytes = store.arena_bytes();
     // A checkpoint that compacts (as one does once superseded records are over half the
@@ -281,7 +282,7 @@ fn checkpoint_and_recovery(dir: &Path, mib: u64) -> anyhow::Result<RecoveryRun> 
     durable.set_compaction(0.0, 0);
     store.put(ns, &key(0), &value)?;
     epoch += 1;
-    durable.commit(&store.take_journal(), &[], &commit_entry(epoch))?;
+    durable.commit(&store.take_journal(), &[], &commit_entry(epoch), &[])?;
     let started = Instant::now();
     durable.start_checkpoint(&mut store, false)?;
     let start_pause = started.elapsed();
@@ -290,7 +291,7 @@ fn checkpoint_and_recovery(dir: &Path, mib: u64) -> anyhow::Result<RecoveryRun> 
         store.put(ns, &key(i), &value)?;
     }
     epoch += 1;
-    durable.commit(&store.take_journal(), &[], &commit_entry(epoch))?;
+    durable.commit(&store.take_journal(), &[], &commit_entry(epoch), &[])?;
     durable.wait_checkpoint(&store)?;
     let adopt_pause = durable
         .finish_compaction(&mut store, true)?

@@ -14,6 +14,9 @@ pub const KIND_OUTPUT: u8 = 2;
 pub const KIND_COMMIT: u8 = 3;
 pub const KIND_DELIVERED: u8 = 4;
 
+/// Tag of the commit entry's reactor WAL positions.
+const TAG_REACTOR_WALS: u8 = 1;
+
 /// Bytes of ops or output records gathered into one WAL record.
 pub const CHUNK_BYTES: usize = 4 << 20;
 
@@ -97,6 +100,11 @@ pub struct CommitEntry {
     pub wall_ms: i64,
     pub sources: Vec<SourceCommit>,
     pub sinks: Vec<SinkCommit>,
+    /// `(reactor index, LSN)`: how far each reactor's WAL holds committed state changes,
+    /// this epoch's included. Every reactor WAL recovery may still need is listed, also
+    /// one no reactor of this run writes. Encoded after the sinks, only when not empty
+    /// (an entry without it reads as it did before reactors had WALs).
+    pub reactor_wals: Vec<(u32, u64)>,
 }
 
 fn str_of(r: &mut Reader<'_>) -> Result<String, CodecError> {
@@ -362,6 +370,14 @@ impl CommitEntry {
                 w.i64(*o);
             }
         }
+        if !self.reactor_wals.is_empty() {
+            w.u8(TAG_REACTOR_WALS);
+            w.u32(self.reactor_wals.len() as u32);
+            for &(reactor, lsn) in &self.reactor_wals {
+                w.u32(reactor);
+                w.i64(lsn as i64);
+            }
+        }
         w.buf
     }
 
@@ -427,12 +443,25 @@ impl CommitEntry {
                 starts,
             });
         }
+        let mut reactor_wals = Vec::new();
+        if !r.is_done() {
+            match r.u8()? {
+                TAG_REACTOR_WALS => {
+                    for _ in 0..count(&mut r, "reactor WALs")? {
+                        let reactor = r.u32()?;
+                        reactor_wals.push((reactor, r.i64()? as u64));
+                    }
+                }
+                t => return Err(CodecError(format!("commit entry tag {t}"))),
+            }
+        }
         r.finish()?;
         Ok(Self {
             epoch,
             wall_ms,
             sources,
             sinks,
+            reactor_wals,
         })
     }
 }

@@ -6,11 +6,17 @@
 //!
 //! 1. At-least-once sinks, dead-letter and late-data topics are flushed until every record
 //!    is acknowledged.
-//! 2. Operators write what changed into the state store; its journal of changes, the
-//!    output buffered for each exactly-once sink during `E`, and then the **commit entry**
-//!    (epoch, every source partition's next offset, every partition's watermark, and
-//!    where each exactly-once sink's output for `E` starts) are appended to the WAL, and
-//!    one `fdatasync` makes them durable. This is the commit point of `E`.
+//! 2. Operators write what changed. A query split over reactors writes on its reactor
+//!    threads, all at once: each reactor appends its operator's changes to its own WAL
+//!    (`wal-r<i>-<id>.log`, no lock shared with any other) and makes them durable with
+//!    its own `fdatasync`; the pipeline thread then applies them to the state store
+//!    without journaling them again. Other queries write into the store, whose journal
+//!    of changes, the output buffered for each exactly-once sink during `E`, and then
+//!    the **commit entry** (epoch, every source partition's next offset, every
+//!    partition's watermark, where each exactly-once sink's output for `E` starts, and
+//!    the LSN each reactor WAL ends at) are appended to the pipeline's WAL, and one
+//!    `fdatasync` makes them durable. This is the commit point of `E`: reactor records
+//!    past the LSNs it records belong to no committed epoch.
 //! 3. Each exactly-once sink sends `E`'s output, every record with the headers
 //!    `laminar.epoch` and `laminar.seq` (its position in the sink's output for `E`), in a
 //!    Kafka transaction when `transactions: true`, and waits for every acknowledgement
@@ -31,6 +37,13 @@
 //! is corrupt), replays the WAL after it up to the last complete commit entry (anything
 //! after that belongs to an epoch that never committed and is cut off), seeks every
 //! source partition to the offsets in that entry and restores the watermarks from it.
+//! At each commit entry it replays, it applies the reactor WALs' records from the
+//! positions the previous entry (or the checkpoint) recorded up to the ones it records;
+//! a reactor WAL that lacks one of them stops the start as corruption. Each reactor WAL
+//! is then cut after its last committed record. The state store holds every reactor's
+//! changes, so a run with another number of reactors restores from it alike; the WALs
+//! no reactor of the run writes are kept, listed in every commit entry, until the
+//! oldest retained checkpoint holds all they hold.
 //!
 //! - Crash before step 2's sync: epoch `E` never happened. Its input is read again from
 //!   the offsets of `E - 1`; no output of `E` was sent to exactly-once sinks (it was only
@@ -57,6 +70,7 @@ pub mod entry;
 pub mod storage;
 pub mod wal;
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -104,8 +118,33 @@ pub enum DurableError {
     },
 }
 
+/// One reactor's WAL, handed to the reactor thread that writes it: its operators' state
+/// changes, appended and synced there, in parallel with the other reactors and with no
+/// lock shared with them.
+pub struct ReactorWal {
+    pub index: u32,
+    pub wal: Wal,
+}
+
+/// What a reactor wrote to its WAL for an epoch: the LSN of its last record, made durable
+/// before the epoch's commit entry, which records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReactorLog {
+    pub index: u32,
+    pub lsn: u64,
+    pub appends: u64,
+    pub bytes: u64,
+    /// How long its `fdatasync` took.
+    pub sync: Duration,
+}
+
 /// The tombstone of a run that drained every source.
 const DRAINED: &str = "DRAINED";
+
+/// A commit entry's reactor WAL positions.
+fn positions(commit: &CommitEntry) -> BTreeMap<u32, u64> {
+    commit.reactor_wals.iter().copied().collect()
+}
 
 /// Deletes the WAL segments and checkpoints among `names`, then the tombstone.
 fn clear(storage: &mut dyn Storage, names: &[String]) -> std::io::Result<()> {
@@ -146,6 +185,8 @@ pub struct DurableStats {
     pub last_commit_epoch: u64,
     /// Checkpoints that failed (each retried later; the WAL still holds their epochs).
     pub checkpoint_failures: u64,
+    /// The reactors' WALs together; `last_sync` is the slowest sync of the last epoch.
+    pub reactor_wal: wal::WalStats,
 }
 
 /// A checkpoint whose arena is being synced on a checkpoint thread.
@@ -185,6 +226,15 @@ pub struct Durable {
     wal: Wal,
     /// Checkpoints on disk, oldest first.
     checkpoints: Vec<checkpoint::CheckpointMeta>,
+    /// Each checkpoint's reactor WAL positions (its commit entry's), in the same order.
+    checkpoint_wals: Vec<BTreeMap<u32, u64>>,
+    /// Each reactor WAL's committed position, as the next commit entry records it.
+    reactor_wals: BTreeMap<u32, u64>,
+    /// Reactor WALs recovery opened that no reactor has claimed yet.
+    unclaimed: BTreeMap<u32, Wal>,
+    /// Reactor WALs no reactor of this run writes (the run has fewer): kept until the
+    /// oldest retained checkpoint covers all they hold.
+    retired: BTreeMap<u32, Wal>,
     /// WAL bytes appended when the last checkpoint was written.
     wal_bytes_at_checkpoint: u64,
     /// LSN and entry of the last commit (or delivered) record.
@@ -216,6 +266,65 @@ pub struct Durable {
     /// Held for the life of the process: a second laminar on the directory fails.
     #[allow(dead_code, reason = "held, never read")]
     lock: Option<std::fs::File>,
+}
+
+/// Applies the state changes the reactor WALs hold for the commit `entry`: each reactor's
+/// records after what is `applied` up to the LSN the entry records for it, in reactor
+/// order (each reactor writes its own keys; what they all write is the same).
+fn replay_reactors(
+    store: &mut MmapStore,
+    entry: &CommitEntry,
+    reactors: &BTreeMap<u32, (Wal, Vec<WalRecord>)>,
+    applied: &mut BTreeMap<u32, u64>,
+) -> Result<(), DurableError> {
+    for &(index, lsn) in &entry.reactor_wals {
+        let done = applied.entry(index).or_insert(0);
+        if *done >= lsn {
+            continue;
+        }
+        let records = reactors.get(&index).map_or(&[][..], |(_, r)| r.as_slice());
+        let from = records.partition_point(|r| r.lsn <= *done);
+        for record in &records[from..] {
+            if record.lsn > lsn {
+                break;
+            }
+            let corrupt = |message: String| {
+                DurableError::Corrupt(format!(
+                    "reactor WAL {index}, record {}: {message}",
+                    record.lsn
+                ))
+            };
+            if record.lsn != *done + 1 {
+                return Err(corrupt(format!("record {} is missing", *done + 1)));
+            }
+            if record.kind != KIND_STATE {
+                return Err(corrupt(format!(
+                    "kind {} where state changes were expected",
+                    record.kind
+                )));
+            }
+            let (epoch, ops) = entry::decode_state(&record.payload).map_err(|e| corrupt(e.0))?;
+            if epoch != entry.epoch {
+                return Err(corrupt(format!(
+                    "changes of epoch {epoch} under the commit entry of epoch {}",
+                    entry.epoch
+                )));
+            }
+            for op in &ops {
+                store.apply(op)?;
+            }
+            *done = record.lsn;
+        }
+        if *done < lsn {
+            return Err(DurableError::Corrupt(format!(
+                "reactor WAL {index} ends before record {}, which the commit entry of epoch {} \
+                 needs (it records LSN {lsn})",
+                *done + 1,
+                entry.epoch
+            )));
+        }
+    }
+    Ok(())
 }
 
 impl Durable {
@@ -286,6 +395,7 @@ impl Durable {
         // be written over.
         let mut loaded: Option<(checkpoint::CheckpointMeta, CommitEntry, MmapStore)> = None;
         let mut checkpoints = Vec::new();
+        let mut checkpoint_wals = Vec::new();
         let mut unusable = Vec::new();
         for &epoch in epochs.iter().rev() {
             let name = checkpoint::file_name(epoch);
@@ -312,7 +422,7 @@ impl Durable {
                 });
             let result = match meta {
                 Err(message) => Err(message),
-                Ok((meta, _)) if loaded.is_some() => Ok((meta, None)),
+                Ok((meta, commit)) if loaded.is_some() => Ok((meta, positions(&commit), None)),
                 Ok((meta, commit)) => {
                     let arena_name = checkpoint::arena_name(meta.generation);
                     match storage.open_arena(&arena_name, Some(meta.arena_len)) {
@@ -333,7 +443,7 @@ impl Durable {
                         }
                         Ok(arena) => {
                             match MmapStore::open(arena, meta.generation, memory_bytes_max) {
-                                Ok(store) => Ok((meta, Some((commit, store)))),
+                                Ok(store) => Ok((meta, positions(&commit), Some((commit, store)))),
                                 Err(OpenError::Corrupt(e)) => {
                                     Err(format!("{}: {e}", storage.describe(&arena_name)))
                                 }
@@ -344,11 +454,15 @@ impl Durable {
                 }
             };
             match result {
-                Ok((meta, Some((commit, store)))) => {
+                Ok((meta, wals, Some((commit, store)))) => {
                     checkpoints.push(meta);
+                    checkpoint_wals.push(wals);
                     loaded = Some((meta, commit, store));
                 }
-                Ok((meta, None)) => checkpoints.push(meta),
+                Ok((meta, wals, None)) => {
+                    checkpoints.push(meta);
+                    checkpoint_wals.push(wals);
+                }
                 Err(message) => {
                     tracing::error!(
                         file,
@@ -361,6 +475,7 @@ impl Durable {
             }
         }
         checkpoints.reverse();
+        checkpoint_wals.reverse();
         let io = |file: String| move |source| DurableError::Checkpoint { file, source };
         let first_arena = names
             .iter()
@@ -405,9 +520,25 @@ impl Durable {
             }
         }
         storage.sync_dir().map_err(io(storage.describe("")))?;
+        let mut reactors = BTreeMap::new();
+        let indexes: std::collections::BTreeSet<u32> = names
+            .iter()
+            .filter_map(|n| wal::parse_reactor_segment(n))
+            .collect();
+        for index in indexes {
+            let handle = storage.handle().map_err(io(storage.describe("")))?;
+            reactors.insert(
+                index,
+                Wal::open_named(handle, &wal::reactor_prefix(index), 1)?,
+            );
+        }
         let mut durable = Self {
             wal,
             checkpoints,
+            checkpoint_wals,
+            reactor_wals: BTreeMap::new(),
+            unclaimed: BTreeMap::new(),
+            retired: BTreeMap::new(),
             wal_bytes_at_checkpoint: 0,
             last_lsn: 0,
             last_commit: None,
@@ -424,7 +555,7 @@ impl Durable {
             retry_at: None,
             lock: None,
         };
-        let recovered = durable.replay(store, loaded, &records, started)?;
+        let recovered = durable.replay(store, loaded, &records, reactors, started)?;
         Ok((durable, recovered))
     }
 
@@ -433,6 +564,7 @@ impl Durable {
         mut store: MmapStore,
         loaded: Option<(checkpoint::CheckpointMeta, CommitEntry)>,
         records: &[WalRecord],
+        reactors: BTreeMap<u32, (Wal, Vec<WalRecord>)>,
         started: Instant,
     ) -> Result<Recovered, DurableError> {
         let corrupt = |lsn: u64, e: crate::state::codec::CodecError| {
@@ -442,6 +574,8 @@ impl Durable {
             Some((meta, commit)) => (Some(commit), meta.lsn, Some(meta.epoch)),
             None => (None, 0, None),
         };
+        // How far each reactor WAL's changes are in the store: the checkpoint's positions.
+        let mut applied = commit.as_ref().map(positions).unwrap_or_default();
         if let Some(first) = records.first()
             && first.lsn > from_lsn + 1
             && from_lsn > 0
@@ -488,6 +622,7 @@ impl Durable {
                     for op in pending_ops.drain(..) {
                         store.apply(&op)?;
                     }
+                    replay_reactors(&mut store, &entry, &reactors, &mut applied)?;
                     undelivered = std::mem::take(&mut pending_out);
                     undelivered.retain(|c: &OutputChunk| c.epoch == entry.epoch);
                     commit = Some(entry);
@@ -530,6 +665,37 @@ impl Durable {
         }
         self.wal.cut_after(keep)?;
         self.last_lsn = keep.map_or(0, |k| k.lsn);
+        self.reactor_wals = commit.as_ref().map(positions).unwrap_or_default();
+        // A listed WAL that is gone was deleted once checkpoints held all of it (the
+        // replay above fails if anything of it was still needed): no longer listed.
+        self.reactor_wals
+            .retain(|index, _| reactors.contains_key(index));
+        for (index, (mut wal, records)) in reactors {
+            // What follows the last committed position belongs to an epoch that never
+            // committed.
+            let last = match self.reactor_wals.get(&index) {
+                None => None,
+                Some(&lsn) => Some(records.iter().find(|r| r.lsn == lsn).ok_or_else(|| {
+                    DurableError::Corrupt(format!(
+                        "reactor WAL {index} does not hold record {lsn}, which the last commit \
+                         entry records"
+                    ))
+                })?),
+            };
+            let cut = records
+                .iter()
+                .filter(|r| last.is_none_or(|l| r.lsn > l.lsn))
+                .count();
+            if cut > 0 {
+                tracing::info!(
+                    reactor = index,
+                    records = cut,
+                    "discarding reactor WAL records of an epoch that never committed"
+                );
+            }
+            wal.cut_after(last)?;
+            self.unclaimed.insert(index, wal);
+        }
         self.stats.last_commit_epoch = commit.as_ref().map_or(0, |c| c.epoch);
         self.stats.last_checkpoint = self.checkpoints.last().copied();
         self.last_commit.clone_from(&commit);
@@ -545,14 +711,76 @@ impl Durable {
         })
     }
 
+    /// The WAL of reactor `index`, for its thread: the one recovery opened, or a new one.
+    /// Claim every reactor's before the first commit: a WAL recovery opened and no
+    /// reactor claimed is retired then.
+    pub fn reactor_wal(&mut self, index: u32) -> Result<ReactorWal, DurableError> {
+        let claimed = self
+            .unclaimed
+            .remove(&index)
+            .or_else(|| self.retired.remove(&index));
+        if let Some(wal) = claimed {
+            return Ok(ReactorWal { index, wal });
+        }
+        // Numbered past every position a retained checkpoint or the last commit records
+        // for this index, so that no old position covers a new record.
+        let floor = self
+            .checkpoint_wals
+            .iter()
+            .chain(std::iter::once(&self.reactor_wals))
+            .filter_map(|w| w.get(&index))
+            .max()
+            .copied()
+            .unwrap_or(0);
+        let storage = self.wal.storage();
+        let handle = storage
+            .handle()
+            .map_err(|source| DurableError::Checkpoint {
+                file: storage.describe(""),
+                source,
+            })?;
+        let wal = Wal::open_named(handle, &wal::reactor_prefix(index), floor + 1)?.0;
+        Ok(ReactorWal { index, wal })
+    }
+
+    /// The LSN below which reactor `index` may delete its WAL's segments: the position
+    /// the oldest retained checkpoint records for it (0: none yet).
+    #[must_use]
+    pub fn reactor_retain_from(&self, index: u32) -> u64 {
+        self.checkpoint_wals
+            .first()
+            .and_then(|w| w.get(&index))
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// Makes epoch `commit.epoch` durable: its state changes, its exactly-once output and
-    /// its commit entry, with one `fdatasync`.
+    /// its commit entry, with one `fdatasync`. `logged`: what the reactors wrote to their
+    /// own WALs for the epoch, already durable; the commit entry records where each of
+    /// them (and every other reactor WAL recovery may need) ends.
     pub fn commit(
         &mut self,
         ops: &[StateOp],
         outputs: &[(&str, &[OutputRecord])],
         commit: &CommitEntry,
+        logged: &[ReactorLog],
     ) -> Result<(), DurableError> {
+        self.retired.append(&mut self.unclaimed);
+        let mut slowest = Duration::ZERO;
+        for log in logged {
+            self.reactor_wals.insert(log.index, log.lsn);
+            let stats = &mut self.stats.reactor_wal;
+            stats.appends += log.appends;
+            stats.bytes += log.bytes;
+            stats.syncs += 1;
+            slowest = slowest.max(log.sync);
+        }
+        if !logged.is_empty() {
+            self.stats.reactor_wal.last_sync = slowest;
+        }
+        let mut commit = commit.clone();
+        commit.reactor_wals = self.reactor_wals.iter().map(|(&i, &l)| (i, l)).collect();
+        let commit = &commit;
         for payload in entry::encode_state(commit.epoch, ops) {
             self.wal.append(KIND_STATE, &payload)?;
         }
@@ -607,7 +835,7 @@ impl Durable {
         let Some(commit) = self.last_commit.clone() else {
             return Ok(finished);
         };
-        let since = self.wal.stats().bytes - self.wal_bytes_at_checkpoint;
+        let since = self.wal_bytes() - self.wal_bytes_at_checkpoint;
         let due = since >= self.checkpoint_wal_bytes.max(store.bytes()) || self.compacted;
         let waiting = self.retry_at.is_some_and(|at| Instant::now() < at);
         if !(due && !waiting || force)
@@ -872,10 +1100,11 @@ impl Durable {
             "checkpoint written"
         );
         self.checkpoints.push(meta);
+        self.checkpoint_wals.push(positions(&commit));
         self.stats.checkpoints += 1;
         self.stats.last_checkpoint = Some(meta);
         self.stats.last_checkpoint_duration = took;
-        self.wal_bytes_at_checkpoint = self.wal.stats().bytes;
+        self.wal_bytes_at_checkpoint = self.wal_bytes();
         // What the new checkpoint makes unnecessary goes. A file that cannot be removed
         // stays (and is tried again after the next checkpoint): that costs only space.
         let removed = |storage: &mut dyn Storage, name: &str| match storage.remove(name) {
@@ -894,6 +1123,7 @@ impl Durable {
                 break;
             }
             self.checkpoints.remove(0);
+            self.checkpoint_wals.remove(0);
         }
         // The dropped checkpoints are gone for good before what they need goes.
         let storage = self.wal.storage();
@@ -916,7 +1146,30 @@ impl Durable {
         // The WAL is kept from the oldest retained checkpoint on, for the fallback.
         let oldest = self.checkpoints[0].lsn;
         self.wal.remove_before(oldest)?;
+        // A retired reactor WAL goes once the oldest retained checkpoint holds all of it
+        // (the reactors of this run trim their own WALs).
+        let covered: Vec<u32> = self
+            .retired
+            .keys()
+            .copied()
+            .filter(|i| self.reactor_wals.get(i) == self.checkpoint_wals[0].get(i))
+            .collect();
+        for index in covered {
+            if let Some(wal) = self.retired.remove(&index) {
+                wal.remove_all()?;
+                self.reactor_wals.remove(&index);
+                tracing::info!(
+                    reactor = index,
+                    "removed the WAL of a reactor this run does not have"
+                );
+            }
+        }
         Ok(true)
+    }
+
+    /// Bytes appended to the pipeline's and the reactors' WALs since the open.
+    fn wal_bytes(&self) -> u64 {
+        self.wal.stats().bytes + self.stats.reactor_wal.bytes
     }
 
     /// Syncs arenas for checkpoints on the calling thread (deterministic sync order, for

@@ -41,6 +41,9 @@ pub trait Storage: Send {
     /// Opens the state arena `name`: new and empty (replacing a file of that name) when
     /// `len` is `None`, else an existing one whose data is its first `len` bytes.
     fn open_arena(&mut self, name: &str, len: Option<u64>) -> io::Result<Box<dyn ArenaFile>>;
+    /// Another handle on the same directory, for a log written by another thread (each
+    /// reactor's WAL): it shares no open file and no lock with this one.
+    fn handle(&self) -> io::Result<Box<dyn Storage>>;
 }
 
 /// How [`DiskStorage`] writes and syncs the WAL.
@@ -117,6 +120,17 @@ impl DiskStorage {
 }
 
 impl Storage for DiskStorage {
+    fn handle(&self) -> io::Result<Box<dyn Storage>> {
+        let mode = if self.uring.is_some() {
+            IoMode::Auto
+        } else {
+            IoMode::Blocking
+        };
+        let mut other = Self::open_with(&self.dir, mode)?;
+        other.arena_options = self.arena_options;
+        Ok(Box::new(other))
+    }
+
     fn list(&self) -> io::Result<Vec<String>> {
         let mut names = Vec::new();
         for entry in std::fs::read_dir(&self.dir)? {
@@ -474,6 +488,10 @@ impl Sim {
 }
 
 impl Storage for SimStorage {
+    fn handle(&self) -> io::Result<Box<dyn Storage>> {
+        Ok(Box::new(self.clone()))
+    }
+
     fn list(&self) -> io::Result<Vec<String>> {
         Ok(self.sim().live.keys().cloned().collect())
     }

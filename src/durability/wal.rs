@@ -5,7 +5,7 @@
 //! | bytes | segment header (28 bytes, once per file) |
 //! |---|---|
 //! | 0..8 | magic `LAMWAL\0\x01` (the last byte is the format version) |
-//! | 8..16 | segment id (`u64`, also in the file name `wal-<id as 16 hex digits>.log`) |
+//! | 8..16 | segment id (`u64`, also in the file name: `wal-<id as 16 hex digits>.log` for the pipeline's WAL, `wal-r<reactor>-<id>.log` for a reactor's) |
 //! | 16..24 | LSN of the segment's first record (`u64`) |
 //! | 24..28 | CRC32C of bytes 0..24 |
 //!
@@ -98,12 +98,30 @@ struct Segment {
     first_lsn: u64,
 }
 
-fn segment_name(id: u64) -> String {
-    format!("wal-{id:016x}.log")
+/// The pipeline's WAL: segments `wal-<id>.log`.
+pub const MAIN: &str = "wal-";
+
+/// The name prefix of reactor `index`'s WAL: segments `wal-r<index>-<id>.log`.
+#[must_use]
+pub fn reactor_prefix(index: u32) -> String {
+    format!("wal-r{index}-")
 }
 
-fn parse_segment_name(name: &str) -> Option<u64> {
-    let hex = name.strip_prefix("wal-")?.strip_suffix(".log")?;
+/// The reactor index of a reactor WAL's segment `name`.
+#[must_use]
+pub fn parse_reactor_segment(name: &str) -> Option<u32> {
+    let (digits, _) = name.strip_prefix("wal-r")?.split_once('-')?;
+    let index: u32 = digits.parse().ok()?;
+    (index.to_string() == digits && parse_segment_name(&reactor_prefix(index), name).is_some())
+        .then_some(index)
+}
+
+fn segment_name(prefix: &str, id: u64) -> String {
+    format!("{prefix}{id:016x}.log")
+}
+
+fn parse_segment_name(prefix: &str, name: &str) -> Option<u64> {
+    let hex = name.strip_prefix(prefix)?.strip_suffix(".log")?;
     if hex.len() != 16 {
         return None;
     }
@@ -162,6 +180,8 @@ fn record_at(data: &[u8], at: usize, segment: u64) -> Result<(u64, u8, usize), S
 
 pub struct Wal {
     storage: Box<dyn Storage>,
+    /// Segment names start with this: [`MAIN`] or a [`reactor_prefix`].
+    prefix: String,
     /// Oldest first; the last one is appended to.
     segments: Vec<Segment>,
     /// Bytes in the active segment, written or buffered.
@@ -173,19 +193,30 @@ pub struct Wal {
 }
 
 impl Wal {
-    /// Opens the log in `storage` (creating it when empty) and returns every record in
-    /// it, after cutting off a torn tail.
+    /// Opens the pipeline's log in `storage` (creating it when empty) and returns every
+    /// record in it, after cutting off a torn tail.
     pub fn open(storage: Box<dyn Storage>) -> Result<(Self, Vec<WalRecord>), WalError> {
+        Self::open_named(storage, MAIN, 1)
+    }
+
+    /// [`Wal::open`] for the log whose segment names start with `prefix`; a log created
+    /// here numbers its records from `first_lsn`.
+    pub fn open_named(
+        storage: Box<dyn Storage>,
+        prefix: &str,
+        first_lsn: u64,
+    ) -> Result<(Self, Vec<WalRecord>), WalError> {
         let io = |op, file: String| move |source| WalError::Io { op, file, source };
         let mut ids: Vec<u64> = storage
             .list()
             .map_err(io("list", storage.describe("")))?
             .iter()
-            .filter_map(|n| parse_segment_name(n))
+            .filter_map(|n| parse_segment_name(prefix, n))
             .collect();
         ids.sort_unstable();
         let mut wal = Self {
             storage,
+            prefix: prefix.to_owned(),
             segments: Vec::new(),
             active_len: 0,
             buf: Vec::new(),
@@ -196,7 +227,7 @@ impl Wal {
         let mut records = Vec::new();
         for (n, &id) in ids.iter().enumerate() {
             let last = n + 1 == ids.len();
-            let name = segment_name(id);
+            let name = segment_name(&wal.prefix, id);
             let file = wal.storage.describe(&name);
             let data = wal.storage.read(&name).map_err(io("read", file.clone()))?;
             let header_ok = data.len() >= SEGMENT_HEADER_BYTES
@@ -285,6 +316,7 @@ impl Wal {
             wal.active_len = at.min(data.len()) as u64;
         }
         if wal.segments.is_empty() {
+            wal.next_lsn = first_lsn;
             wal.start_segment(ids.last().map_or(1, |id| id + 1))?;
         }
         Ok((wal, records))
@@ -301,7 +333,7 @@ impl Wal {
     }
 
     fn start_segment(&mut self, id: u64) -> Result<(), WalError> {
-        let name = segment_name(id);
+        let name = segment_name(&self.prefix, id);
         let header = segment_header(id, self.next_lsn);
         let result = self
             .storage
@@ -362,7 +394,7 @@ impl Wal {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let name = segment_name(self.active().id);
+        let name = segment_name(&self.prefix, self.active().id);
         if let Err(e) = self.storage.append(&name, &self.buf) {
             return Err(self.io_error("write", &name, e));
         }
@@ -374,7 +406,7 @@ impl Wal {
     /// segment when the active one is full.
     pub fn sync(&mut self) -> Result<(), WalError> {
         self.check()?;
-        let name = segment_name(self.active().id);
+        let name = segment_name(&self.prefix, self.active().id);
         let started = Instant::now();
         let synced = if self.buf.is_empty() {
             self.storage.sync(&name)
@@ -406,7 +438,7 @@ impl Wal {
             |r| (r.end, r.lsn + 1),
         );
         while self.segments.len() > 1 && self.active().id > segment {
-            let name = segment_name(self.active().id);
+            let name = segment_name(&self.prefix, self.active().id);
             if let Err(e) = self.storage.remove(&name) {
                 return Err(self.io_error("remove", &name, e));
             }
@@ -417,7 +449,7 @@ impl Wal {
             segment,
             "cut inside a segment that exists"
         );
-        let name = segment_name(segment);
+        let name = segment_name(&self.prefix, segment);
         if let Err(e) = self
             .storage
             .truncate(&name, offset)
@@ -437,7 +469,7 @@ impl Wal {
         self.check()?;
         let mut removed = 0;
         while self.segments.len() > 1 && self.segments[1].first_lsn <= lsn {
-            let name = segment_name(self.segments[0].id);
+            let name = segment_name(&self.prefix, self.segments[0].id);
             if let Err(e) = self.storage.remove(&name) {
                 return Err(self.io_error("remove", &name, e));
             }
@@ -450,6 +482,21 @@ impl Wal {
             return Err(self.io_error("sync", "", e));
         }
         Ok(removed)
+    }
+
+    /// Deletes every segment: a reactor's log that no retained checkpoint needs any more
+    /// and that no reactor writes.
+    pub fn remove_all(mut self) -> Result<(), WalError> {
+        for segment in std::mem::take(&mut self.segments) {
+            let name = segment_name(&self.prefix, segment.id);
+            if let Err(e) = self.storage.remove(&name) {
+                return Err(self.io_error("remove", &name, e));
+            }
+        }
+        if let Err(e) = self.storage.sync_dir() {
+            return Err(self.io_error("sync", "", e));
+        }
+        Ok(())
     }
 
     /// The LSN the next append gets.

@@ -25,10 +25,10 @@ use crate::durability::entry::{
 use crate::durability::{Durable, DurableError, Recovered};
 use crate::metrics::{Metrics, QueryMetrics, SourceMetrics, watermark_seconds};
 use crate::operator::watermark::{IdleClock, WatermarkTracker};
-use crate::operator::{LateRows, Operator};
+use crate::operator::{LateRows, LoggedChanges, Operator};
 use crate::sql::PlannedPipeline;
 use crate::state::mmap::MmapStore;
-use crate::state::{StateError, StateView};
+use crate::state::{StateError, StateStore, StateView};
 
 /// How long one poll of one source may block when nothing arrives.
 const POLL_TIMEOUT: Duration = Duration::from_millis(50);
@@ -421,6 +421,7 @@ impl Pipeline {
             planned.queries,
             &planned.watermark,
             reactor_count(config.runtime.cores),
+            &mut durable,
         )?;
         for query in &mut queries {
             let name = query.name().to_owned();
@@ -878,16 +879,45 @@ impl Pipeline {
         for sink in self.late_sinks.iter_mut().flatten() {
             flush_until_done(sink, "late_data", self.deadline)?;
         }
-        for query in &mut self.queries {
-            StateView::open(&mut self.state, query.name())
-                .and_then(|mut view| query.checkpoint(&mut view))
-                .map_err(|source| RunError::State {
-                    name: query.name().to_owned(),
-                    source,
-                })?;
+        let epoch = self.epoch + 1;
+        // Queries split over reactors write their changes there, each reactor to its own
+        // WAL, all at once; the others here, into the journal of the pipeline's WAL.
+        let mut on_reactors = Vec::new();
+        for (q, query) in self.queries.iter_mut().enumerate() {
+            let durable = &self.durable;
+            let started = query
+                .start_checkpoint(epoch, &|i| durable.reactor_retain_from(i))
+                .and_then(|started| {
+                    if !started {
+                        StateView::open(&mut self.state, query.name())
+                            .and_then(|mut view| query.checkpoint(&mut view))?;
+                    }
+                    Ok(started)
+                })
+                .map_err(|source| state_failed(query.name(), source))?;
+            if started {
+                on_reactors.push(q);
+            }
+        }
+        let mut logged = Vec::new();
+        for q in on_reactors {
+            let query = &mut self.queries[q];
+            let changes = query
+                .finish_checkpoint()
+                .map_err(|source| state_failed(query.name(), source))?;
+            for LoggedChanges { ops, log } in changes {
+                // Changes a reactor WAL holds are not journaled again.
+                let applied = match log {
+                    Some(log) => {
+                        logged.push(log);
+                        ops.iter().try_for_each(|op| self.state.apply_logged(op))
+                    }
+                    None => ops.iter().try_for_each(|op| self.state.apply(op)),
+                };
+                applied.map_err(|source| state_failed(query.name(), source))?;
+            }
         }
         let ops = self.state.take_journal();
-        let epoch = self.epoch + 1;
         // Per exactly-once sink (by index): the epoch's output.
         let mut staged = Vec::new();
         let mut sink_commits = Vec::new();
@@ -913,6 +943,8 @@ impl Pipeline {
                 .map(|(slot, positions)| source_commit(slot, positions))
                 .collect(),
             sinks: sink_commits,
+            // Durable::commit fills in where the reactor WALs end.
+            reactor_wals: Vec::new(),
         };
         let outputs: Vec<(&str, &[crate::durability::entry::OutputRecord])> = staged
             .iter()
@@ -921,13 +953,14 @@ impl Pipeline {
         // An epoch in which nothing moved (no input, no state change, no output) is not
         // written: an idle pipeline does not fill the WAL with copies of one commit.
         let idle = ops.is_empty()
+            && logged.is_empty()
             && staged.iter().all(|(_, r)| r.is_empty())
             && self
                 .durable
                 .last_commit()
                 .is_some_and(|c| c.sources == commit.sources);
         if !idle {
-            self.durable.commit(&ops, &outputs, &commit)?;
+            self.durable.commit(&ops, &outputs, &commit, &logged)?;
             laminar_connectors::crash::point("after-commit");
             self.epoch = epoch;
         }
@@ -1105,6 +1138,7 @@ fn split_queries(
     queries: Vec<Box<dyn Operator>>,
     watermark: &crate::sql::current_watermark::WatermarkCell,
     n: usize,
+    durable: &mut Durable,
 ) -> Result<Vec<Box<dyn Operator>>, RunError> {
     if n < 2 || !queries.iter().any(|q| q.is_stateful()) {
         return Ok(queries);
@@ -1119,6 +1153,7 @@ fn split_queries(
         copies.push(planned.queries.into_iter());
     }
     let mut split = Vec::with_capacity(queries.len());
+    let mut next_wal = 0_u32;
     for mut query in queries {
         let mut others: Vec<Box<dyn Operator>> =
             copies.iter_mut().filter_map(Iterator::next).collect();
@@ -1133,12 +1168,19 @@ fn split_queries(
         let mut operators = vec![query];
         operators.append(&mut others);
         let name = operators[0].name().to_owned();
-        let sharded = super::reactor::ShardedOperator::start(operators, true).map_err(|e| {
-            RunError::Query {
+        // Each reactor of each split query writes its own WAL, numbered in file order.
+        let wals = (0..n)
+            .map(|_| {
+                let index = next_wal;
+                next_wal += 1;
+                durable.reactor_wal(index)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let sharded = super::reactor::ShardedOperator::start_with_wals(operators, true, wals)
+            .map_err(|e| RunError::Query {
                 name,
                 message: format!("cannot start a reactor thread: {e}"),
-            }
-        })?;
+            })?;
         split.push(Box::new(sharded));
     }
     Ok(split)
@@ -1247,6 +1289,17 @@ fn deliver_epoch(
         skip = sink.read_back(epoch, starts).map_err(sink_error)?;
     }
     unreachable!("the loop returns")
+}
+
+/// A query's state failure; a reactor WAL's failure is the WAL's, like the pipeline's.
+fn state_failed(name: &str, source: StateError) -> RunError {
+    match source {
+        StateError::Wal(e) => RunError::Durable(DurableError::Wal(e)),
+        source => RunError::State {
+            name: name.to_owned(),
+            source,
+        },
+    }
 }
 
 /// A source's part of the commit entry: its next offsets and its watermark.

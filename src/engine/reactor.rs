@@ -35,8 +35,10 @@ use datafusion::error::DataFusionError;
 use rtrb::{Consumer, PushError, RingBuffer};
 
 use super::latency::LatencyHistogram;
-use crate::operator::{LateRows, Operator, ReactorSample};
-use crate::state::{StateError, StateView};
+use crate::durability::entry::{KIND_STATE, encode_state};
+use crate::durability::{ReactorLog, ReactorWal};
+use crate::operator::{LateRows, LoggedChanges, Operator, ReactorSample};
+use crate::state::{Recorder, StateError, StateView};
 
 /// The next core a reactor of this process is pinned to (an index into the allowed ones).
 static NEXT_CORE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -51,10 +53,19 @@ const WAIT_PARK: Duration = Duration::from_micros(20);
 const TICK_INTERVAL: Duration = Duration::from_millis(10);
 
 enum Input {
-    Batch { batch: RecordBatch, sent: Instant },
+    Batch {
+        batch: RecordBatch,
+        sent: Instant,
+    },
     Watermark(i64),
     Tick(Instant),
     Flush,
+    /// Write the operator's changes of `epoch` (to the reactor's WAL, when it has one);
+    /// its records below `retain_from` may go.
+    Checkpoint {
+        epoch: u64,
+        retain_from: u64,
+    },
     Lend,
     Return(Box<dyn Operator>),
 }
@@ -65,6 +76,7 @@ enum Output {
         late: Vec<LateRows>,
     },
     Flushed,
+    Checkpointed(Result<LoggedChanges, StateError>),
     Lent(Box<dyn Operator>),
     Failed(String),
 }
@@ -92,6 +104,9 @@ struct Shard {
     /// The `flushed` count the flush under way waits for.
     flush_target: u64,
     lent: Option<Box<dyn Operator>>,
+    /// The reactor's WAL, if it has one.
+    wal_index: Option<u32>,
+    checkpointed: Option<Result<LoggedChanges, StateError>>,
 }
 
 /// One query over `n` reactors; to the pipeline it is one [`Operator`].
@@ -117,7 +132,22 @@ impl ShardedOperator {
     /// pinned reactor sharing its core with the pipeline thread cannot move to a core
     /// that goes idle: measured 25% slower on two cores).
     pub fn start(operators: Vec<Box<dyn Operator>>, pin: bool) -> std::io::Result<Self> {
+        Self::start_with_wals(operators, pin, Vec::new())
+    }
+
+    /// [`ShardedOperator::start`], the `i`-th reactor writing its state changes to
+    /// `wals[i]` at each checkpoint (none when `wals` is empty).
+    pub fn start_with_wals(
+        operators: Vec<Box<dyn Operator>>,
+        pin: bool,
+        wals: Vec<ReactorWal>,
+    ) -> std::io::Result<Self> {
         assert!(!operators.is_empty(), "a sharded query needs an operator");
+        assert!(
+            wals.is_empty() || wals.len() == operators.len(),
+            "a WAL for every reactor, or none"
+        );
+        let mut wals = wals.into_iter();
         let first = &operators[0];
         let (name, input, schema, stateful) = (
             first.name().to_owned(),
@@ -147,11 +177,14 @@ impl ShardedOperator {
             // Reactors of all queries take the cores in turn, not each from the first.
             let core = (!cores.is_empty())
                 .then(|| cores[NEXT_CORE.fetch_add(1, Ordering::Relaxed) % cores.len()]);
+            let wal = wals.next();
+            let wal_index = wal.as_ref().map(|w| w.index);
             let reactor = Reactor {
                 op: Some(op),
                 rx: reactor_rx,
                 tx: reactor_tx,
                 stats: Arc::clone(&stats),
+                wal,
             };
             let join = std::thread::Builder::new()
                 .name(format!("laminar-reactor-{i}"))
@@ -170,6 +203,8 @@ impl ShardedOperator {
                 flushed: 0,
                 flush_target: 0,
                 lent: None,
+                wal_index,
+                checkpointed: None,
             });
         }
         Ok(Self {
@@ -212,6 +247,7 @@ impl ShardedOperator {
                     self.late.extend(late);
                 }
                 Output::Flushed => shard.flushed += 1,
+                Output::Checkpointed(result) => shard.checkpointed = Some(result),
                 Output::Lent(op) => shard.lent = Some(op),
                 Output::Failed(message) => return Err(self.error(i, &message)),
             }
@@ -433,7 +469,42 @@ impl Operator for ShardedOperator {
     }
 
     fn checkpoint(&mut self, state: &mut StateView<'_>) -> Result<(), StateError> {
-        self.with_operators(|ops| ops.iter_mut().try_for_each(|op| op.checkpoint(state)))
+        assert!(
+            self.shards.iter().all(|s| s.wal_index.is_none()),
+            "reactors with WALs checkpoint through start_checkpoint, which knows the epoch"
+        );
+        self.start_checkpoint(0, &|_| 0)?;
+        for changes in self.finish_checkpoint()? {
+            changes.ops.iter().try_for_each(|op| state.apply(op))?;
+        }
+        Ok(())
+    }
+
+    fn start_checkpoint(
+        &mut self,
+        epoch: u64,
+        retain_from: &dyn Fn(u32) -> u64,
+    ) -> Result<bool, StateError> {
+        let reactor_failed = |e: DataFusionError| StateError::Reactor(e.strip_backtrace());
+        for i in 0..self.shards.len() {
+            let retain_from = self.shards[i].wal_index.map_or(0, retain_from);
+            self.send(i, Input::Checkpoint { epoch, retain_from })
+                .map_err(reactor_failed)?;
+        }
+        Ok(true)
+    }
+
+    fn finish_checkpoint(&mut self) -> Result<Vec<LoggedChanges>, StateError> {
+        self.wait_all(|s| s.checkpointed.is_some())
+            .map_err(|e| StateError::Reactor(e.strip_backtrace()))?;
+        assert!(
+            self.out.is_empty() && self.late.is_empty(),
+            "a reactor emitted rows between a flush and a checkpoint"
+        );
+        self.shards
+            .iter_mut()
+            .filter_map(|s| s.checkpointed.take())
+            .collect()
     }
 
     fn restore(&mut self, state: &StateView<'_>) -> Result<(), StateError> {
@@ -445,12 +516,52 @@ impl Operator for ShardedOperator {
     }
 }
 
+/// A reactor's part of a checkpoint: `op`'s changes since the last one, appended to the
+/// reactor's WAL and made durable with one `fdatasync` (when it has a WAL), then trimmed
+/// below `retain_from`.
+fn checkpoint(
+    op: &mut dyn Operator,
+    wal: &mut Option<ReactorWal>,
+    epoch: u64,
+    retain_from: u64,
+) -> Result<LoggedChanges, StateError> {
+    let mut recorder = Recorder::default();
+    let name = op.name().to_owned();
+    op.checkpoint(&mut StateView::open(&mut recorder, &name)?)?;
+    let ops = recorder.take();
+    let Some(ReactorWal { index, wal }) = wal else {
+        return Ok(LoggedChanges { ops, log: None });
+    };
+    let mut log = None;
+    if !ops.is_empty() {
+        let before = wal.stats();
+        for payload in encode_state(epoch, &ops) {
+            wal.append(KIND_STATE, &payload)?;
+        }
+        let started = Instant::now();
+        wal.sync()?;
+        let after = wal.stats();
+        log = Some(ReactorLog {
+            index: *index,
+            lsn: wal.next_lsn() - 1,
+            appends: after.appends - before.appends,
+            bytes: after.bytes - before.bytes,
+            sync: started.elapsed(),
+        });
+    }
+    if retain_from > 0 {
+        wal.remove_before(retain_from)?;
+    }
+    Ok(LoggedChanges { ops, log })
+}
+
 /// One reactor thread: runs its operator on what arrives, sends back what it emits.
 struct Reactor {
     op: Option<Box<dyn Operator>>,
     rx: Consumer<Input>,
     tx: rtrb::Producer<Output>,
     stats: Arc<ReactorStats>,
+    wal: Option<ReactorWal>,
 }
 
 impl Reactor {
@@ -474,6 +585,14 @@ impl Reactor {
                 }
                 (Input::Flush, Some(_)) => {
                     if !self.send(Output::Flushed) {
+                        return;
+                    }
+                    continue;
+                }
+                (Input::Checkpoint { epoch, retain_from }, Some(op)) => {
+                    let result = checkpoint(op.as_mut(), &mut self.wal, epoch, retain_from);
+                    self.publish();
+                    if !self.send(Output::Checkpointed(result)) {
                         return;
                     }
                     continue;

@@ -117,12 +117,38 @@ pub trait Operator: Send {
     fn checkpoint(&mut self, _state: &mut StateView<'_>) -> Result<(), StateError> {
         Ok(())
     }
+    /// Starts writing the changes of `epoch` on the threads that hold the state (the
+    /// reactors of a query split over them), each into its own WAL when it has one; the
+    /// oldest retained checkpoint no longer needs records of reactor WAL `i` below
+    /// `retain_from(i)`. `false` when the operator has no such threads: then
+    /// [`Operator::checkpoint`] writes into the pipeline's store and WAL.
+    fn start_checkpoint(
+        &mut self,
+        _epoch: u64,
+        _retain_from: &dyn Fn(u32) -> u64,
+    ) -> Result<bool, StateError> {
+        Ok(false)
+    }
+    /// After [`Operator::start_checkpoint`] returned `true`: each thread's changes, to
+    /// apply to the store, with where its WAL ends when it wrote them to one (then they
+    /// are durable already).
+    fn finish_checkpoint(&mut self) -> Result<Vec<LoggedChanges>, StateError> {
+        Ok(Vec::new())
+    }
     /// Replaces what the operator holds with what `state` holds.
     fn restore(&mut self, _state: &StateView<'_>) -> Result<(), StateError> {
         Ok(())
     }
     /// The streaming plan, one operator a line.
     fn explain(&self) -> String;
+}
+
+/// One thread's state changes for an epoch (see [`Operator::finish_checkpoint`]).
+#[derive(Debug)]
+pub struct LoggedChanges {
+    pub ops: Vec<crate::state::StateOp>,
+    /// Where the thread's WAL ends after them; `None`: they are in no WAL yet.
+    pub log: Option<crate::durability::ReactorLog>,
 }
 
 /// One stateless step, applied in order to each batch.

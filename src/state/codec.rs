@@ -98,6 +98,11 @@ impl<'a> Reader<'a> {
         let n = self.u32()? as usize;
         self.take(n)
     }
+    /// Whether every byte was read.
+    #[must_use]
+    pub fn is_done(&self) -> bool {
+        self.buf.is_empty()
+    }
     /// Fails unless every byte was read.
     pub fn finish(self) -> Result<(), CodecError> {
         if self.buf.is_empty() {

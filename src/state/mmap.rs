@@ -419,6 +419,14 @@ impl MmapStore {
         self.journal.enable();
     }
 
+    /// Applies `op` without journaling it: a change another WAL (a reactor's) holds.
+    pub fn apply_logged(&mut self, op: &StateOp) -> Result<(), StateError> {
+        let journal = std::mem::take(&mut self.journal);
+        let applied = self.apply(op);
+        self.journal = journal;
+        applied
+    }
+
     /// The changes recorded since the last call (journaling must be on).
     pub fn take_journal(&mut self) -> Vec<StateOp> {
         self.journal.take()

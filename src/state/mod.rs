@@ -43,6 +43,9 @@ pub enum StateError {
     /// A reactor thread holding the operator failed or stopped.
     #[error("{0}")]
     Reactor(String),
+    /// A reactor's WAL failed (the run stops; the next start recovers).
+    #[error(transparent)]
+    Wal(#[from] crate::durability::wal::WalError),
 }
 
 /// Ordered key-value state, partitioned into namespaces.
@@ -142,6 +145,21 @@ impl<'a> StateView<'a> {
         self.store.scan_prefix(self.ns, prefix)
     }
 
+    /// Applies `op`, a change of this namespace recorded elsewhere (by a [`Recorder`]).
+    pub fn apply(&mut self, op: &StateOp) -> Result<(), StateError> {
+        let ns = match op {
+            StateOp::Put { ns, .. }
+            | StateOp::Delete { ns, .. }
+            | StateOp::DeleteRange { ns, .. } => ns,
+        };
+        assert_eq!(ns, &self.name, "a change of another namespace");
+        match op {
+            StateOp::Put { key, value, .. } => self.put(key, value),
+            StateOp::Delete { key, .. } => self.delete(key),
+            StateOp::DeleteRange { start, end, .. } => self.delete_range(start, end.as_deref()),
+        }
+    }
+
     /// A corruption error naming this namespace.
     #[must_use]
     pub fn corrupt(&self, message: impl Into<String>) -> StateError {
@@ -173,6 +191,94 @@ impl Journal {
         if let Some(journal) = &mut self.0 {
             journal.push(op(ns.to_owned()));
         }
+    }
+}
+
+/// A store that holds nothing and records every change made through it: what an
+/// operator writes at a checkpoint on a reactor thread, away from the pipeline's store.
+/// Checkpoints only write; a read sees nothing (asserted in debug builds).
+#[derive(Debug, Default)]
+pub struct Recorder {
+    names: Vec<String>,
+    ops: Vec<StateOp>,
+}
+
+impl Recorder {
+    /// The changes recorded since the last call.
+    pub fn take(&mut self) -> Vec<StateOp> {
+        std::mem::take(&mut self.ops)
+    }
+
+    fn name(&self, ns: Namespace) -> String {
+        self.names[ns.0 as usize].clone()
+    }
+}
+
+impl StateStore for Recorder {
+    fn namespace(&mut self, name: &str) -> Result<Namespace, StateError> {
+        if name.is_empty() || name.len() > NAMESPACE_NAME_MAX {
+            return Err(StateError::BadNamespace(name.to_owned()));
+        }
+        let i = if let Some(i) = self.names.iter().position(|n| n == name) {
+            i
+        } else {
+            self.names.push(name.to_owned());
+            self.names.len() - 1
+        };
+        assert!(u32::try_from(i).is_ok(), "2^32 namespaces");
+        Ok(Namespace(i as u32))
+    }
+
+    fn get(&self, _ns: Namespace, _key: &[u8]) -> Option<&[u8]> {
+        debug_assert!(false, "a checkpoint read the state it writes");
+        None
+    }
+
+    fn put(&mut self, ns: Namespace, key: &[u8], value: &[u8]) -> Result<(), StateError> {
+        self.ops.push(StateOp::Put {
+            ns: self.name(ns),
+            key: key.to_vec(),
+            value: value.to_vec(),
+        });
+        Ok(())
+    }
+
+    fn delete(&mut self, ns: Namespace, key: &[u8]) -> Result<(), StateError> {
+        self.ops.push(StateOp::Delete {
+            ns: self.name(ns),
+            key: key.to_vec(),
+        });
+        Ok(())
+    }
+
+    fn delete_range(
+        &mut self,
+        ns: Namespace,
+        start: &[u8],
+        end: Option<&[u8]>,
+    ) -> Result<(), StateError> {
+        if end.is_some_and(|end| end <= start) {
+            return Ok(());
+        }
+        self.ops.push(StateOp::DeleteRange {
+            ns: self.name(ns),
+            start: start.to_vec(),
+            end: end.map(<[u8]>::to_vec),
+        });
+        Ok(())
+    }
+
+    fn scan_prefix<'a>(
+        &'a self,
+        _ns: Namespace,
+        _prefix: &[u8],
+    ) -> Box<dyn Iterator<Item = (&'a [u8], &'a [u8])> + 'a> {
+        debug_assert!(false, "a checkpoint read the state it writes");
+        Box::new(std::iter::empty())
+    }
+
+    fn bytes(&self) -> u64 {
+        0
     }
 }
 
