@@ -83,6 +83,21 @@ pub fn run(state_mib: &[u64], wal_entries: u64, table: &mut String) -> anyhow::R
             syncs.last().map_or(0, Duration::as_micros)
         )?;
     }
+    // An epoch's state changes written by one thread to one WAL, or split over
+    // reactors, each writing and syncing its own WAL at the same time.
+    for writers in [1, 2] {
+        let (epochs, took) =
+            epoch_state_writes(&dir.0.join(format!("reactors-{writers}")), writers, 40)?;
+        writeln!(
+            table,
+            "  epoch state write, 8 MiB of 100 B changes + fdatasync, {writers} WAL{} ({} thread{} in parallel): {:.1} ms per epoch ({:.0} MiB/s)",
+            if writers == 1 { "" } else { "s" },
+            writers,
+            if writers == 1 { "" } else { "s" },
+            took.as_secs_f64() * 1e3 / epochs as f64,
+            (epochs * EPOCH_STATE_BYTES) as f64 / took.as_secs_f64() / f64::from(1 << 20)
+        )?;
+    }
     let keys = wal_entries.max(1);
     let arena_dir = TempDir::new("arena")?;
     let (_, recovered) = Durable::open_dir(&arena_dir.0, u64::MAX, ArenaOptions::default())?;
@@ -152,6 +167,57 @@ fn wal_group_commit(
     }
     wal.sync()?;
     Ok((entries, started.elapsed()))
+}
+
+/// State change bytes of one epoch in [`epoch_state_writes`].
+const EPOCH_STATE_BYTES: u64 = 8 << 20;
+
+/// `epochs` epochs of [`EPOCH_STATE_BYTES`] of 100-byte records, split over `writers`
+/// threads, each appending its share to its own WAL (as reactors do) and syncing it;
+/// the epoch ends when all are synced. Returns the epochs and the time they took.
+fn epoch_state_writes(dir: &Path, writers: u32, epochs: u64) -> anyhow::Result<(u64, Duration)> {
+    std::fs::create_dir_all(dir)?;
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(writers as usize + 1));
+    let threads: Vec<_> = (0..writers)
+        .map(|i| {
+            let storage = DiskStorage::open_with(dir, IoMode::Auto);
+            let barrier = std::sync::Arc::clone(&barrier);
+            std::thread::spawn(move || -> anyhow::Result<()> {
+                let prefix = crate::durability::wal::reactor_prefix(i);
+                let mut wal = storage
+                    .map_err(anyhow::Error::from)
+                    .and_then(|s| Ok(Wal::open_named(Box::new(s), &prefix, 1)?.0));
+                let payload = [3u8; 100 - 17];
+                let records = EPOCH_STATE_BYTES / 100 / u64::from(writers);
+                // Every epoch's two barriers are met, also after a failure, so that no
+                // thread waits for this one for ever.
+                for _ in 0..epochs {
+                    barrier.wait();
+                    if let Ok(w) = &mut wal {
+                        let written = (0..records)
+                            .try_for_each(|_| w.append(1, &payload).map(drop))
+                            .and_then(|()| w.sync());
+                        if let Err(e) = written {
+                            wal = Err(e.into());
+                        }
+                    }
+                    barrier.wait();
+                }
+                wal.map(drop)
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    for _ in 0..epochs {
+        barrier.wait();
+        barrier.wait();
+    }
+    let took = started.elapsed();
+    for t in threads {
+        t.join()
+            .map_err(|_| anyhow::anyhow!("a WAL writer panicked"))??;
+    }
+    Ok((epochs, took))
 }
 
 /// Durations of `n` `fdatasync` calls, each after a 4 KiB append, sorted.
