@@ -141,6 +141,17 @@ pub struct ReactorLog {
 /// The tombstone of a run that drained every source.
 const DRAINED: &str = "DRAINED";
 
+/// The highest position any of `checkpoints` records for reactor WAL `index` (0: none):
+/// a new WAL for it numbers its records past it.
+fn lsn_floor(checkpoints: &[BTreeMap<u32, u64>], index: u32) -> u64 {
+    checkpoints
+        .iter()
+        .filter_map(|w| w.get(&index))
+        .max()
+        .copied()
+        .unwrap_or(0)
+}
+
 /// A commit entry's reactor WAL positions.
 fn positions(commit: &CommitEntry) -> BTreeMap<u32, u64> {
     commit.reactor_wals.iter().copied().collect()
@@ -529,7 +540,13 @@ impl Durable {
             let handle = storage.handle().map_err(io(storage.describe("")))?;
             reactors.insert(
                 index,
-                Wal::open_named(handle, &wal::reactor_prefix(index), 1)?,
+                // A WAL that has to start again (its only segment's header was torn)
+                // numbers past what checkpoints record for it, as a new one does.
+                Wal::open_named(
+                    handle,
+                    &wal::reactor_prefix(index),
+                    lsn_floor(&checkpoint_wals, index) + 1,
+                )?,
             );
         }
         let mut durable = Self {
@@ -575,7 +592,14 @@ impl Durable {
             None => (None, 0, None),
         };
         // How far each reactor WAL's changes are in the store: the checkpoint's positions.
-        let mut applied = commit.as_ref().map(positions).unwrap_or_default();
+        // An index the checkpoint does not list may be a WAL made again after an older
+        // retained checkpoint held all of its first life: what that one records is in
+        // the store too (positions only grow), and the new WAL starts after it.
+        let mut applied: BTreeMap<u32, u64> = BTreeMap::new();
+        for (&index, &lsn) in self.checkpoint_wals.iter().flatten() {
+            let done = applied.entry(index).or_insert(0);
+            *done = (*done).max(lsn);
+        }
         if let Some(first) = records.first()
             && first.lsn > from_lsn + 1
             && from_lsn > 0
@@ -675,12 +699,18 @@ impl Durable {
             // committed.
             let last = match self.reactor_wals.get(&index) {
                 None => None,
-                Some(&lsn) => Some(records.iter().find(|r| r.lsn == lsn).ok_or_else(|| {
-                    DurableError::Corrupt(format!(
-                        "reactor WAL {index} does not hold record {lsn}, which the last commit \
-                         entry records"
-                    ))
-                })?),
+                Some(&lsn) => match records.iter().find(|r| r.lsn == lsn) {
+                    Some(record) => Some(record),
+                    // Made again after its first life was deleted (at the checkpoint after
+                    // the last commit): it starts after the position that commit records.
+                    None if wal.first_lsn() == lsn + 1 => None,
+                    None => {
+                        return Err(DurableError::Corrupt(format!(
+                            "reactor WAL {index} does not hold record {lsn}, which the last \
+                             commit entry records"
+                        )));
+                    }
+                },
             };
             let cut = records
                 .iter()
@@ -688,7 +718,7 @@ impl Durable {
                 .count();
             if cut > 0 {
                 tracing::info!(
-                    reactor = index,
+                    wal = index,
                     records = cut,
                     "discarding reactor WAL records of an epoch that never committed"
                 );
@@ -715,23 +745,16 @@ impl Durable {
     /// Claim every reactor's before the first commit: a WAL recovery opened and no
     /// reactor claimed is retired then.
     pub fn reactor_wal(&mut self, index: u32) -> Result<ReactorWal, DurableError> {
-        let claimed = self
-            .unclaimed
-            .remove(&index)
-            .or_else(|| self.retired.remove(&index));
-        if let Some(wal) = claimed {
+        // Numbered past every position a retained checkpoint records for this index, so
+        // that no old position covers a new record.
+        let floor = lsn_floor(&self.checkpoint_wals, index);
+        if let Some(wal) = self.unclaimed.remove(&index) {
+            assert!(
+                wal.next_lsn() > floor,
+                "reactor WAL {index} would number records a checkpoint covers"
+            );
             return Ok(ReactorWal { index, wal });
         }
-        // Numbered past every position a retained checkpoint or the last commit records
-        // for this index, so that no old position covers a new record.
-        let floor = self
-            .checkpoint_wals
-            .iter()
-            .chain(std::iter::once(&self.reactor_wals))
-            .filter_map(|w| w.get(&index))
-            .max()
-            .copied()
-            .unwrap_or(0);
         let storage = self.wal.storage();
         let handle = storage
             .handle()
@@ -1155,13 +1178,22 @@ impl Durable {
             .filter(|i| self.reactor_wals.get(i) == self.checkpoint_wals[0].get(i))
             .collect();
         for index in covered {
-            if let Some(wal) = self.retired.remove(&index) {
-                wal.remove_all()?;
-                self.reactor_wals.remove(&index);
-                tracing::info!(
-                    reactor = index,
-                    "removed the WAL of a reactor this run does not have"
-                );
+            let Some(wal) = self.retired.get_mut(&index) else {
+                continue;
+            };
+            match wal.remove_all() {
+                Ok(()) => {
+                    self.retired.remove(&index);
+                    self.reactor_wals.remove(&index);
+                    tracing::info!(
+                        wal = index,
+                        "removed the WAL of a reactor this run does not have"
+                    );
+                }
+                // It costs only space; tried again after the next checkpoint.
+                Err(e) => {
+                    tracing::warn!(wal = index, "{e}; trying again after the next checkpoint");
+                }
             }
         }
         Ok(true)

@@ -970,6 +970,50 @@ fn reactor_wals_no_reactor_writes_go_once_checkpoints_cover_them() {
     );
 }
 
+/// A WAL deleted once checkpoints held it and made again by a later run (more reactors)
+/// starts after the position the checkpoints record: recovery from a checkpoint that
+/// no longer lists it, or with a last commit entry that still lists its first life,
+/// neither loses a change nor reports corruption.
+#[test]
+fn reactor_wals_made_again_after_deletion_recover() {
+    let w = workload(47, 30);
+    let first = |n: usize| Workload {
+        epochs: w.epochs[..n].to_vec(),
+        states: w.states[..n].to_vec(),
+    };
+    // Deleted at the checkpoint of epoch 15; the one of epoch 20 does not list it, and
+    // recovery loads that one while the commits after it list the new WAL.
+    let sim = SimStorage::new();
+    assert_eq!(run_reactors(&sim, &first(10), 100, 3), (10, 10));
+    assert_eq!(run_reactors(&sim, &first(20), 5, 2), (20, 20));
+    assert!(
+        !reactor_wal_files(&sim)
+            .iter()
+            .any(|f| f.starts_with("wal-r2-"))
+    );
+    assert_eq!(run_reactors(&sim, &first(24), 100, 3), (24, 24));
+    sim.crash(|_| 0);
+    check_recovery(&sim, &w, 24, 24);
+    // Deleted at the last checkpoint of a run, after its last commit (which lists it);
+    // the next run makes it again and stops before committing anything.
+    let sim = SimStorage::new();
+    assert_eq!(run_reactors(&sim, &first(10), 10, 3), (10, 10));
+    assert_eq!(run_reactors(&sim, &first(11), 11, 2), (11, 11));
+    assert!(
+        !reactor_wal_files(&sim)
+            .iter()
+            .any(|f| f.starts_with("wal-r2-"))
+    );
+    let (mut durable, _) = Durable::open(Box::new(sim.clone()), u64::MAX).unwrap();
+    drop(durable.reactor_wal(2).unwrap());
+    drop(durable);
+    sim.crash(|_| 0);
+    check_recovery(&sim, &w, 11, 11);
+    assert_eq!(run_reactors(&sim, &w, 100, 3), (30, 30));
+    sim.crash(|_| 0);
+    check_recovery(&sim, &w, 30, 30);
+}
+
 /// A reactor WAL that lacks records a commit entry needs is corruption, named, not a
 /// state silently missing changes.
 #[test]

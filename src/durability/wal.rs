@@ -484,19 +484,30 @@ impl Wal {
         Ok(removed)
     }
 
-    /// Deletes every segment: a reactor's log that no retained checkpoint needs any more
-    /// and that no reactor writes.
-    pub fn remove_all(mut self) -> Result<(), WalError> {
-        for segment in std::mem::take(&mut self.segments) {
+    /// Deletes every segment, oldest first: a reactor's log that no retained checkpoint
+    /// needs any more and that no reactor writes. After a failure, the segments left
+    /// are still listed and a later call goes on.
+    pub fn remove_all(&mut self) -> Result<(), WalError> {
+        while let Some(segment) = self.segments.first() {
             let name = segment_name(&self.prefix, segment.id);
-            if let Err(e) = self.storage.remove(&name) {
-                return Err(self.io_error("remove", &name, e));
-            }
+            self.storage.remove(&name).map_err(|source| WalError::Io {
+                op: "remove",
+                file: self.storage.describe(&name),
+                source,
+            })?;
+            self.segments.remove(0);
         }
-        if let Err(e) = self.storage.sync_dir() {
-            return Err(self.io_error("sync", "", e));
-        }
-        Ok(())
+        self.storage.sync_dir().map_err(|source| WalError::Io {
+            op: "sync",
+            file: self.storage.describe(""),
+            source,
+        })
+    }
+
+    /// The LSN of the oldest record the log holds or would hold.
+    #[must_use]
+    pub fn first_lsn(&self) -> u64 {
+        self.segments.first().map_or(self.next_lsn, |s| s.first_lsn)
     }
 
     /// The LSN the next append gets.

@@ -592,6 +592,9 @@ impl Reactor {
                 (Input::Checkpoint { epoch, retain_from }, Some(op)) => {
                     let result = checkpoint(op.as_mut(), &mut self.wal, epoch, retain_from);
                     self.publish();
+                    self.stats
+                        .busy_ns
+                        .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
                     if !self.send(Output::Checkpointed(result)) {
                         return;
                     }

@@ -229,6 +229,11 @@ pub struct WindowAggregateOperator {
     windows_closed: u64,
     /// `(index, count)`: this copy holds only the groups whose key is in shard `index`.
     shard: Option<(usize, usize)>,
+    /// The watermark the last checkpoint stored, and the end of its range delete of
+    /// closed windows: a checkpoint that would write them again does not, so an idle
+    /// query writes nothing (and an idle pipeline commits nothing).
+    saved_watermark: Option<i64>,
+    deleted_below: Option<Vec<u8>>,
 }
 
 /// A group ready to emit.
@@ -270,6 +275,8 @@ impl WindowAggregateOperator {
             windows_closed: 0,
             closed_session_keys: Vec::new(),
             shard: None,
+            saved_watermark: None,
+            deleted_below: None,
         })
     }
 
@@ -1021,13 +1028,16 @@ impl Operator for WindowAggregateOperator {
     }
 
     fn checkpoint(&mut self, state: &mut StateView<'_>) -> Result<(), StateError> {
-        state.put_typed(
-            STATE_META,
-            &WindowMeta {
-                version: STATE_VERSION,
-                watermark: self.watermark,
-            },
-        )?;
+        if self.saved_watermark != Some(self.watermark) {
+            state.put_typed(
+                STATE_META,
+                &WindowMeta {
+                    version: STATE_VERSION,
+                    watermark: self.watermark,
+                },
+            )?;
+            self.saved_watermark = Some(self.watermark);
+        }
         let mut w = Writer::default();
         // Closed windows are every window below the first open one: one range delete.
         // Split over reactors, other copies hold windows this one has no group in: the
@@ -1045,7 +1055,12 @@ impl Operator for WindowAggregateOperator {
             Some(first) => fixed_state_key(&mut key, first, &[]),
             None => key.push(STATE_FIXED + 1),
         }
-        state.delete_range(&[STATE_FIXED], Some(&key))?;
+        // Nothing is written below the bound once it is there: the same bound deletes
+        // nothing new.
+        if self.deleted_below.as_ref() != Some(&key) {
+            state.delete_range(&[STATE_FIXED], Some(&key))?;
+            self.deleted_below = Some(key.clone());
+        }
         let n = self.plan.aggregates.len();
         for (&start, groups) in &mut self.fixed {
             for slot in 0..groups.keys.len() {
@@ -1091,6 +1106,7 @@ impl Operator for WindowAggregateOperator {
         self.closed_session_keys.clear();
         (self.groups, self.key_bytes) = (0, 0);
         self.watermark = i64::MIN;
+        (self.saved_watermark, self.deleted_below) = (None, None);
         let Some(meta) = state.get_typed::<WindowMeta>(STATE_META)? else {
             return Ok(());
         };
