@@ -433,6 +433,16 @@ fn window_state_restored_from_a_checkpoint_continues_exactly() {
         op.flush(&mut kept, &mut Vec::new()).unwrap();
         op.checkpoint(&mut StateView::open(&mut store, "q").unwrap())
             .unwrap();
+        // Nothing changed since: the next checkpoint writes nothing (an idle pipeline
+        // commits no epochs).
+        store.enable_journal();
+        op.checkpoint(&mut StateView::open(&mut store, "q").unwrap())
+            .unwrap();
+        assert_eq!(
+            store.take_journal(),
+            [],
+            "seed {seed}: an idle checkpoint wrote"
+        );
         let at_checkpoint = clock;
         let groups_at_checkpoint = op.state_groups();
         run_steps(
