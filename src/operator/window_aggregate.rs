@@ -162,13 +162,16 @@ struct Groups {
 }
 
 impl Groups {
-    /// Room for `groups` without growing: a new window expects as many keys as the last.
-    fn with_capacity(groups: usize) -> Self {
+    /// Room for `groups` with `accs` accumulators without growing: a new window expects
+    /// as many keys as the last (growing by doubling faults in fresh pages each time).
+    fn with_capacity(groups: usize, accs: usize) -> Self {
         Self {
             index: hashbrown::HashTable::with_capacity(groups),
             keys: Vec::with_capacity(groups),
             hashes: Vec::with_capacity(groups),
-            ..Self::default()
+            accs: Vec::with_capacity(accs),
+            dirty: Vec::with_capacity(groups),
+            unsaved: Vec::with_capacity(groups),
         }
     }
 
@@ -194,8 +197,11 @@ impl Groups {
     /// Makes room for a window's groups: presized from the newest window's.
     fn open(fixed: &mut BTreeMap<i64, Self>, start: i64) -> &mut Self {
         if !fixed.contains_key(&start) {
-            let expected = fixed.values().next_back().map_or(0, |g| g.keys.len());
-            fixed.insert(start, Self::with_capacity(expected));
+            let (groups, accs) = fixed
+                .values()
+                .next_back()
+                .map_or((0, 0), |g| (g.keys.len(), g.accs.len()));
+            fixed.insert(start, Self::with_capacity(groups, accs));
         }
         fixed.entry(start).or_default()
     }
