@@ -90,10 +90,7 @@ pub fn run(state_mib: &[u64], wal_entries: u64, table: &mut String) -> anyhow::R
             epoch_state_writes(&dir.0.join(format!("reactors-{writers}")), writers, 40)?;
         writeln!(
             table,
-            "  epoch state write, 8 MiB of 100 B changes + fdatasync, {writers} WAL{} ({} thread{} in parallel): {:.1} ms per epoch ({:.0} MiB/s)",
-            if writers == 1 { "" } else { "s" },
-            writers,
-            if writers == 1 { "" } else { "s" },
+            "  epoch state write, 8 MiB of 100 B changes + fdatasync, {writers} writer thread(s) with a WAL each: {:.1} ms per epoch ({:.0} MiB/s)",
             took.as_secs_f64() * 1e3 / epochs as f64,
             (epochs * EPOCH_STATE_BYTES) as f64 / took.as_secs_f64() / f64::from(1 << 20)
         )?;

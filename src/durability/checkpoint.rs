@@ -76,7 +76,6 @@ pub fn parse_arena_name(name: &str) -> Option<u64> {
     u64::from_str_radix(hex, 16).ok()
 }
 
-/// Writes the checkpoint file of `meta` (its arena already durable).
 /// Why a checkpoint file could not be written.
 #[derive(Debug)]
 pub enum WriteError {
@@ -86,6 +85,7 @@ pub enum WriteError {
     Sync(std::io::Error),
 }
 
+/// Writes the checkpoint file of `meta` (its arena already durable).
 pub fn write(
     storage: &mut dyn Storage,
     meta: &CheckpointMeta,

@@ -101,8 +101,8 @@ pub struct CommitEntry {
     pub sources: Vec<SourceCommit>,
     pub sinks: Vec<SinkCommit>,
     /// `(reactor WAL, LSN)`: how far each reactor's WAL holds committed state changes,
-    /// the WALs numbered over the reactors of every split query in file order,
-    /// this epoch's included. Every reactor WAL recovery may still need is listed, also
+    /// this epoch's included (the WALs are numbered over the reactors of every split
+    /// query, in file order). Every reactor WAL recovery may still need is listed, also
     /// one no reactor of this run writes. Encoded after the sinks, only when not empty
     /// (an entry without it reads as it did before reactors had WALs).
     pub reactor_wals: Vec<(u32, u64)>,

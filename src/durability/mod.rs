@@ -141,15 +141,16 @@ pub struct ReactorLog {
 /// The tombstone of a run that drained every source.
 const DRAINED: &str = "DRAINED";
 
-/// The highest position any of `checkpoints` records for reactor WAL `index` (0: none):
-/// a new WAL for it numbers its records past it.
-fn lsn_floor(checkpoints: &[BTreeMap<u32, u64>], index: u32) -> u64 {
-    checkpoints
-        .iter()
-        .filter_map(|w| w.get(&index))
-        .max()
-        .copied()
-        .unwrap_or(0)
+/// For each reactor WAL, the highest position any of `checkpoints` records for it: the
+/// store of any of them holds its records up to there, and a new WAL for it numbers its
+/// records past it.
+fn lsn_floors(checkpoints: &[BTreeMap<u32, u64>]) -> BTreeMap<u32, u64> {
+    let mut floors = BTreeMap::new();
+    for (&index, &lsn) in checkpoints.iter().flatten() {
+        let floor = floors.entry(index).or_insert(0);
+        *floor = lsn.max(*floor);
+    }
+    floors
 }
 
 /// A commit entry's reactor WAL positions.
@@ -536,6 +537,7 @@ impl Durable {
             .iter()
             .filter_map(|n| wal::parse_reactor_segment(n))
             .collect();
+        let floors = lsn_floors(&checkpoint_wals);
         for index in indexes {
             let handle = storage.handle().map_err(io(storage.describe("")))?;
             reactors.insert(
@@ -545,7 +547,7 @@ impl Durable {
                 Wal::open_named(
                     handle,
                     &wal::reactor_prefix(index),
-                    lsn_floor(&checkpoint_wals, index) + 1,
+                    floors.get(&index).map_or(1, |f| f + 1),
                 )?,
             );
         }
@@ -595,11 +597,7 @@ impl Durable {
         // An index the checkpoint does not list may be a WAL made again after an older
         // retained checkpoint held all of its first life: what that one records is in
         // the store too (positions only grow), and the new WAL starts after it.
-        let mut applied: BTreeMap<u32, u64> = BTreeMap::new();
-        for (&index, &lsn) in self.checkpoint_wals.iter().flatten() {
-            let done = applied.entry(index).or_insert(0);
-            *done = (*done).max(lsn);
-        }
+        let mut applied = lsn_floors(&self.checkpoint_wals);
         if let Some(first) = records.first()
             && first.lsn > from_lsn + 1
             && from_lsn > 0
@@ -747,7 +745,10 @@ impl Durable {
     pub fn reactor_wal(&mut self, index: u32) -> Result<ReactorWal, DurableError> {
         // Numbered past every position a retained checkpoint records for this index, so
         // that no old position covers a new record.
-        let floor = lsn_floor(&self.checkpoint_wals, index);
+        let floor = lsn_floors(&self.checkpoint_wals)
+            .get(&index)
+            .copied()
+            .unwrap_or(0);
         if let Some(wal) = self.unclaimed.remove(&index) {
             assert!(
                 wal.next_lsn() > floor,
@@ -1171,31 +1172,28 @@ impl Durable {
         self.wal.remove_before(oldest)?;
         // A retired reactor WAL goes once the oldest retained checkpoint holds all of it
         // (the reactors of this run trim their own WALs).
-        let covered: Vec<u32> = self
-            .retired
-            .keys()
-            .copied()
-            .filter(|i| self.reactor_wals.get(i) == self.checkpoint_wals[0].get(i))
-            .collect();
-        for index in covered {
-            let Some(wal) = self.retired.get_mut(&index) else {
-                continue;
-            };
+        let oldest = &self.checkpoint_wals[0];
+        let reactor_wals = &mut self.reactor_wals;
+        self.retired.retain(|&index, wal| {
+            if reactor_wals.get(&index) != oldest.get(&index) {
+                return true;
+            }
             match wal.remove_all() {
                 Ok(()) => {
-                    self.retired.remove(&index);
-                    self.reactor_wals.remove(&index);
+                    reactor_wals.remove(&index);
                     tracing::info!(
                         wal = index,
                         "removed the WAL of a reactor this run does not have"
                     );
+                    false
                 }
                 // It costs only space; tried again after the next checkpoint.
                 Err(e) => {
                     tracing::warn!(wal = index, "{e}; trying again after the next checkpoint");
+                    true
                 }
             }
-        }
+        });
         Ok(true)
     }
 

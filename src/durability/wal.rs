@@ -490,18 +490,15 @@ impl Wal {
     pub fn remove_all(&mut self) -> Result<(), WalError> {
         while let Some(segment) = self.segments.first() {
             let name = segment_name(&self.prefix, segment.id);
-            self.storage.remove(&name).map_err(|source| WalError::Io {
-                op: "remove",
-                file: self.storage.describe(&name),
-                source,
-            })?;
+            if let Err(e) = self.storage.remove(&name) {
+                return Err(self.io_error("remove", &name, e));
+            }
             self.segments.remove(0);
         }
-        self.storage.sync_dir().map_err(|source| WalError::Io {
-            op: "sync",
-            file: self.storage.describe(""),
-            source,
-        })
+        if let Err(e) = self.storage.sync_dir() {
+            return Err(self.io_error("sync", "", e));
+        }
+        Ok(())
     }
 
     /// The LSN of the oldest record the log holds or would hold.

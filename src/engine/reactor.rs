@@ -538,7 +538,6 @@ fn checkpoint(
         for payload in encode_state(epoch, &ops) {
             wal.append(KIND_STATE, &payload)?;
         }
-        let started = Instant::now();
         wal.sync()?;
         let after = wal.stats();
         log = Some(ReactorLog {
@@ -546,7 +545,7 @@ fn checkpoint(
             lsn: wal.next_lsn() - 1,
             appends: after.appends - before.appends,
             bytes: after.bytes - before.bytes,
-            sync: started.elapsed(),
+            sync: after.last_sync,
         });
     }
     if retain_from > 0 {

@@ -153,11 +153,7 @@ impl<'a> StateView<'a> {
             | StateOp::DeleteRange { ns, .. } => ns,
         };
         assert_eq!(ns, &self.name, "a change of another namespace");
-        match op {
-            StateOp::Put { key, value, .. } => self.put(key, value),
-            StateOp::Delete { key, .. } => self.delete(key),
-            StateOp::DeleteRange { start, end, .. } => self.delete_range(start, end.as_deref()),
-        }
+        self.store.apply(op)
     }
 
     /// A corruption error naming this namespace.
