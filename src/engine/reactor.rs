@@ -2,30 +2,44 @@
 //! core and owning the groups whose key hashes to it.
 //!
 //! ```text
-//!                  ┌─ input ring ─► reactor 0 (core 0): keys with hash % n == 0 ─ output ring ─┐
-//! pipeline thread ─┤                                                                            ├─► pipeline thread
-//! (sources, decode └─ input ring ─► reactor 1 (core 1): keys with hash % n == 1 ─ output ring ─┘    (downstream
-//!  sinks, WAL,                                                                                         queries, sinks)
+//!                  ┌─ input ring ─► reactor 0 (core 0) ─ output ring ─┐
+//! pipeline thread ─┤                 ▲ │ peer rings (rows by key)     ├─► pipeline thread
+//! (sources, decode └─ input ring ─► reactor 1 (core 1) ─ output ring ─┘    (downstream
+//!  sinks, WAL,                                                              queries, sinks)
 //!  epochs)
 //! ```
 //!
-//! Every batch goes to every reactor (a reference-counted batch, not a copy); a reactor
-//! computes the group key of each row and keeps the rows whose key is its own, so each
-//! key's state lives on one core and the result is the same for any number of cores.
-//! The rings are bounded single-producer single-consumer queues ([`rtrb`], lock-free):
-//! when a reactor falls behind its input ring fills, the pipeline thread stops polling
-//! its sources until there is room (backpressure reaches the sources: a Kafka consumer
-//! stops fetching when its bounded prefetch queue is full; partitions are assigned by
-//! laminar, not by a group rebalance, so a stall costs no rebalance).
+//! Input batches go to the reactors in turn (batch `seq` to reactor `seq % n`). A reactor
+//! prepares the batches it is given (windows, late rows, filters, group keys) and routes
+//! each batch's rows to the reactors that own their keys over peer rings (a shuffle by
+//! key hash), telling every peer of every batch, empty or not. Each reactor then folds
+//! in its rows in input order: batch by batch, its own rows or those a peer routed, with
+//! the watermarks, ticks and flushes in their places among the batches. So each key's
+//! state lives on one core, rows are judged late against the watermark as of their
+//! batch, windows close after every row before the watermark is in, and the output is
+//! the same as on one thread for any number of cores (on_update changes of different
+//! keys may interleave differently across reactors).
+//!
+//! Every ring is a bounded single-producer single-consumer queue ([`rtrb`], lock-free),
+//! and what a reactor holds prepared is bounded too ([`APPLY_QUEUE_ITEMS`]). When a
+//! reactor falls behind, its peers' messages to it wait, the peers stop taking input,
+//! their input rings fill and the pipeline thread stops polling its sources until there
+//! is room (backpressure reaches the sources: a Kafka consumer stops fetching when its
+//! bounded prefetch queue is full; partitions are assigned by laminar, not by a group
+//! rebalance, so a stall costs no rebalance). A reactor never blocks on a ring: it holds
+//! at most one message per destination and goes on folding in meanwhile, and the batch
+//! a reactor waits for has always been routed or can be, so the rings cannot deadlock.
 //!
 //! Epochs: before an epoch's commit entry is written the pipeline thread sends `Flush`
-//! down every ring and waits for each reactor's `Flushed`, so every result of the
-//! epoch's input is out; then it borrows the operators (`Lend` / `Lent` / `Return`) to
-//! write their state. Ownership moves with the messages: no locks, no shared state but
-//! counters.
+//! down every ring and waits for each reactor's `Flushed`, which a reactor sends once it
+//! has folded in every batch before it, so every result of the epoch's input is out;
+//! then it borrows the operators (`Lend` / `Lent` / `Return`) to restore their state, or
+//! has each write its changes to its own WAL (`Checkpoint`). Ownership moves with the
+//! messages: no locks, no shared state but counters.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
@@ -37,7 +51,7 @@ use rtrb::{Consumer, PushError, RingBuffer};
 use super::latency::LatencyHistogram;
 use crate::durability::entry::{KIND_STATE, encode_state};
 use crate::durability::{ReactorLog, ReactorWal};
-use crate::operator::{LateRows, LoggedChanges, Operator, ReactorSample};
+use crate::operator::{KeyedRows, LateRows, LoggedChanges, Operator, ReactorSample};
 use crate::state::{Recorder, StateError, StateView};
 
 /// The next core a reactor of this process is pinned to (an index into the allowed ones).
@@ -45,6 +59,12 @@ static NEXT_CORE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsiz
 
 /// Messages (each a batch, a watermark or a control message) an input ring holds.
 pub const RING_SLOTS: usize = 32;
+/// Messages a peer ring (from one reactor to another) holds: each a batch's rows of one
+/// shard.
+pub const PEER_RING_SLOTS: usize = 16;
+/// Items a reactor holds prepared but not yet folded in (its own rows of a batch waiting
+/// for the rows of earlier batches from its peers, or control messages among them).
+pub const APPLY_QUEUE_ITEMS: usize = 32;
 /// How long an idle reactor sleeps before it looks at its ring again (a push wakes it).
 const REACTOR_PARK: Duration = Duration::from_millis(1);
 /// How long the pipeline thread sleeps between looks while it waits for a reactor.
@@ -52,14 +72,26 @@ const WAIT_PARK: Duration = Duration::from_micros(20);
 /// Wall-clock ticks are forwarded at most this often (they drive `emit: every_ms`).
 const TICK_INTERVAL: Duration = Duration::from_millis(10);
 
+/// What the pipeline sends a reactor. `seq` numbers the batches of the query's input in
+/// the order the pipeline took them; `after` places a control message among them (after
+/// the first `after` batches).
 enum Input {
     Batch {
         batch: RecordBatch,
+        seq: u64,
         sent: Instant,
     },
-    Watermark(i64),
-    Tick(Instant),
-    Flush,
+    Watermark {
+        watermark: i64,
+        after: u64,
+    },
+    Tick {
+        now: Instant,
+        after: u64,
+    },
+    Flush {
+        after: u64,
+    },
     /// Write the operator's changes of `epoch` (to the reactor's WAL, when it has one);
     /// its records below `retain_from` may go.
     Checkpoint {
@@ -68,6 +100,48 @@ enum Input {
     },
     Lend,
     Return(Box<dyn Operator>),
+}
+
+/// From one reactor to another: its rows of batch `seq` (`None`: it had none), for every
+/// batch the sender routed, in order.
+struct Part {
+    seq: u64,
+    rows: Option<KeyedRows>,
+    sent: Instant,
+}
+
+/// What a reactor folds in, in input order: its own rows of a batch, or a control message
+/// placed among the batches.
+enum Item {
+    Own {
+        seq: u64,
+        rows: Option<KeyedRows>,
+        sent: Instant,
+        count: u64,
+    },
+    Watermark {
+        watermark: i64,
+        after: u64,
+    },
+    Tick {
+        now: Instant,
+        after: u64,
+    },
+    Flush {
+        after: u64,
+    },
+}
+
+impl Item {
+    /// Batches to fold in before this item.
+    fn position(&self) -> u64 {
+        match self {
+            Item::Own { seq, .. } => *seq,
+            Item::Watermark { after, .. } | Item::Tick { after, .. } | Item::Flush { after } => {
+                *after
+            }
+        }
+    }
 }
 
 enum Output {
@@ -123,6 +197,8 @@ pub struct ShardedOperator {
     last_tick: Option<Instant>,
     /// Time spent waiting on full rings since [`Operator::take_blocked`].
     blocked: Duration,
+    /// Batches sent so far: the next one's `seq`.
+    batches: u64,
 }
 
 impl ShardedOperator {
@@ -167,11 +243,27 @@ impl ShardedOperator {
         if cores.len() <= operators.len() || usable != cores.len() {
             cores.clear();
         }
+        let n = operators.len();
+        // peer_tx[from][to] and peer_rx[to][from]: a ring between every ordered pair.
+        let mut peer_tx: Vec<Vec<Option<rtrb::Producer<Part>>>> =
+            (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
+        let mut peer_rx: Vec<Vec<Option<Consumer<Part>>>> =
+            (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
+        for from in 0..n {
+            for to in (0..n).filter(|&to| to != from) {
+                let (tx, rx) = RingBuffer::new(PEER_RING_SLOTS);
+                peer_tx[from][to] = Some(tx);
+                peer_rx[to][from] = Some(rx);
+            }
+        }
+        let threads: Arc<[OnceLock<Thread>]> = (0..n).map(|_| OnceLock::new()).collect();
         let mut shards = Vec::new();
-        for (i, op) in operators.into_iter().enumerate() {
+        for (((i, op), peers_out), peers_in) in
+            operators.into_iter().enumerate().zip(peer_tx).zip(peer_rx)
+        {
             let (tx, reactor_rx) = RingBuffer::new(RING_SLOTS);
-            // Each input yields at most one output message, so the output ring never
-            // holds more than the input ring plus the control replies.
+            // A reactor sends at most one message before it takes the next: the output
+            // ring only bounds how far it may run ahead of the pipeline thread.
             let (reactor_tx, rx) = RingBuffer::new(RING_SLOTS + 4);
             let stats = Arc::new(ReactorStats::default());
             // Reactors of all queries take the cores in turn, not each from the first.
@@ -180,11 +272,25 @@ impl ShardedOperator {
             let wal = wals.next();
             let wal_index = wal.as_ref().map(|w| w.index);
             let reactor = Reactor {
+                index: i,
                 op: Some(op),
                 rx: reactor_rx,
                 tx: reactor_tx,
                 stats: Arc::clone(&stats),
                 wal,
+                pending: None,
+                peers_out: peers_out
+                    .into_iter()
+                    .map(|tx| tx.map(|tx| PeerOut { tx, pending: None }))
+                    .collect(),
+                peers_in,
+                threads: Arc::clone(&threads),
+                stream_watermark: i64::MIN,
+                queue: VecDeque::with_capacity(APPLY_QUEUE_ITEMS),
+                applied: 0,
+                out: Vec::new(),
+                late: Vec::new(),
+                routed: Vec::new(),
             };
             let join = std::thread::Builder::new()
                 .name(format!("laminar-reactor-{i}"))
@@ -194,6 +300,7 @@ impl ShardedOperator {
                     }
                     reactor.run();
                 })?;
+            let _ = threads[i].set(join.thread().clone());
             shards.push(Shard {
                 tx,
                 rx,
@@ -218,6 +325,7 @@ impl ShardedOperator {
             late: Vec::new(),
             last_tick: None,
             blocked: Duration::ZERO,
+            batches: 0,
         })
     }
 
@@ -258,8 +366,9 @@ impl ShardedOperator {
         (0..self.shards.len()).try_for_each(|i| self.drain(i))
     }
 
-    /// Puts `message` on reactor `i`'s ring, waiting (and taking its output meanwhile)
-    /// while the ring is full.
+    /// Puts `message` on reactor `i`'s ring, waiting (and taking every reactor's output
+    /// meanwhile: reactor `i` may wait on a peer that waits on its output ring) while the
+    /// ring is full.
     fn send(&mut self, i: usize, mut message: Input) -> Result<(), DataFusionError> {
         let mut backoff = Backoff::default();
         let mut waiting_since = None;
@@ -275,7 +384,7 @@ impl ShardedOperator {
                 Err(PushError::Full(m)) => message = m,
             }
             waiting_since.get_or_insert_with(Instant::now);
-            self.drain(i)?;
+            self.drain_all()?;
             backoff.wait(WAIT_PARK);
         }
     }
@@ -373,11 +482,18 @@ impl Operator for ShardedOperator {
         out: &mut Vec<RecordBatch>,
         late: &mut Vec<LateRows>,
     ) -> Result<(), DataFusionError> {
-        let sent = Instant::now();
-        self.broadcast(|| Input::Batch {
-            batch: batch.clone(),
-            sent,
-        })?;
+        // Batches go to the reactors in turn, so each knows which peer has the next.
+        let seq = self.batches;
+        self.batches += 1;
+        let i = (seq % self.shards.len() as u64) as usize;
+        self.send(
+            i,
+            Input::Batch {
+                batch: batch.clone(),
+                seq,
+                sent: Instant::now(),
+            },
+        )?;
         self.drain_all()?;
         self.hand_out(out, late);
         Ok(())
@@ -388,7 +504,8 @@ impl Operator for ShardedOperator {
         watermark: i64,
         out: &mut Vec<RecordBatch>,
     ) -> Result<(), DataFusionError> {
-        self.broadcast(|| Input::Watermark(watermark))?;
+        let after = self.batches;
+        self.broadcast(|| Input::Watermark { watermark, after })?;
         self.drain_all()?;
         out.append(&mut self.out);
         Ok(())
@@ -404,7 +521,8 @@ impl Operator for ShardedOperator {
             .is_none_or(|t| now.duration_since(t) >= TICK_INTERVAL)
         {
             self.last_tick = Some(now);
-            self.broadcast(|| Input::Tick(now))?;
+            let after = self.batches;
+            self.broadcast(|| Input::Tick { now, after })?;
         }
         self.drain_all()?;
         out.append(&mut self.out);
@@ -419,7 +537,8 @@ impl Operator for ShardedOperator {
         for shard in &mut self.shards {
             shard.flush_target = shard.flushed + 1;
         }
-        self.broadcast(|| Input::Flush)?;
+        let after = self.batches;
+        self.broadcast(|| Input::Flush { after })?;
         self.wait_all(|s| s.flushed >= s.flush_target)?;
         self.hand_out(out, late);
         Ok(())
@@ -554,117 +673,296 @@ fn checkpoint(
     Ok(LoggedChanges { ops, log })
 }
 
-/// One reactor thread: runs its operator on what arrives, sends back what it emits.
+/// A ring to a peer reactor, and the one message waiting for room on it.
+struct PeerOut {
+    tx: rtrb::Producer<Part>,
+    pending: Option<Part>,
+}
+
+/// One reactor thread: prepares the batches the pipeline sends it and routes their rows
+/// by key, folds in its own rows and its peers' in input order, sends back what it emits.
 struct Reactor {
+    index: usize,
     op: Option<Box<dyn Operator>>,
     rx: Consumer<Input>,
     tx: rtrb::Producer<Output>,
     stats: Arc<ReactorStats>,
     wal: Option<ReactorWal>,
+    /// An output message waiting for room on the output ring.
+    pending: Option<Output>,
+    /// By reactor index; `None` at this reactor's own.
+    peers_out: Vec<Option<PeerOut>>,
+    peers_in: Vec<Option<Consumer<Part>>>,
+    /// Every reactor's thread, to wake a peer that has a message.
+    threads: Arc<[OnceLock<Thread>]>,
+    /// The pipeline's watermark as of the last message taken: rows of the batches it
+    /// sends from now on are judged late against it.
+    stream_watermark: i64,
+    /// Prepared, not yet folded in, in input order.
+    queue: VecDeque<Item>,
+    /// Batches folded in (this reactor's rows of them).
+    applied: u64,
+    out: Vec<RecordBatch>,
+    late: Vec<LateRows>,
+    routed: Vec<(usize, KeyedRows)>,
+}
+
+/// What a reactor's step did.
+enum Step {
+    Worked,
+    Idle,
+    /// Waiting for room on a ring.
+    Blocked,
+    Stop,
 }
 
 impl Reactor {
     fn run(mut self) {
-        let (mut out, mut late) = (Vec::new(), Vec::new());
+        let mut backoff = Backoff::default();
         loop {
-            let Some(message) = self.next() else { return };
-            let started = Instant::now();
-            let result = match (message, self.op.as_mut()) {
-                (Input::Return(op), None) => {
-                    self.op = Some(op);
-                    self.publish();
-                    continue;
-                }
-                (Input::Lend, Some(_)) => {
-                    let Some(op) = self.op.take() else { return };
-                    if !self.send(Output::Lent(op)) {
-                        return;
-                    }
-                    continue;
-                }
-                (Input::Flush, Some(_)) => {
-                    if !self.send(Output::Flushed) {
-                        return;
-                    }
-                    continue;
-                }
-                (Input::Checkpoint { epoch, retain_from }, Some(op)) => {
-                    let result = checkpoint(op.as_mut(), &mut self.wal, epoch, retain_from);
-                    self.publish();
-                    self.stats
-                        .busy_ns
-                        .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                    if !self.send(Output::Checkpointed(result)) {
-                        return;
-                    }
-                    continue;
-                }
-                (Input::Batch { batch, sent }, Some(op)) => {
-                    let result = op.process_batch(&batch, &mut out, &mut late);
-                    self.stats
-                        .latency
-                        .record(sent.elapsed().as_nanos() as u64, batch.num_rows() as u64);
-                    result
-                }
-                (Input::Watermark(w), Some(op)) => op.handle_watermark(w, &mut out),
-                (Input::Tick(now), Some(op)) => op.handle_tick(now, &mut out),
-                (_, _) => Err(DataFusionError::Internal(
-                    "a reactor got a message out of order (operator lent or not)".into(),
-                )),
-            };
-            self.publish();
-            if let Err(e) = result {
-                self.send(Output::Failed(e.strip_backtrace()));
-                return;
+            match self.step() {
+                Step::Worked => backoff = Backoff::default(),
+                Step::Idle => backoff.wait(REACTOR_PARK),
+                Step::Blocked => backoff.wait(WAIT_PARK),
+                Step::Stop => return,
             }
-            if !out.is_empty() || !late.is_empty() {
-                let rows = Output::Rows {
-                    out: std::mem::take(&mut out),
-                    late: std::mem::take(&mut late),
-                };
-                if !self.send(rows) {
+        }
+    }
+
+    /// Pushes what waits for room; folds in the next item when it can, else (with
+    /// nothing waiting for a peer and room in the queue) takes the pipeline's next
+    /// message. One operator call per step, so what waits is at most one message per
+    /// destination.
+    fn step(&mut self) -> Step {
+        if self.tx.is_abandoned() {
+            return Step::Stop;
+        }
+        let pushed = self.push_pending();
+        if self.pending.is_some() {
+            return if pushed { Step::Worked } else { Step::Blocked };
+        }
+        let started = Instant::now();
+        let result = if let Some(result) = self.fold_in() {
+            result
+        } else if self.queue.len() >= APPLY_QUEUE_ITEMS
+            || self.peers_out.iter().flatten().any(|p| p.pending.is_some())
+        {
+            return if pushed { Step::Worked } else { Step::Blocked };
+        } else {
+            match self.rx.pop() {
+                Ok(message) => self.take_input(message),
+                Err(_) if self.rx.is_abandoned() => return Step::Stop,
+                Err(_) => return if pushed { Step::Worked } else { Step::Idle },
+            }
+        };
+        self.publish();
+        self.stats
+            .busy_ns
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        match result {
+            Ok(true) => {}
+            Ok(false) => return Step::Stop,
+            Err(e) => {
+                self.pending = Some(Output::Failed(e.strip_backtrace()));
+                self.push_pending_blocking();
+                return Step::Stop;
+            }
+        }
+        if self.pending.is_none() && (!self.out.is_empty() || !self.late.is_empty()) {
+            self.pending = Some(Output::Rows {
+                out: std::mem::take(&mut self.out),
+                late: std::mem::take(&mut self.late),
+            });
+        }
+        Step::Worked
+    }
+
+    /// Pushes the waiting messages that have room; whether any went.
+    fn push_pending(&mut self) -> bool {
+        let mut pushed = false;
+        if let Some(message) = self.pending.take() {
+            match self.tx.push(message) {
+                Ok(()) => pushed = true,
+                Err(PushError::Full(m)) => self.pending = Some(m),
+            }
+        }
+        for (i, peer) in self.peers_out.iter_mut().enumerate() {
+            let Some(peer) = peer else { continue };
+            if peer.tx.is_abandoned() {
+                // That reactor stopped; the pipeline reports it.
+                peer.pending = None;
+            }
+            if let Some(message) = peer.pending.take() {
+                match peer.tx.push(message) {
+                    Ok(()) => {
+                        pushed = true;
+                        if let Some(thread) = self.threads[i].get() {
+                            thread.unpark();
+                        }
+                    }
+                    Err(PushError::Full(m)) => peer.pending = Some(m),
+                }
+            }
+        }
+        pushed
+    }
+
+    /// Sends the waiting output message, waiting while the output ring is full.
+    fn push_pending_blocking(&mut self) {
+        let mut backoff = Backoff::default();
+        while let Some(message) = self.pending.take() {
+            if let Err(PushError::Full(m)) = self.tx.push(message) {
+                if self.tx.is_abandoned() {
                     return;
                 }
+                self.pending = Some(m);
+                backoff.wait(WAIT_PARK);
             }
-            self.stats
-                .busy_ns
-                .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         }
+    }
+
+    /// Folds in the next item of the input order, if it is here: the front of the
+    /// queue when its turn has come, else the rows of the next batch from the peer that
+    /// routed it. `None`: nothing to fold in yet.
+    fn fold_in(&mut self) -> Option<Result<bool, DataFusionError>> {
+        let op = self.op.as_mut()?;
+        let front = self.queue.front()?;
+        if front.position() > self.applied {
+            // Batch `applied` went to a peer: its rows of it come from there.
+            let from = (self.applied % self.peers_in.len() as u64) as usize;
+            let Some(rx) = self.peers_in[from].as_mut() else {
+                panic!(
+                    "batch {} is reactor {}'s own but not queued",
+                    self.applied, self.index
+                );
+            };
+            let part = rx.pop().ok()?;
+            assert_eq!(
+                part.seq, self.applied,
+                "rows of batches in order from a peer"
+            );
+            self.applied += 1;
+            let Some(rows) = part.rows else {
+                return Some(Ok(true));
+            };
+            let count = rows.rows.num_rows() as u64;
+            let result = op.process_keyed(rows, &mut self.out, &mut self.late);
+            self.stats
+                .latency
+                .record(part.sent.elapsed().as_nanos() as u64, count);
+            return Some(result.map(|()| true));
+        }
+        let item = self.queue.pop_front()?;
+        Some(match item {
+            Item::Own {
+                rows, sent, count, ..
+            } => {
+                self.applied += 1;
+                let result = rows.map_or(Ok(()), |rows| {
+                    op.process_keyed(rows, &mut self.out, &mut self.late)
+                });
+                self.stats
+                    .latency
+                    .record(sent.elapsed().as_nanos() as u64, count);
+                result.map(|()| true)
+            }
+            Item::Watermark { watermark, .. } => {
+                op.handle_watermark(watermark, &mut self.out).map(|()| true)
+            }
+            Item::Tick { now, .. } => op.handle_tick(now, &mut self.out).map(|()| true),
+            Item::Flush { .. } => {
+                self.pending = Some(Output::Flushed);
+                Ok(true)
+            }
+        })
+    }
+
+    /// Handles one message from the pipeline; `Ok(false)` stops the reactor.
+    fn take_input(&mut self, message: Input) -> Result<bool, DataFusionError> {
+        match (message, self.op.as_mut()) {
+            (Input::Return(op), None) => {
+                self.op = Some(op);
+            }
+            (Input::Lend, Some(_)) => {
+                debug_assert!(
+                    self.queue.is_empty(),
+                    "lent between a flush and the next input"
+                );
+                let Some(op) = self.op.take() else {
+                    return Ok(false);
+                };
+                self.pending = Some(Output::Lent(op));
+            }
+            (Input::Checkpoint { epoch, retain_from }, Some(op)) => {
+                debug_assert!(
+                    self.queue.is_empty(),
+                    "checkpointed between a flush and the next input"
+                );
+                let result = checkpoint(op.as_mut(), &mut self.wal, epoch, retain_from);
+                self.pending = Some(Output::Checkpointed(result));
+            }
+            (Input::Batch { batch, seq, sent }, Some(op)) => {
+                let result = op.route_batch(
+                    &batch,
+                    self.stream_watermark,
+                    &mut self.late,
+                    &mut self.routed,
+                );
+                let mut own = None;
+                let mut routed = 0;
+                for (to, rows) in self.routed.drain(..) {
+                    if to == self.index {
+                        own = Some(rows);
+                        continue;
+                    }
+                    routed += rows.rows.num_rows() as u64;
+                    let Some(peer) = self.peers_out[to].as_mut() else {
+                        panic!("rows routed to reactor {to}: not a peer");
+                    };
+                    assert!(peer.pending.is_none(), "one part per peer and batch");
+                    peer.pending = Some(Part {
+                        seq,
+                        rows: Some(rows),
+                        sent,
+                    });
+                }
+                // Every peer hears of every batch, so it knows when it has all rows of it.
+                for peer in self.peers_out.iter_mut().flatten() {
+                    peer.pending.get_or_insert(Part {
+                        seq,
+                        rows: None,
+                        sent,
+                    });
+                }
+                self.push_pending();
+                result?;
+                self.queue.push_back(Item::Own {
+                    seq,
+                    rows: own,
+                    sent,
+                    count: (batch.num_rows() as u64).saturating_sub(routed),
+                });
+            }
+            (Input::Watermark { watermark, after }, Some(_)) => {
+                self.stream_watermark = self.stream_watermark.max(watermark);
+                self.queue.push_back(Item::Watermark { watermark, after });
+            }
+            (Input::Tick { now, after }, Some(_)) => {
+                self.queue.push_back(Item::Tick { now, after });
+            }
+            (Input::Flush { after }, Some(_)) => self.queue.push_back(Item::Flush { after }),
+            (_, _) => {
+                return Err(DataFusionError::Internal(
+                    "a reactor got a message out of order (operator lent or not)".into(),
+                ));
+            }
+        }
+        Ok(true)
     }
 
     fn publish(&self) {
         if let Some(op) = &self.op {
             publish(op.as_ref(), &self.stats);
-        }
-    }
-
-    /// The next message; `None` once the pipeline dropped the ring.
-    fn next(&mut self) -> Option<Input> {
-        let mut backoff = Backoff::default();
-        loop {
-            if let Ok(message) = self.rx.pop() {
-                return Some(message);
-            }
-            if self.rx.is_abandoned() {
-                return None;
-            }
-            backoff.wait(REACTOR_PARK);
-        }
-    }
-
-    /// Sends `message`, waiting while the output ring is full; false once the pipeline
-    /// is gone.
-    fn send(&mut self, mut message: Output) -> bool {
-        let mut backoff = Backoff::default();
-        loop {
-            match self.tx.push(message) {
-                Ok(()) => return true,
-                Err(PushError::Full(m)) => message = m,
-            }
-            if self.tx.is_abandoned() {
-                return false;
-            }
-            backoff.wait(WAIT_PARK);
         }
     }
 }
@@ -750,18 +1048,42 @@ mod tests {
     use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
     use datafusion::error::DataFusionError;
 
-    use super::{RING_SLOTS, ShardedOperator};
-    use crate::operator::{LateRows, Operator};
+    use std::sync::Mutex;
 
-    /// Counts the rows of its shard (value % count == index); each watermark emits one
-    /// row with the count so far. Can be slowed down, made to fail or to panic.
+    use super::{PEER_RING_SLOTS, RING_SLOTS, ShardedOperator};
+    use crate::operator::{KeyedRows, LateRows, Operator};
+
+    /// Counts the rows of its shard (value % count == index), routing the others to
+    /// theirs; each watermark emits one row with the count so far and notes, in `seen`,
+    /// (shard, watermark, rows below the watermark taken). Can be slowed down, made to
+    /// fail or to panic.
     struct Counter {
         shard: (usize, usize),
         rows: i64,
+        values: Vec<i64>,
         batches: u64,
         delay: Duration,
         fail_at_batch: Option<u64>,
         panic_at_batch: Option<u64>,
+        seen: Arc<Mutex<Vec<(usize, i64, usize)>>>,
+    }
+
+    fn values(batch: &RecordBatch) -> &[i64] {
+        arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(batch.column(0)).values()
+    }
+
+    impl Counter {
+        fn owns(&self, v: i64) -> bool {
+            v as usize % self.shard.1 == self.shard.0
+        }
+
+        fn take(&mut self, batch: &RecordBatch) {
+            for &v in values(batch) {
+                assert!(self.owns(v), "shard {:?} got {v}", self.shard);
+                self.rows += 1;
+                self.values.push(v);
+            }
+        }
     }
 
     fn schema() -> SchemaRef {
@@ -795,9 +1117,18 @@ mod tests {
         }
         fn process_batch(
             &mut self,
-            batch: &RecordBatch,
+            _batch: &RecordBatch,
             _out: &mut Vec<RecordBatch>,
             _late: &mut Vec<LateRows>,
+        ) -> Result<(), DataFusionError> {
+            unreachable!("a shard takes its rows through route_batch")
+        }
+        fn route_batch(
+            &mut self,
+            batch: &RecordBatch,
+            watermark: i64,
+            _late: &mut Vec<LateRows>,
+            routed: &mut Vec<(usize, KeyedRows)>,
         ) -> Result<(), DataFusionError> {
             self.batches += 1;
             std::thread::sleep(self.delay);
@@ -808,21 +1139,49 @@ mod tests {
                 self.panic_at_batch != Some(self.batches),
                 "counter panicked"
             );
-            let values =
-                arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(batch.column(0));
-            let (index, count) = self.shard;
-            self.rows += values
-                .values()
-                .iter()
-                .filter(|&&v| v as usize % count == index)
-                .count() as i64;
+            let count = self.shard.1;
+            for shard in 0..count {
+                let rows: Vec<u32> = (0..batch.num_rows() as u32)
+                    .filter(|&r| values(batch)[r as usize] as usize % count == shard)
+                    .collect();
+                let rows = arrow::compute::take_record_batch(
+                    batch,
+                    &arrow::array::UInt32Array::from(rows),
+                )
+                .unwrap();
+                if rows.num_rows() > 0 {
+                    routed.push((
+                        shard,
+                        KeyedRows {
+                            rows,
+                            keys: None,
+                            watermark,
+                        },
+                    ));
+                }
+            }
+            Ok(())
+        }
+        fn process_keyed(
+            &mut self,
+            rows: KeyedRows,
+            _out: &mut Vec<RecordBatch>,
+            _late: &mut Vec<LateRows>,
+        ) -> Result<(), DataFusionError> {
+            std::thread::sleep(self.delay);
+            self.take(&rows.rows);
             Ok(())
         }
         fn handle_watermark(
             &mut self,
-            _watermark: i64,
+            watermark: i64,
             out: &mut Vec<RecordBatch>,
         ) -> Result<(), DataFusionError> {
+            let below = self.values.iter().filter(|&&v| v < watermark).count();
+            self.seen
+                .lock()
+                .unwrap()
+                .push((self.shard.0, watermark, below));
             out.push(
                 RecordBatch::try_new(schema(), vec![Arc::new(Int64Array::from(vec![self.rows]))])
                     .unwrap(),
@@ -852,6 +1211,8 @@ mod tests {
         Counter {
             shard: (0, 1),
             rows: 0,
+            values: Vec::new(),
+            seen: Arc::default(),
             batches: 0,
             delay: Duration::ZERO,
             fail_at_batch: None,
@@ -886,6 +1247,38 @@ mod tests {
     }
 
     #[test]
+    fn a_watermark_takes_effect_on_a_reactor_only_once_the_rows_routed_to_it_before_it_arrived() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        // Reactor 0 is slow: the rows it routes to the others reach them late.
+        let mut op = counters(3, |i| Counter {
+            delay: if i == 0 {
+                Duration::from_micros(300)
+            } else {
+                Duration::ZERO
+            },
+            seen: Arc::clone(&seen),
+            ..plain(i)
+        });
+        let (mut out, mut late) = (Vec::new(), Vec::new());
+        for i in 0..300 {
+            op.process_batch(&batch(i * 10..(i + 1) * 10), &mut out, &mut late)
+                .unwrap();
+            op.handle_watermark((i + 1) * 10, &mut out).unwrap();
+        }
+        op.flush(&mut out, &mut late).unwrap();
+        let seen = seen.lock().unwrap();
+        assert!(seen.len() >= 3, "{seen:?}");
+        for &(shard, watermark, below) in seen.iter() {
+            // Values below the watermark of this shard: value % 3 == shard.
+            let expected = (0..watermark).filter(|v| v % 3 == shard as i64).count();
+            assert_eq!(below, expected, "shard {shard} at watermark {watermark}");
+        }
+        // Every reactor took every watermark, in its place among the batches.
+        assert_eq!(seen.len(), 3 * 300);
+        assert_eq!(op.state_groups(), 3000);
+    }
+
+    #[test]
     fn a_slow_reactor_holds_the_caller_back_instead_of_queueing_without_bound() {
         let delay = Duration::from_millis(5);
         let mut op = counters(2, |i| Counter {
@@ -893,17 +1286,21 @@ mod tests {
             ..plain(i)
         });
         let (mut out, mut late) = (Vec::new(), Vec::new());
-        let batches = 3 * RING_SLOTS;
+        let batches = 4 * RING_SLOTS;
         let started = Instant::now();
         for i in 0..batches as i64 {
             op.process_batch(&batch(i * 10..(i + 1) * 10), &mut out, &mut late)
                 .unwrap();
         }
-        // The caller returns only once all but a ring's worth of batches were taken.
+        // Every batch has rows of reactor 1's, taken one at a time whether sent to it or
+        // routed to it by reactor 0: the caller returns only once all but what the rings
+        // hold (two input rings, the peer ring, a message waiting in each reactor) were
+        // taken.
         let held = started.elapsed();
+        let buffered = 2 * RING_SLOTS + PEER_RING_SLOTS + 4;
         assert!(
-            held >= delay * (batches - RING_SLOTS - 1) as u32,
-            "returned after {held:?}: the ring is not bounded"
+            held >= delay * (batches - buffered) as u32,
+            "returned after {held:?}: the rings are not bounded"
         );
         // The wait is reported as backpressure (the idle-partition clock leaves it out).
         let blocked = op.take_blocked();

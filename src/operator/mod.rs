@@ -31,6 +31,17 @@ pub struct ReactorSample {
     pub ring_messages: usize,
 }
 
+/// Rows of a query split by key, on their way to the reactor that owns their keys: the
+/// query's input rows as the reactor that received them prepared them (windows assigned,
+/// filtered), their encoded group keys, and the pipeline's watermark as of their batch,
+/// against which they were judged on time.
+#[derive(Debug)]
+pub struct KeyedRows {
+    pub rows: RecordBatch,
+    pub keys: Option<arrow::row::Rows>,
+    pub watermark: i64,
+}
+
 /// Rows that arrived after their window closed, with the reason.
 #[derive(Debug, Clone)]
 pub struct LateRows {
@@ -70,10 +81,41 @@ pub trait Operator: Send {
         Ok(())
     }
     /// Makes this copy of the query responsible for the groups whose key hashes to shard
-    /// `index` of `count` (input rows of other keys are ignored, state of other keys is
-    /// not restored); false when the operator cannot be split by key.
+    /// `index` of `count` (rows of other keys are routed to their shard by
+    /// [`Operator::route_batch`], state of other keys is not restored); false when the
+    /// operator cannot be split by key.
     fn shard(&mut self, _index: usize, _count: usize) -> bool {
         false
+    }
+    /// For a copy made a shard ([`Operator::shard`]): prepares the rows of `batch` for
+    /// the update (windows, filters, group keys), moving those late by `watermark` (the
+    /// pipeline's, as of this batch) to `late`, and appends what each shard is to fold
+    /// in to `routed`, at most one [`KeyedRows`] per shard. Changes no state: the rows
+    /// are folded in by [`Operator::process_keyed`], on the owning shard, in input order.
+    fn route_batch(
+        &mut self,
+        _batch: &RecordBatch,
+        _watermark: i64,
+        _late: &mut Vec<LateRows>,
+        _routed: &mut Vec<(usize, KeyedRows)>,
+    ) -> Result<(), DataFusionError> {
+        Err(DataFusionError::Internal(format!(
+            "query `{}` cannot route rows by key",
+            self.name()
+        )))
+    }
+    /// Folds in rows [`Operator::route_batch`] routed to this shard (rows of other keys
+    /// among them are skipped).
+    fn process_keyed(
+        &mut self,
+        _rows: KeyedRows,
+        _out: &mut Vec<RecordBatch>,
+        _late: &mut Vec<LateRows>,
+    ) -> Result<(), DataFusionError> {
+        Err(DataFusionError::Internal(format!(
+            "query `{}` cannot take routed rows",
+            self.name()
+        )))
     }
     /// Time spent waiting for room on another thread (a full reactor ring) since the last
     /// call: backpressure, during which no source could be read.

@@ -30,7 +30,7 @@ use rustc_hash::FxHashMap;
 
 use super::accumulator::{Acc, AggregateSpec, ArgValues};
 use super::window::WindowKind;
-use super::{LateRows, Operator, Step, explain_steps, run_steps};
+use super::{KeyedRows, LateRows, Operator, Step, explain_steps, run_steps};
 use crate::config::EmitPolicy;
 use crate::state::codec::{CodecError, Reader, Writer, from_ordered_i64, ordered_i64};
 use crate::state::{StateError, StateView};
@@ -362,42 +362,114 @@ impl WindowAggregateOperator {
         )?)
     }
 
-    /// Moves rows whose fixed window has closed to `late`, whole (every input column and
-    /// its window), and returns the rest.
+    /// Moves rows whose fixed window has closed by `watermark` to `late`, whole (every
+    /// input column and its window), and returns the rest.
     fn split_late(
         &self,
         windowed: RecordBatch,
+        watermark: i64,
         late: &mut Vec<LateRows>,
     ) -> Result<RecordBatch, DataFusionError> {
         let ends = windowed
             .column(windowed.num_columns() - 1)
             .as_primitive::<TimestampMillisecondType>();
-        if !ends
-            .values()
-            .iter()
-            .any(|&end| self.closes(end, self.watermark))
-        {
+        if !ends.values().iter().any(|&end| self.closes(end, watermark)) {
             return Ok(windowed);
         }
         let is_late: BooleanArray = ends
             .values()
             .iter()
-            .map(|&end| Some(self.closes(end, self.watermark)))
+            .map(|&end| Some(self.closes(end, watermark)))
             .collect();
-        // Every copy sees every row: one of them reports the late ones.
-        if self.shard.is_none_or(|(index, _)| index == 0) {
-            late.push(LateRows {
-                rows: filter_record_batch(&windowed, &is_late)?,
-                reason: format!(
-                    "late: its window closed at watermark {} (allowed_lateness_ms {})",
-                    self.watermark, self.plan.allowed_lateness_ms
-                ),
-            });
-        }
+        late.push(LateRows {
+            rows: filter_record_batch(&windowed, &is_late)?,
+            reason: self.late_reason(watermark),
+        });
         Ok(filter_record_batch(
             &windowed,
             &arrow::compute::not(&is_late)?,
         )?)
+    }
+
+    fn late_reason(&self, watermark: i64) -> String {
+        format!(
+            "late: its window closed at watermark {watermark} (allowed_lateness_ms {})",
+            self.plan.allowed_lateness_ms
+        )
+    }
+
+    /// The rows of `batch` as the update takes them: once per window they fall in, those
+    /// late by `watermark` moved to `late`, the query's filters and projections applied.
+    fn prepare(
+        &self,
+        batch: &RecordBatch,
+        watermark: i64,
+        late: &mut Vec<LateRows>,
+    ) -> Result<RecordBatch, DataFusionError> {
+        let mut windowed = self.assign(batch)?;
+        if !matches!(self.plan.kind, WindowKind::Session { .. }) {
+            windowed = self.split_late(windowed, watermark, late)?;
+        }
+        run_steps(&self.plan.pre_steps, &windowed)
+    }
+
+    /// Each row's group key, row-encoded; `None` without GROUP BY keys.
+    fn encode_keys(&self, input: &RecordBatch) -> Result<Option<Rows>, DataFusionError> {
+        if self.plan.keys.is_empty() {
+            return Ok(None);
+        }
+        let arrays = self
+            .plan
+            .keys
+            .iter()
+            .map(|k| k.evaluate(input)?.into_array(input.num_rows()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Some(self.key_converter.convert_columns(&arrays)?))
+    }
+
+    /// Folds the prepared rows of `input` whose keys this copy owns into their groups,
+    /// judging lateness by `watermark`, and emits what the EMIT policy says to.
+    fn update(
+        &mut self,
+        input: &RecordBatch,
+        keys: Option<&Rows>,
+        watermark: i64,
+        out: &mut Vec<RecordBatch>,
+        late: &mut Vec<LateRows>,
+    ) -> Result<(), DataFusionError> {
+        let starts = self.row_starts(input)?;
+        let mut args = Vec::with_capacity(self.plan.args.len());
+        for ((arg, spec), converter) in self
+            .plan
+            .args
+            .iter()
+            .zip(&self.plan.aggregates)
+            .zip(&self.distinct_converters)
+        {
+            let values = arg
+                .as_ref()
+                .map(|e| e.evaluate(input)?.into_array(input.num_rows()))
+                .transpose()?;
+            args.push(spec.prepare(values.as_ref(), converter.as_ref())?);
+        }
+        let mut late_rows = Vec::new();
+        if matches!(self.plan.kind, WindowKind::Session { .. }) {
+            self.update_sessions(&starts, keys, &args, watermark, &mut late_rows);
+        } else {
+            self.update_fixed(&starts, keys, &args, watermark, &mut late_rows);
+        }
+        if !late_rows.is_empty() {
+            let rows = arrow::compute::take_record_batch(input, &UInt32Array::from(late_rows))?;
+            late.push(LateRows {
+                rows,
+                reason: self.late_reason(watermark),
+            });
+        }
+        self.check_state_size()?;
+        if self.plan.emit == EmitPolicy::OnUpdate {
+            self.emit_dirty(out)?;
+        }
+        Ok(())
     }
 
     /// Drops a closed fixed window from state.
@@ -560,6 +632,7 @@ impl WindowAggregateOperator {
         starts: &[i64],
         keys: Option<&Rows>,
         args: &[ArgValues],
+        watermark: i64,
         late: &mut Vec<u32>,
     ) {
         let n = self.plan.aggregates.len();
@@ -570,7 +643,7 @@ impl WindowAggregateOperator {
                 continue;
             }
             let end = self.plan.kind.end(start);
-            if self.closes(end, self.watermark) {
+            if self.closes(end, watermark) {
                 late.push(row as u32);
                 continue;
             }
@@ -599,6 +672,7 @@ impl WindowAggregateOperator {
         times: &[i64],
         keys: Option<&Rows>,
         args: &[ArgValues],
+        watermark: i64,
         late: &mut Vec<u32>,
     ) {
         let WindowKind::Session { gap_ms } = self.plan.kind else {
@@ -622,7 +696,7 @@ impl WindowAggregateOperator {
             if touching.is_empty()
                 && t.saturating_add(gap_ms)
                     .saturating_add(self.plan.allowed_lateness_ms)
-                    < self.watermark
+                    < watermark
             {
                 late.push(row as u32);
                 if sessions.is_empty() {
@@ -870,61 +944,94 @@ impl Operator for WindowAggregateOperator {
         out: &mut Vec<RecordBatch>,
         late: &mut Vec<LateRows>,
     ) -> Result<(), DataFusionError> {
-        let mut windowed = self.assign(batch)?;
-        if !matches!(self.plan.kind, WindowKind::Session { .. }) {
-            windowed = self.split_late(windowed, late)?;
-        }
-        let input = run_steps(&self.plan.pre_steps, &windowed)?;
+        assert!(
+            self.shard.is_none_or(|(_, count)| count == 1),
+            "a copy split by key takes its rows through route_batch"
+        );
+        let input = self.prepare(batch, self.watermark, late)?;
         if input.num_rows() == 0 {
             return Ok(());
         }
-        let starts = self.row_starts(&input)?;
-        let keys = if self.plan.keys.is_empty() {
-            None
-        } else {
-            let arrays = self
-                .plan
-                .keys
-                .iter()
-                .map(|k| k.evaluate(&input)?.into_array(input.num_rows()))
-                .collect::<Result<Vec<_>, _>>()?;
-            Some(self.key_converter.convert_columns(&arrays)?)
+        let keys = self.encode_keys(&input)?;
+        self.update(&input, keys.as_ref(), self.watermark, out, late)
+    }
+
+    fn route_batch(
+        &mut self,
+        batch: &RecordBatch,
+        watermark: i64,
+        late: &mut Vec<LateRows>,
+        routed: &mut Vec<(usize, KeyedRows)>,
+    ) -> Result<(), DataFusionError> {
+        // Restored state may be ahead of the watermarks this copy has been sent.
+        let watermark = watermark.max(self.watermark);
+        let input = self.prepare(batch, watermark, late)?;
+        if input.num_rows() == 0 {
+            return Ok(());
+        }
+        let keys = self.encode_keys(&input)?;
+        let Some((index, count)) = self.shard else {
+            routed.push((
+                0,
+                KeyedRows {
+                    rows: input,
+                    keys,
+                    watermark,
+                },
+            ));
+            return Ok(());
         };
-        let mut args = Vec::with_capacity(self.plan.args.len());
-        for ((arg, spec), converter) in self
-            .plan
-            .args
-            .iter()
-            .zip(&self.plan.aggregates)
-            .zip(&self.distinct_converters)
-        {
-            let values = arg
-                .as_ref()
-                .map(|e| e.evaluate(&input)?.into_array(input.num_rows()))
-                .transpose()?;
-            args.push(spec.prepare(values.as_ref(), converter.as_ref())?);
+        if let Some(keys) = &keys {
+            let mut shards: Vec<Vec<u32>> = vec![Vec::new(); count];
+            for (row, key) in keys.iter().enumerate() {
+                let shard = super::shard_of_hash(key_hash(key.data()), count);
+                if shard != index {
+                    shards[shard].push(row as u32);
+                }
+            }
+            for (shard, rows) in shards.into_iter().enumerate() {
+                if rows.is_empty() {
+                    continue;
+                }
+                let bytes = rows
+                    .iter()
+                    .map(|&r| keys.row(r as usize).data().len())
+                    .sum();
+                let mut shard_keys = self.key_converter.empty_rows(rows.len(), bytes);
+                for &r in &rows {
+                    shard_keys.push(keys.row(r as usize));
+                }
+                let rows = arrow::compute::take_record_batch(&input, &UInt32Array::from(rows))?;
+                routed.push((
+                    shard,
+                    KeyedRows {
+                        rows,
+                        keys: Some(shard_keys),
+                        watermark,
+                    },
+                ));
+            }
         }
-        let mut late_rows = Vec::new();
-        if matches!(self.plan.kind, WindowKind::Session { .. }) {
-            self.update_sessions(&starts, keys.as_ref(), &args, &mut late_rows);
-        } else {
-            self.update_fixed(&starts, keys.as_ref(), &args, &mut late_rows);
-        }
-        if !late_rows.is_empty() {
-            let rows = arrow::compute::take_record_batch(&input, &UInt32Array::from(late_rows))?;
-            late.push(LateRows {
-                rows,
-                reason: format!(
-                    "late: its window closed at watermark {} (allowed_lateness_ms {})",
-                    self.watermark, self.plan.allowed_lateness_ms
-                ),
-            });
-        }
-        self.check_state_size()?;
-        if self.plan.emit == EmitPolicy::OnUpdate {
-            self.emit_dirty(out)?;
-        }
+        // This copy's own rows stay in the whole batch: the update skips the others.
+        routed.push((
+            index,
+            KeyedRows {
+                rows: input,
+                keys,
+                watermark,
+            },
+        ));
         Ok(())
+    }
+
+    fn process_keyed(
+        &mut self,
+        rows: KeyedRows,
+        out: &mut Vec<RecordBatch>,
+        late: &mut Vec<LateRows>,
+    ) -> Result<(), DataFusionError> {
+        let watermark = rows.watermark.max(self.watermark);
+        self.update(&rows.rows, rows.keys.as_ref(), watermark, out, late)
     }
 
     fn handle_watermark(
