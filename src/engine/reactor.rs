@@ -17,7 +17,7 @@
 //! the watermarks, ticks and flushes in their places among the batches. So each key's
 //! state lives on one core, rows are judged late against the watermark as of their
 //! batch, windows close after every row before the watermark is in, and the output is
-//! the same as on one thread for any number of cores (on_update changes of different
+//! the same as on one thread for any number of cores (`on_update` changes of different
 //! keys may interleave differently across reactors).
 //!
 //! Every ring is a bounded single-producer single-consumer queue ([`rtrb`], lock-free),
@@ -81,15 +81,9 @@ enum Input {
         seq: u64,
         sent: Instant,
     },
-    Watermark {
-        watermark: i64,
-        after: u64,
-    },
-    Tick {
-        now: Instant,
-        after: u64,
-    },
-    Flush {
+    /// A control message in its place among the batches.
+    Control {
+        control: Control,
         after: u64,
     },
     /// Write the operator's changes of `epoch` (to the reactor's WAL, when it has one);
@@ -100,6 +94,15 @@ enum Input {
     },
     Lend,
     Return(Box<dyn Operator>),
+}
+
+/// What a reactor takes in its place among the batches.
+#[derive(Clone, Copy)]
+enum Control {
+    Watermark(i64),
+    Tick(Instant),
+    /// Answered with `Flushed` once every batch before it is folded in.
+    Flush,
 }
 
 /// From one reactor to another: its rows of batch `seq` (`None`: it had none), for every
@@ -119,15 +122,8 @@ enum Item {
         sent: Instant,
         count: u64,
     },
-    Watermark {
-        watermark: i64,
-        after: u64,
-    },
-    Tick {
-        now: Instant,
-        after: u64,
-    },
-    Flush {
+    Control {
+        control: Control,
         after: u64,
     },
 }
@@ -137,9 +133,7 @@ impl Item {
     fn position(&self) -> u64 {
         match self {
             Item::Own { seq, .. } => *seq,
-            Item::Watermark { after, .. } | Item::Tick { after, .. } | Item::Flush { after } => {
-                *after
-            }
+            Item::Control { after, .. } => *after,
         }
     }
 }
@@ -393,6 +387,12 @@ impl ShardedOperator {
         (0..self.shards.len()).try_for_each(|i| self.send(i, make()))
     }
 
+    /// Sends `control` to every reactor, placed after the batches sent so far.
+    fn broadcast_control(&mut self, control: Control) -> Result<(), DataFusionError> {
+        let after = self.batches;
+        self.broadcast(|| Input::Control { control, after })
+    }
+
     fn hand_out(&mut self, out: &mut Vec<RecordBatch>, late: &mut Vec<LateRows>) {
         out.append(&mut self.out);
         late.append(&mut self.late);
@@ -504,8 +504,7 @@ impl Operator for ShardedOperator {
         watermark: i64,
         out: &mut Vec<RecordBatch>,
     ) -> Result<(), DataFusionError> {
-        let after = self.batches;
-        self.broadcast(|| Input::Watermark { watermark, after })?;
+        self.broadcast_control(Control::Watermark(watermark))?;
         self.drain_all()?;
         out.append(&mut self.out);
         Ok(())
@@ -521,8 +520,7 @@ impl Operator for ShardedOperator {
             .is_none_or(|t| now.duration_since(t) >= TICK_INTERVAL)
         {
             self.last_tick = Some(now);
-            let after = self.batches;
-            self.broadcast(|| Input::Tick { now, after })?;
+            self.broadcast_control(Control::Tick(now))?;
         }
         self.drain_all()?;
         out.append(&mut self.out);
@@ -537,8 +535,7 @@ impl Operator for ShardedOperator {
         for shard in &mut self.shards {
             shard.flush_target = shard.flushed + 1;
         }
-        let after = self.batches;
-        self.broadcast(|| Input::Flush { after })?;
+        self.broadcast_control(Control::Flush)?;
         self.wait_all(|s| s.flushed >= s.flush_target)?;
         self.hand_out(out, late);
         Ok(())
@@ -866,14 +863,14 @@ impl Reactor {
                     .record(sent.elapsed().as_nanos() as u64, count);
                 result.map(|()| true)
             }
-            Item::Watermark { watermark, .. } => {
-                op.handle_watermark(watermark, &mut self.out).map(|()| true)
-            }
-            Item::Tick { now, .. } => op.handle_tick(now, &mut self.out).map(|()| true),
-            Item::Flush { .. } => {
-                self.pending = Some(Output::Flushed);
-                Ok(true)
-            }
+            Item::Control { control, .. } => match control {
+                Control::Watermark(w) => op.handle_watermark(w, &mut self.out).map(|()| true),
+                Control::Tick(now) => op.handle_tick(now, &mut self.out).map(|()| true),
+                Control::Flush => {
+                    self.pending = Some(Output::Flushed);
+                    Ok(true)
+                }
+            },
         })
     }
 
@@ -943,14 +940,12 @@ impl Reactor {
                     count: (batch.num_rows() as u64).saturating_sub(routed),
                 });
             }
-            (Input::Watermark { watermark, after }, Some(_)) => {
-                self.stream_watermark = self.stream_watermark.max(watermark);
-                self.queue.push_back(Item::Watermark { watermark, after });
+            (Input::Control { control, after }, Some(_)) => {
+                if let Control::Watermark(w) = control {
+                    self.stream_watermark = self.stream_watermark.max(w);
+                }
+                self.queue.push_back(Item::Control { control, after });
             }
-            (Input::Tick { now, after }, Some(_)) => {
-                self.queue.push_back(Item::Tick { now, after });
-            }
-            (Input::Flush { after }, Some(_)) => self.queue.push_back(Item::Flush { after }),
             (_, _) => {
                 return Err(DataFusionError::Internal(
                     "a reactor got a message out of order (operator lent or not)".into(),
