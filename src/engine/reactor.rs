@@ -756,14 +756,10 @@ impl Reactor {
         self.stats
             .busy_ns
             .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        match result {
-            Ok(true) => {}
-            Ok(false) => return Step::Stop,
-            Err(e) => {
-                self.pending = Some(Output::Failed(e.strip_backtrace()));
-                self.push_pending_blocking();
-                return Step::Stop;
-            }
+        if let Err(e) = result {
+            self.pending = Some(Output::Failed(e.strip_backtrace()));
+            self.push_pending_blocking();
+            return Step::Stop;
         }
         if self.pending.is_none() && (!self.out.is_empty() || !self.late.is_empty()) {
             self.pending = Some(Output::Rows {
@@ -821,7 +817,7 @@ impl Reactor {
     /// Folds in the next item of the input order, if it is here: the front of the
     /// queue when its turn has come, else the rows of the next batch from the peer that
     /// routed it. `None`: nothing to fold in yet.
-    fn fold_in(&mut self) -> Option<Result<bool, DataFusionError>> {
+    fn fold_in(&mut self) -> Option<Result<(), DataFusionError>> {
         let op = self.op.as_mut()?;
         let front = self.queue.front()?;
         if front.position() > self.applied {
@@ -840,14 +836,14 @@ impl Reactor {
             );
             self.applied += 1;
             let Some(rows) = part.rows else {
-                return Some(Ok(true));
+                return Some(Ok(()));
             };
             let count = rows.rows.num_rows() as u64;
             let result = op.process_keyed(rows, &mut self.out, &mut self.late);
             self.stats
                 .latency
                 .record(part.sent.elapsed().as_nanos() as u64, count);
-            return Some(result.map(|()| true));
+            return Some(result);
         }
         let item = self.queue.pop_front()?;
         Some(match item {
@@ -861,21 +857,21 @@ impl Reactor {
                 self.stats
                     .latency
                     .record(sent.elapsed().as_nanos() as u64, count);
-                result.map(|()| true)
+                result
             }
             Item::Control { control, .. } => match control {
-                Control::Watermark(w) => op.handle_watermark(w, &mut self.out).map(|()| true),
-                Control::Tick(now) => op.handle_tick(now, &mut self.out).map(|()| true),
+                Control::Watermark(w) => op.handle_watermark(w, &mut self.out),
+                Control::Tick(now) => op.handle_tick(now, &mut self.out),
                 Control::Flush => {
                     self.pending = Some(Output::Flushed);
-                    Ok(true)
+                    Ok(())
                 }
             },
         })
     }
 
-    /// Handles one message from the pipeline; `Ok(false)` stops the reactor.
-    fn take_input(&mut self, message: Input) -> Result<bool, DataFusionError> {
+    /// Handles one message from the pipeline.
+    fn take_input(&mut self, message: Input) -> Result<(), DataFusionError> {
         match (message, self.op.as_mut()) {
             (Input::Return(op), None) => {
                 self.op = Some(op);
@@ -885,10 +881,7 @@ impl Reactor {
                     self.queue.is_empty(),
                     "lent between a flush and the next input"
                 );
-                let Some(op) = self.op.take() else {
-                    return Ok(false);
-                };
-                self.pending = Some(Output::Lent(op));
+                self.pending = self.op.take().map(Output::Lent);
             }
             (Input::Checkpoint { epoch, retain_from }, Some(op)) => {
                 debug_assert!(
@@ -933,11 +926,16 @@ impl Reactor {
                 }
                 self.push_pending();
                 result?;
+                // The own part is the whole prepared batch: its rows less those routed.
+                let count = own
+                    .as_ref()
+                    .map_or(0, |r| r.rows.num_rows() as u64)
+                    .saturating_sub(routed);
                 self.queue.push_back(Item::Own {
                     seq,
                     rows: own,
                     sent,
-                    count: (batch.num_rows() as u64).saturating_sub(routed),
+                    count,
                 });
             }
             (Input::Control { control, after }, Some(_)) => {
@@ -952,7 +950,7 @@ impl Reactor {
                 ));
             }
         }
-        Ok(true)
+        Ok(())
     }
 
     fn publish(&self) {
