@@ -18,7 +18,9 @@ use laminar_connectors::{Source, SourcePoll};
 use rdkafka::Message;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::types::RDKafkaErrorCode;
 
 use crate::config;
 use crate::engine::latency::LatencyHistogram;
@@ -187,8 +189,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     println!(
         "rx: reactor threads (stateless queries run on the pipeline thread); per core: events/s / rx; \
          CPU s: user+system of the whole process (generator, reactors, encoder); p50/p99/p999: \
-         per event, from its batch entering the engine to the query having taken it; \
-         JSON encode of every result included"
+         per event, from its batch entering the engine (at 50% of the rate: from when its \
+         newest event was due, so that waiting behind a window's close counts) to the query \
+         having taken it; JSON encode of every result included"
     );
     Ok(())
 }
@@ -265,16 +268,21 @@ fn engine_only(
     let cpu_before = cpu_seconds();
     let started = Instant::now();
     let mut rows_out = 0;
+    let mut polled = 0u64;
     loop {
         match source.poll(Duration::ZERO)? {
             SourcePoll::Batch(b) => {
+                // Paced, a batch's rows have waited since its newest one was due: behind
+                // a window's close or a slow batch, not only once taken.
+                polled += b.batch.num_rows() as u64;
                 let entered = Instant::now();
-                operator.process_batch(&b.batch, &mut results, &mut late)?;
+                let since = rate_per_s.map_or(entered, |rate| {
+                    let due = Duration::from_secs_f64((polled - 1) as f64 / rate as f64);
+                    (started + due).min(entered)
+                });
+                operator.process_batch_since(&b.batch, since, &mut results, &mut late)?;
                 if reactors == 1 {
-                    latency.record(
-                        entered.elapsed().as_nanos() as u64,
-                        b.batch.num_rows() as u64,
-                    );
+                    latency.record(since.elapsed().as_nanos() as u64, b.batch.num_rows() as u64);
                 }
                 let groups = operator.state_groups();
                 if groups > groups_max {
@@ -481,7 +489,7 @@ fn now_micros() -> u64 {
 }
 
 /// q0 from `bench-lat-in` to `bench-lat-out` (at-least-once) while records are produced
-/// at `rate` per second, each carrying its produce time; a consumer of the output takes
+/// at `rate` per second, each carrying the time it was due; a consumer of the output takes
 /// the difference to its arrival: producer, broker, laminar, broker and consumer.
 fn end_to_end_latency(bootstrap: &str, rate: u64, events: u64) -> anyhow::Result<LatencyHistogram> {
     let yaml = pipeline_yaml(
@@ -496,7 +504,8 @@ fn end_to_end_latency(bootstrap: &str, rate: u64, events: u64) -> anyhow::Result
     config.state.dir = state.display().to_string();
     let planned = sql::plan(&config).map_err(|d| anyhow!("{d}"))?;
     let options = RunOptions {
-        records_max: Some(events),
+        // The measured records and one warm-up record per partition.
+        records_max: Some(events + BENCH_PARTITIONS as u64),
         ..RunOptions::default()
     };
     let pipeline = Pipeline::build(&config, planned, &options)?;
@@ -513,54 +522,107 @@ fn end_to_end_latency(bootstrap: &str, rate: u64, events: u64) -> anyhow::Result
         .set("fetch.wait.max.ms", "1")
         .create()?;
     consumer.subscribe(&["bench-lat-out"])?;
+    // Short requests load the embedded broker, which looks records up by scanning a
+    // partition's requests: at 1 ms it falls behind within seconds.
     let producer: BaseProducer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
-        .set("linger.ms", "1")
+        .set("linger.ms", "5")
         .create()?;
-    // Wait until laminar consumes (its group joined) before the clock starts.
-    let warmup = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < warmup {
-        consumer.poll(Duration::from_millis(50));
+    // The clock starts once a record sent to each partition has come out: laminar reads
+    // every partition and the reader's group has joined (the embedded broker delays a
+    // join by seconds), so that no measured record waits on either.
+    for partition in 0..BENCH_PARTITIONS {
+        let record = BaseRecord::<(), str>::to("bench-lat-in")
+            .partition(partition)
+            .payload(r#"{"auction":-1,"sent_us":0}"#);
+        producer.send(record).map_err(|(e, _)| e)?;
     }
-    let latency = LatencyHistogram::default();
-    let started = Instant::now();
-    let (mut sent, mut seen) = (0u64, 0u64);
-    let deadline = started + Duration::from_secs(events / rate.max(1) + 30);
-    while seen < events && Instant::now() < deadline {
-        let due = ((started.elapsed().as_secs_f64() * rate as f64) as u64).min(events);
-        while sent < due {
-            let payload = format!(r#"{{"auction":{sent},"sent_us":{}}}"#, now_micros());
-            let record = BaseRecord::<(), str>::to("bench-lat-in")
-                .partition((sent % BENCH_PARTITIONS as u64) as i32)
-                .payload(&payload);
-            if producer.send(record).is_err() {
-                break;
-            }
-            sent += 1;
+    let warm_until = Instant::now() + Duration::from_mins(1);
+    let mut warmed = 0;
+    while warmed < BENCH_PARTITIONS {
+        if Instant::now() >= warm_until {
+            return Err(anyhow!(
+                "end-to-end latency: {warmed} of {BENCH_PARTITIONS} warm-up records came out in 60 s"
+            ));
         }
         producer.poll(Duration::ZERO);
-        while let Some(message) = consumer.poll(Duration::from_micros(200)) {
-            let message = message?;
-            let value: serde_json::Value =
-                serde_json::from_slice(message.payload().unwrap_or_default())?;
-            if let Some(sent_us) = value.get("sent_us").and_then(serde_json::Value::as_u64) {
-                latency.record(now_micros().saturating_sub(sent_us) * 1000, 1);
-                seen += 1;
-            }
+        if let Some(message) = consumer.poll(Duration::from_millis(50)) {
+            message?;
+            warmed += 1;
         }
     }
+    // Records go out on a thread of their own, each stamped with the time it was due,
+    // not the time it was sent: a producer that falls behind (the machine is busy) then
+    // counts its delay instead of hiding it (coordinated omission).
+    let started = Instant::now();
+    let started_us = now_micros();
+    let sending = std::thread::spawn(move || -> anyhow::Result<()> {
+        let mut payload = String::new();
+        for i in 0..events {
+            let due = Duration::from_secs_f64(i as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                producer.poll(Duration::ZERO);
+                std::thread::sleep(wait);
+            }
+            payload.clear();
+            let due_us = started_us + due.as_micros() as u64;
+            write!(payload, r#"{{"auction":{i},"sent_us":{due_us}}}"#)?;
+            let mut record = BaseRecord::<(), str>::to("bench-lat-in")
+                .partition((i % BENCH_PARTITIONS as u64) as i32)
+                .payload(&payload);
+            loop {
+                match producer.send(record) {
+                    Ok(()) => break,
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                        record = r;
+                        producer.poll(Duration::from_millis(1));
+                    }
+                    Err((e, _)) => return Err(e.into()),
+                }
+            }
+        }
+        producer.flush(Duration::from_secs(30))?;
+        Ok(())
+    });
+    let latency = LatencyHistogram::default();
+    let mut seen = 0u64;
+    let deadline = started + Duration::from_secs(events / rate.max(1) + 30);
+    while seen < events && Instant::now() < deadline {
+        let Some(message) = consumer.poll(Duration::from_millis(10)) else {
+            continue;
+        };
+        let message = message?;
+        if let Some(sent_us) = sent_us(message.payload().unwrap_or_default()) {
+            latency.record(now_micros().saturating_sub(sent_us) * 1000, 1);
+            seen += 1;
+        }
+    }
+    let sent = sending
+        .join()
+        .map_err(|_| anyhow!("the latency producer panicked"))?;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let summary = running
         .join()
         .map_err(|_| anyhow!("the latency pipeline panicked"))?;
     let _ = std::fs::remove_dir_all(&state);
     summary?;
+    sent?;
     if seen < events {
         return Err(anyhow!(
             "end-to-end latency: {seen} of {events} records came out"
         ));
     }
     Ok(latency)
+}
+
+/// The `sent_us` of an output record of the latency pipeline (`None` for warm-up
+/// records), read without building a JSON value: the reader must keep up.
+fn sent_us(payload: &[u8]) -> Option<u64> {
+    const FIELD: &[u8] = b"\"sent_us\":";
+    let at = payload.windows(FIELD.len()).position(|w| w == FIELD)? + FIELD.len();
+    let digits = payload[at..].iter().take_while(|b| b.is_ascii_digit());
+    let value = digits.fold(0u64, |v, &d| v * 10 + u64::from(d - b'0'));
+    (value > 0).then_some(value)
 }
 
 fn produce_input(bootstrap: &str, events: u64) -> anyhow::Result<()> {
@@ -625,7 +687,7 @@ fn bare_loop(bootstrap: &str, events: u64) -> anyhow::Result<()> {
     consumer.subscribe(&["bench-in"])?;
     let producer: BaseProducer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
-        .set("linger.ms", "5")
+        .set("linger.ms", laminar_connectors::kafka::LINGER_MS)
         .set("enable.idempotence", "true")
         .create()?;
     let mut seen = 0;

@@ -21,7 +21,10 @@
 //! keys may interleave differently across reactors).
 //!
 //! Every ring is a bounded single-producer single-consumer queue ([`rtrb`], lock-free),
-//! and what a reactor holds prepared is bounded too ([`APPLY_QUEUE_ITEMS`]). When a
+//! and what a reactor holds prepared is bounded too ([`APPLY_QUEUE_ITEMS`]). The pipeline
+//! thread hands out at most [`IN_FLIGHT_BATCHES_PER_REACTOR`] batches per reactor ahead
+//! of the slowest one's folding in, so input that arrives meanwhile gathers into bigger
+//! batches at the source rather than many small ones queueing in the rings. When a
 //! reactor falls behind, its peers' messages to it wait, the peers stop taking input,
 //! their input rings fill and the pipeline thread stops polling its sources until there
 //! is room (backpressure reaches the sources: a Kafka consumer stops fetching when its
@@ -62,6 +65,12 @@ pub const RING_SLOTS: usize = 32;
 /// Messages a peer ring (from one reactor to another) holds: each a batch's rows of one
 /// shard.
 pub const PEER_RING_SLOTS: usize = 16;
+/// Batches the pipeline thread hands out ahead of the reactor that is furthest behind in
+/// folding them in, per reactor. Beyond that it waits (taking output meanwhile), so that
+/// input arriving while the reactors are busy gathers into bigger batches at the source,
+/// each with its per-batch costs once, instead of queueing in the rings as many small
+/// ones: the queue, and the latency it adds, stays a few batches deep at any rate.
+pub const IN_FLIGHT_BATCHES_PER_REACTOR: u64 = 4;
 /// Items a reactor holds prepared but not yet folded in (its own rows of a batch waiting
 /// for the rows of earlier batches from its peers, or control messages among them).
 pub const APPLY_QUEUE_ITEMS: usize = 32;
@@ -158,6 +167,8 @@ pub struct ReactorStats {
     pub windows_closed: AtomicU64,
     /// Nanoseconds spent processing messages.
     pub busy_ns: AtomicU64,
+    /// Batches of the input folded in (own or routed rows, every batch counts).
+    pub folded: AtomicU64,
     /// Per input row: from the batch entering the ring to the reactor having processed it.
     pub latency: LatencyHistogram,
 }
@@ -383,6 +394,30 @@ impl ShardedOperator {
         }
     }
 
+    /// Waits (taking every reactor's output) while [`IN_FLIGHT_BATCHES_PER_REACTOR`] per
+    /// reactor are handed out and not yet folded in by all of them.
+    fn wait_for_room(&mut self) -> Result<(), DataFusionError> {
+        let max = IN_FLIGHT_BATCHES_PER_REACTOR * self.shards.len() as u64;
+        let folded = |shards: &[Shard]| {
+            shards
+                .iter()
+                .map(|s| s.stats.folded.load(Ordering::Acquire))
+                .min()
+                .unwrap_or(0)
+        };
+        if self.batches - folded(&self.shards) < max {
+            return Ok(());
+        }
+        let waiting_since = Instant::now();
+        let mut backoff = Backoff::default();
+        while self.batches - folded(&self.shards) >= max {
+            self.drain_all()?;
+            backoff.wait(WAIT_PARK);
+        }
+        self.blocked += waiting_since.elapsed();
+        Ok(())
+    }
+
     fn broadcast(&mut self, make: impl Fn() -> Input) -> Result<(), DataFusionError> {
         (0..self.shards.len()).try_for_each(|i| self.send(i, make()))
     }
@@ -482,6 +517,17 @@ impl Operator for ShardedOperator {
         out: &mut Vec<RecordBatch>,
         late: &mut Vec<LateRows>,
     ) -> Result<(), DataFusionError> {
+        self.process_batch_since(batch, Instant::now(), out, late)
+    }
+
+    fn process_batch_since(
+        &mut self,
+        batch: &RecordBatch,
+        since: Instant,
+        out: &mut Vec<RecordBatch>,
+        late: &mut Vec<LateRows>,
+    ) -> Result<(), DataFusionError> {
+        self.wait_for_room()?;
         // Batches go to the reactors in turn, so each knows which peer has the next.
         let seq = self.batches;
         self.batches += 1;
@@ -491,7 +537,7 @@ impl Operator for ShardedOperator {
             Input::Batch {
                 batch: batch.clone(),
                 seq,
-                sent: Instant::now(),
+                sent: since,
             },
         )?;
         self.drain_all()?;
@@ -835,6 +881,7 @@ impl Reactor {
                 "rows of batches in order from a peer"
             );
             self.applied += 1;
+            self.stats.folded.store(self.applied, Ordering::Release);
             let Some(rows) = part.rows else {
                 return Some(Ok(()));
             };
@@ -851,6 +898,7 @@ impl Reactor {
                 rows, sent, count, ..
             } => {
                 self.applied += 1;
+                self.stats.folded.store(self.applied, Ordering::Release);
                 let result = rows.map_or(Ok(()), |rows| {
                     op.process_keyed(rows, &mut self.out, &mut self.late)
                 });
@@ -1043,7 +1091,7 @@ mod tests {
 
     use std::sync::Mutex;
 
-    use super::{PEER_RING_SLOTS, RING_SLOTS, ShardedOperator};
+    use super::{IN_FLIGHT_BATCHES_PER_REACTOR, PEER_RING_SLOTS, RING_SLOTS, ShardedOperator};
     use crate::operator::{KeyedRows, LateRows, Operator};
 
     /// Counts the rows of its shard (value % count == index), routing the others to
@@ -1286,11 +1334,11 @@ mod tests {
                 .unwrap();
         }
         // Every batch has rows of reactor 1's, taken one at a time whether sent to it or
-        // routed to it by reactor 0: the caller returns only once all but what the rings
-        // hold (two input rings, the peer ring, a message waiting in each reactor) were
-        // taken.
+        // routed to it by reactor 0: the caller returns only once all but the batches
+        // it may hand out ahead were folded in, far fewer than the rings hold.
         let held = started.elapsed();
-        let buffered = 2 * RING_SLOTS + PEER_RING_SLOTS + 4;
+        let buffered = 2 * IN_FLIGHT_BATCHES_PER_REACTOR as usize;
+        assert!(buffered < PEER_RING_SLOTS);
         assert!(
             held >= delay * (batches - buffered) as u32,
             "returned after {held:?}: the rings are not bounded"

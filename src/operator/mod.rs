@@ -63,6 +63,18 @@ pub trait Operator: Send {
         out: &mut Vec<RecordBatch>,
         late: &mut Vec<LateRows>,
     ) -> Result<(), DataFusionError>;
+    /// [`Operator::process_batch`] for a batch whose rows have waited since `since`: the
+    /// latency an operator on reactor threads records counts from there.
+    fn process_batch_since(
+        &mut self,
+        batch: &RecordBatch,
+        since: Instant,
+        out: &mut Vec<RecordBatch>,
+        late: &mut Vec<LateRows>,
+    ) -> Result<(), DataFusionError> {
+        let _ = since;
+        self.process_batch(batch, out, late)
+    }
     /// Event time reached `watermark` (milliseconds; `i64::MAX` at the end of input).
     fn handle_watermark(
         &mut self,

@@ -17,8 +17,8 @@ mod source;
 
 pub use client::{KafkaClientOptions, LogContext, is_secret_property};
 pub use sink::{
-    EPOCH_HEADER, ExactlyOnce, KafkaSink, KafkaSinkOptions, KeyEncoding, OutputRecord, SEQ_HEADER,
-    SINK_HEADER, ValueEncoding,
+    EPOCH_HEADER, ExactlyOnce, KafkaSink, KafkaSinkOptions, KeyEncoding, LINGER_MS, OutputRecord,
+    SEQ_HEADER, SINK_HEADER, ValueEncoding,
 };
 pub use slots::Topics;
 pub use source::{

@@ -244,7 +244,7 @@ struct MetaBuilders {
 }
 
 /// `fetch.wait.max.ms` of the source's consumer (overridable in `kafka.properties`).
-const FETCH_WAIT_MAX_MS: &str = "10";
+const FETCH_WAIT_MAX_MS: &str = "5";
 
 impl KafkaSource {
     pub fn new(options: KafkaSourceOptions) -> Result<Self, SourceError> {
