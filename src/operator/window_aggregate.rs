@@ -1060,15 +1060,24 @@ impl Operator for WindowAggregateOperator {
             self.windows_closed += 1;
             if emit_all || emit_dirty {
                 let end = self.plan.kind.end(start);
-                let rows: Vec<Emitted<'_>> = (0..groups.keys.len())
-                    .filter(|&slot| emit_all || groups.dirty[slot])
-                    .map(|slot| Emitted {
-                        start,
-                        end,
-                        key: &groups.keys[slot],
-                        accs: &groups.accs[slot * n..(slot + 1) * n],
-                    })
-                    .collect();
+                // Sized up front: a window of 10^5 groups otherwise grows (and copies)
+                // its list of rows a dozen times while the reactor holds every batch.
+                let count = if emit_all {
+                    groups.keys.len()
+                } else {
+                    groups.dirty.iter().filter(|&&d| d).count()
+                };
+                let mut rows: Vec<Emitted<'_>> = Vec::with_capacity(count);
+                rows.extend(
+                    (0..groups.keys.len())
+                        .filter(|&slot| emit_all || groups.dirty[slot])
+                        .map(|slot| Emitted {
+                            start,
+                            end,
+                            key: &groups.keys[slot],
+                            accs: &groups.accs[slot * n..(slot + 1) * n],
+                        }),
+                );
                 self.emit_rows(&rows, out)?;
             }
         }
