@@ -246,6 +246,61 @@ pub fn calls(expr: &Arc<dyn PhysicalExpr>, name: &str) -> bool {
         || expr.children().into_iter().any(|c| calls(c, name))
 }
 
+/// Which of the `inputs` columns of their input `steps` read at all: those whose values
+/// can reach the steps' output (every column of which counts as read).
+#[must_use]
+pub fn columns_read(steps: &[Step], inputs: usize) -> Vec<bool> {
+    // Walks back from the output: what each step needs of its input.
+    let mut needed: Option<Vec<bool>> = None;
+    for (i, step) in steps.iter().enumerate().rev() {
+        let width = if i == 0 {
+            inputs
+        } else {
+            step_input_width(&steps[..i], inputs)
+        };
+        let mut before = vec![false; width];
+        let after = |column: usize| needed.as_ref().is_none_or(|n| n[column]);
+        let mut read = |expr: &Arc<dyn PhysicalExpr>| {
+            for column in datafusion::physical_expr::utils::collect_columns(expr) {
+                before[column.index()] = true;
+            }
+        };
+        match step {
+            Step::Select(columns) => {
+                for (out, &column) in columns.iter().enumerate() {
+                    if after(out) {
+                        before[column] = true;
+                    }
+                }
+            }
+            Step::Filter(predicate) => {
+                read(predicate);
+                for (column, b) in before.iter_mut().enumerate() {
+                    *b |= after(column);
+                }
+            }
+            Step::Project { exprs, .. } => {
+                for (out, expr) in exprs.iter().enumerate() {
+                    if after(out) {
+                        read(expr);
+                    }
+                }
+            }
+        }
+        needed = Some(before);
+    }
+    needed.unwrap_or_else(|| vec![true; inputs])
+}
+
+/// The number of columns `steps` output from `inputs` input columns.
+fn step_input_width(steps: &[Step], inputs: usize) -> usize {
+    steps.iter().fold(inputs, |width, step| match step {
+        Step::Select(columns) => columns.len(),
+        Step::Filter(_) => width,
+        Step::Project { exprs, .. } => exprs.len(),
+    })
+}
+
 /// Runs `steps` over `batch`.
 pub fn run_steps(steps: &[Step], batch: &RecordBatch) -> Result<RecordBatch, DataFusionError> {
     let mut batch = batch.clone();
@@ -306,4 +361,55 @@ pub fn explain_steps(
         let _ = writeln!(out, "{indent}Scan: {input}");
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::logical_expr::Operator as BinaryOp;
+    use datafusion::physical_expr::PhysicalExpr;
+    use datafusion::physical_expr::expressions::{BinaryExpr, Column, lit};
+
+    use super::{Step, columns_read};
+
+    fn column(name: &str, index: usize) -> Arc<dyn PhysicalExpr> {
+        Arc::new(Column::new(name, index))
+    }
+
+    #[test]
+    fn columns_read_follows_filters_projections_and_selections_back_to_the_input() {
+        assert_eq!(columns_read(&[], 3), vec![true; 3], "no steps: all of it");
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("b", DataType::Int64, false),
+            Field::new("d", DataType::Int64, false),
+        ]));
+        // WHERE c > 0, then SELECT b, d + 1 of the columns a b c d e.
+        let filter = Step::Filter(Arc::new(BinaryExpr::new(
+            column("c", 2),
+            BinaryOp::Gt,
+            lit(0i64),
+        )));
+        let add = Arc::new(BinaryExpr::new(column("d", 3), BinaryOp::Plus, lit(1i64)));
+        let project = Step::Project {
+            exprs: vec![column("b", 1), add],
+            schema,
+        };
+        assert_eq!(
+            columns_read(&[filter, project], 5),
+            vec![false, true, true, true, false]
+        );
+        // A selection then keeps what the projection after it reads: of a b c, it selects
+        // c a, and the projection reads its second column only (a).
+        let select = Step::Select(vec![2, 0]);
+        let project = Step::Project {
+            exprs: vec![column("a", 1)],
+            schema: Arc::new(Schema::new(vec![Field::new("a", DataType::Int64, false)])),
+        };
+        assert_eq!(
+            columns_read(&[select, project], 3),
+            vec![true, false, false]
+        );
+    }
 }

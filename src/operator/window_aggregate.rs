@@ -194,12 +194,13 @@ impl Groups {
         slot
     }
 
-    /// Makes room for a window's groups: presized from the newest window's.
+    /// Makes room for a window's groups: presized from the fullest open window's (with
+    /// hopping windows the newest has seen only one slide of its keys).
     fn open(fixed: &mut BTreeMap<i64, Self>, start: i64) -> &mut Self {
         if !fixed.contains_key(&start) {
             let (groups, accs) = fixed
                 .values()
-                .next_back()
+                .max_by_key(|g| g.keys.len())
                 .map_or((0, 0), |g| (g.keys.len(), g.accs.len()));
             fixed.insert(start, Self::with_capacity(groups, accs));
         }
@@ -240,6 +241,9 @@ pub struct WindowAggregateOperator {
     /// query writes nothing (and an idle pipeline commits nothing).
     saved_watermark: Option<i64>,
     deleted_below: Option<Vec<u8>>,
+    /// The input columns the query's filters and projections read, and the windowed
+    /// schema with every other column nullable; `None` when every column is read.
+    pruned: Option<(Vec<bool>, SchemaRef)>,
 }
 
 /// A group ready to emit.
@@ -267,6 +271,28 @@ impl WindowAggregateOperator {
                     .transpose()
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let inputs = plan.window_schema.fields().len() - 2;
+        let read = super::columns_read(&plan.pre_steps, inputs + 2);
+        let pruned = read[..inputs].contains(&false).then(|| {
+            let fields: Vec<_> = plan
+                .window_schema
+                .fields()
+                .iter()
+                .zip(&read)
+                .map(|(f, &r)| {
+                    if r {
+                        Arc::clone(f)
+                    } else {
+                        Arc::new(f.as_ref().clone().with_nullable(true))
+                    }
+                })
+                .collect();
+            let schema = Arc::new(arrow::datatypes::Schema::new_with_metadata(
+                fields,
+                plan.window_schema.metadata().clone(),
+            ));
+            (read, schema)
+        });
         Ok(Self {
             plan,
             key_converter,
@@ -283,6 +309,7 @@ impl WindowAggregateOperator {
             shard: None,
             saved_watermark: None,
             deleted_below: None,
+            pruned,
         })
     }
 
@@ -316,7 +343,7 @@ impl WindowAggregateOperator {
     }
 
     /// The input rows, once per window they fall in, with `window_start`/`window_end`.
-    fn assign(&self, batch: &RecordBatch) -> Result<RecordBatch, DataFusionError> {
+    fn assign(&self, batch: &RecordBatch, watermark: i64) -> Result<RecordBatch, DataFusionError> {
         let times = cast(batch.column(self.plan.time_column), &DataType::Int64)?;
         let times = times.as_primitive::<Int64Type>();
         let kind = self.plan.kind;
@@ -339,27 +366,40 @@ impl WindowAggregateOperator {
         }
         let identity = indices.len() == batch.num_rows()
             && indices.iter().enumerate().all(|(i, &r)| i as u32 == r);
+        let ends: Vec<i64> = starts.iter().map(|&s| kind.end(s)).collect();
+        let mut schema = &self.plan.window_schema;
         let mut columns: Vec<ArrayRef> = if identity {
             batch.columns().to_vec()
         } else {
+            // Rows are copied once per window (hopping windows): only the columns the
+            // query reads, unless some are late (late rows go out whole).
+            let pruned = self.pruned.as_ref().filter(|_| {
+                !matches!(kind, WindowKind::Session { .. })
+                    && !ends.iter().any(|&end| self.closes(end, watermark))
+            });
+            if let Some((_, pruned_schema)) = pruned {
+                schema = pruned_schema;
+            }
             let idx = UInt32Array::from(indices);
             batch
                 .columns()
                 .iter()
-                .map(|c| take(c, &idx, None))
+                .enumerate()
+                .map(|(i, c)| match pruned {
+                    Some((read, _)) if !read[i] => {
+                        Ok(arrow::array::new_null_array(c.data_type(), idx.len()))
+                    }
+                    _ => take(c, &idx, None),
+                })
                 .collect::<Result<_, _>>()?
         };
-        let ends: Vec<i64> = starts.iter().map(|&s| kind.end(s)).collect();
         columns.push(Arc::new(
             TimestampMillisecondArray::from(starts).with_timezone(TIMESTAMP_TZ),
         ));
         columns.push(Arc::new(
             TimestampMillisecondArray::from(ends).with_timezone(TIMESTAMP_TZ),
         ));
-        Ok(RecordBatch::try_new(
-            self.plan.window_schema.clone(),
-            columns,
-        )?)
+        Ok(RecordBatch::try_new(schema.clone(), columns)?)
     }
 
     /// Moves rows whose fixed window has closed by `watermark` to `late`, whole (every
@@ -406,7 +446,7 @@ impl WindowAggregateOperator {
         watermark: i64,
         late: &mut Vec<LateRows>,
     ) -> Result<RecordBatch, DataFusionError> {
-        let mut windowed = self.assign(batch)?;
+        let mut windowed = self.assign(batch, watermark)?;
         if !matches!(self.plan.kind, WindowKind::Session { .. }) {
             windowed = self.split_late(windowed, watermark, late)?;
         }
