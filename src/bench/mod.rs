@@ -696,6 +696,11 @@ fn bare_loop(bootstrap: &str, events: u64) -> anyhow::Result<()> {
         .set("group.id", "bench-bare")
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
+        // As laminar's consumers: the default (a second) idles a loop that keeps up.
+        .set(
+            "fetch.queue.backoff.ms",
+            laminar_connectors::kafka::FETCH_QUEUE_BACKOFF_MS,
+        )
         .create()?;
     consumer.subscribe(&["bench-in"])?;
     let producer: BaseProducer = ClientConfig::new()

@@ -22,5 +22,6 @@ pub use sink::{
 };
 pub use slots::Topics;
 pub use source::{
-    KafkaSource, KafkaSourceOptions, MetadataColumns, MissingTopic, StartFrom, source_columns,
+    FETCH_QUEUE_BACKOFF_MS, KafkaSource, KafkaSourceOptions, MetadataColumns, MissingTopic,
+    StartFrom, source_columns,
 };

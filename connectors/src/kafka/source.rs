@@ -246,6 +246,12 @@ struct MetaBuilders {
 /// `fetch.wait.max.ms` of the source's consumer (overridable in `kafka.properties`).
 const FETCH_WAIT_MAX_MS: &str = "5";
 
+/// `fetch.queue.backoff.ms` of the source's consumer (overridable in `kafka.properties`):
+/// how long librdkafka waits to fetch a partition again once its prefetch queue is full.
+/// Its default, a second, idles a pipeline that drains the queue in milliseconds (a
+/// quarter of the throughput, measured on a backlog).
+pub const FETCH_QUEUE_BACKOFF_MS: &str = "10";
+
 impl KafkaSource {
     pub fn new(options: KafkaSourceOptions) -> Result<Self, SourceError> {
         let config = options.client.config(&[
@@ -262,6 +268,7 @@ impl KafkaSource {
             // that answer a waiting fetch only when the wait ends (the embedded one) would
             // otherwise add up to librdkafka's default 500 ms to every record's latency.
             ("fetch.wait.max.ms", FETCH_WAIT_MAX_MS),
+            ("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS),
         ]);
         let consumer: BaseConsumer<LogContext> =
             super::client::create(&config, options.client.log_context(&options.name))?;
