@@ -548,7 +548,7 @@ fn end_to_end_latency(bootstrap: &str, rate: u64, events: u64) -> anyhow::Result
         let record = BaseRecord::<(), str>::to("bench-lat-in")
             .partition(partition)
             .payload(r#"{"auction":-1,"sent_us":0}"#);
-        producer.send(record).map_err(|(e, _)| e)?;
+        send_when_room(&producer, record)?;
     }
     let warm_until = Instant::now() + Duration::from_mins(1);
     let mut warmed = 0;
@@ -580,19 +580,10 @@ fn end_to_end_latency(bootstrap: &str, rate: u64, events: u64) -> anyhow::Result
             payload.clear();
             let due_us = started_us + due.as_micros() as u64;
             write!(payload, r#"{{"auction":{i},"sent_us":{due_us}}}"#)?;
-            let mut record = BaseRecord::<(), str>::to("bench-lat-in")
+            let record = BaseRecord::<(), str>::to("bench-lat-in")
                 .partition((i % BENCH_PARTITIONS as u64) as i32)
                 .payload(&payload);
-            loop {
-                match producer.send(record) {
-                    Ok(()) => break,
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                        record = r;
-                        producer.poll(Duration::from_millis(1));
-                    }
-                    Err((e, _)) => return Err(e.into()),
-                }
-            }
+            send_when_room(&producer, record)?;
         }
         producer.flush(Duration::from_secs(30))?;
         Ok(())
@@ -626,6 +617,28 @@ fn end_to_end_latency(bootstrap: &str, rate: u64, events: u64) -> anyhow::Result
         ));
     }
     Ok(latency)
+}
+
+/// Sends `record`, waiting (and serving delivery reports) while the producer's queue is
+/// full.
+fn send_when_room<K, P>(
+    producer: &BaseProducer,
+    mut record: BaseRecord<'_, K, P>,
+) -> anyhow::Result<()>
+where
+    K: rdkafka::message::ToBytes + ?Sized,
+    P: rdkafka::message::ToBytes + ?Sized,
+{
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                record = r;
+                producer.poll(Duration::from_millis(1));
+            }
+            Err((e, _)) => return Err(e.into()),
+        }
+    }
 }
 
 /// The `sent_us` of an output record of the latency pipeline (`None` for warm-up

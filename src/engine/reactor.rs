@@ -167,7 +167,8 @@ pub struct ReactorStats {
     pub windows_closed: AtomicU64,
     /// Nanoseconds spent processing messages.
     pub busy_ns: AtomicU64,
-    /// Batches of the input folded in (own or routed rows, every batch counts).
+    /// Batches of the input folded in (own or routed rows, every batch counts): the
+    /// reactor's place in the input order, and what bounds the batches in flight.
     pub folded: AtomicU64,
     /// Per input row: from the batch entering the ring to the reactor having processed it.
     pub latency: LatencyHistogram,
@@ -292,7 +293,6 @@ impl ShardedOperator {
                 threads: Arc::clone(&threads),
                 stream_watermark: i64::MIN,
                 queue: VecDeque::with_capacity(APPLY_QUEUE_ITEMS),
-                applied: 0,
                 out: Vec::new(),
                 late: Vec::new(),
                 routed: Vec::new(),
@@ -405,16 +405,16 @@ impl ShardedOperator {
                 .min()
                 .unwrap_or(0)
         };
-        if self.batches - folded(&self.shards) < max {
-            return Ok(());
-        }
-        let waiting_since = Instant::now();
         let mut backoff = Backoff::default();
+        let mut waiting_since = None;
         while self.batches - folded(&self.shards) >= max {
+            waiting_since.get_or_insert_with(Instant::now);
             self.drain_all()?;
             backoff.wait(WAIT_PARK);
         }
-        self.blocked += waiting_since.elapsed();
+        if let Some(since) = waiting_since {
+            self.blocked += since.elapsed();
+        }
         Ok(())
     }
 
@@ -743,8 +743,6 @@ struct Reactor {
     stream_watermark: i64,
     /// Prepared, not yet folded in, in input order.
     queue: VecDeque<Item>,
-    /// Batches folded in (this reactor's rows of them).
-    applied: u64,
     out: Vec<RecordBatch>,
     late: Vec<LateRows>,
     routed: Vec<(usize, KeyedRows)>,
@@ -866,22 +864,20 @@ impl Reactor {
     fn fold_in(&mut self) -> Option<Result<(), DataFusionError>> {
         let op = self.op.as_mut()?;
         let front = self.queue.front()?;
-        if front.position() > self.applied {
-            // Batch `applied` went to a peer: its rows of it come from there.
-            let from = (self.applied % self.peers_in.len() as u64) as usize;
+        // Only this thread writes the count; the pipeline thread reads it.
+        let folded = self.stats.folded.load(Ordering::Relaxed);
+        if front.position() > folded {
+            // Batch `folded` went to a peer: its rows of it come from there.
+            let from = (folded % self.peers_in.len() as u64) as usize;
             let Some(rx) = self.peers_in[from].as_mut() else {
                 panic!(
-                    "batch {} is reactor {}'s own but not queued",
-                    self.applied, self.index
+                    "batch {folded} is reactor {}'s own but not queued",
+                    self.index
                 );
             };
             let part = rx.pop().ok()?;
-            assert_eq!(
-                part.seq, self.applied,
-                "rows of batches in order from a peer"
-            );
-            self.applied += 1;
-            self.stats.folded.store(self.applied, Ordering::Release);
+            assert_eq!(part.seq, folded, "rows of batches in order from a peer");
+            self.stats.folded.store(folded + 1, Ordering::Release);
             let Some(rows) = part.rows else {
                 return Some(Ok(()));
             };
@@ -897,8 +893,7 @@ impl Reactor {
             Item::Own {
                 rows, sent, count, ..
             } => {
-                self.applied += 1;
-                self.stats.folded.store(self.applied, Ordering::Release);
+                self.stats.folded.store(folded + 1, Ordering::Release);
                 let result = rows.map_or(Ok(()), |rows| {
                     op.process_keyed(rows, &mut self.out, &mut self.late)
                 });
