@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use prometheus::core::Collector;
 use prometheus::{
-    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
-    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Counter, CounterVec, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec,
+    IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::durability::DurableStats;
@@ -35,12 +35,14 @@ pub struct Metrics {
     source_watermark: GaugeVec,
     source_watermark_lag: GaugeVec,
     source_alignment_pauses: IntCounterVec,
+    source_backpressure: CounterVec,
     partition_records: IntCounterVec,
     partition_bytes: IntCounterVec,
     partition_lag: IntGaugeVec,
     sink_transactions: IntCounterVec,
     sink_transaction_aborts: IntCounterVec,
     sink_records: IntCounterVec,
+    sink_held: IntGaugeVec,
     query_late_records: IntCounterVec,
     query_state_keys: IntGaugeVec,
     query_state_bytes: IntGaugeVec,
@@ -78,6 +80,8 @@ pub struct SourceMetrics {
     pub watermark_seconds: Gauge,
     pub watermark_lag_seconds: Gauge,
     pub alignment_pauses: IntCounter,
+    /// Seconds the source was not read because a sink it feeds held records back.
+    pub backpressure_seconds: Counter,
 }
 
 /// Handles for one query, resolved once.
@@ -330,6 +334,17 @@ impl Metrics {
                 "Times watermark alignment paused partitions of the source.",
                 source,
             ),
+            source_backpressure: register(
+                r,
+                "laminar_source_backpressure_seconds_total",
+                CounterVec::new(
+                    Opts::new(
+                        "laminar_source_backpressure_seconds_total",
+                        "Seconds the source was paused because a sink it feeds held records back (its producer queue full: broker slow or away).",
+                    ),
+                    source,
+                ),
+            ),
             partition_records: counter(
                 r,
                 "laminar_source_partition_records_total",
@@ -364,6 +379,12 @@ impl Metrics {
                 r,
                 "laminar_sink_records_total",
                 "Rows written to the sink.",
+                &["pipeline", "sink"],
+            ),
+            sink_held: int_gauge(
+                r,
+                "laminar_sink_held_records",
+                "Records the sink holds back while its producer queue is full; the sources feeding it are paused meanwhile.",
                 &["pipeline", "sink"],
             ),
             query_late_records: counter(
@@ -412,12 +433,20 @@ impl Metrics {
             watermark_seconds: self.source_watermark.with_label_values(&l),
             watermark_lag_seconds: self.source_watermark_lag.with_label_values(&l),
             alignment_pauses: self.source_alignment_pauses.with_label_values(&l),
+            backpressure_seconds: self.source_backpressure.with_label_values(&l),
         }
     }
 
     #[must_use]
     pub fn sink(&self, name: &str) -> IntCounter {
         self.sink_records
+            .with_label_values(&[self.pipeline.as_str(), name])
+    }
+
+    /// Records the sink holds back (see [`laminar_connectors::Sink::backlog`]).
+    #[must_use]
+    pub fn sink_held(&self, name: &str) -> IntGauge {
+        self.sink_held
             .with_label_values(&[self.pipeline.as_str(), name])
     }
 

@@ -16,11 +16,16 @@ const QUIET: Duration = Duration::from_millis(1500);
 const TIMEOUT: Duration = Duration::from_mins(1);
 
 fn pipeline(dir: &TempDir, bootstrap: &str) -> String {
+    pipeline_with(dir, bootstrap, "")
+}
+
+/// [`pipeline`] with `kafka` lines after `bootstrap_servers` (indented two spaces).
+fn pipeline_with(dir: &TempDir, bootstrap: &str, kafka: &str) -> String {
     let text = format!(
         r"pipeline: kafka-test
 kafka:
   bootstrap_servers: {bootstrap}
-sources:
+{kafka}sources:
   - name: bids
     connector: kafka
     topic: bids
@@ -272,6 +277,9 @@ fn produce_bids(bootstrap: &str, records: &[(Option<i32>, Option<String>, String
     produce(bootstrap, "bids", &refs).unwrap();
 }
 
+/// The broker goes away while laminar works off a backlog, with a producer queue of 5
+/// records: the sink holds records back, the source is paused at the broker for the
+/// outage and resumed after it, and every record comes out.
 #[test]
 fn kafka_broker_away_for_a_while_delays_but_loses_nothing() {
     let broker = Broker::in_process_with_relay().unwrap();
@@ -279,16 +287,21 @@ fn kafka_broker_away_for_a_while_delays_but_loses_nothing() {
         broker.create_topic(topic, partitions).unwrap();
     }
     let dir = TempDir::new("away");
-    let file = pipeline(&dir, broker.bootstrap());
-    let mut laminar = Running::start(&["run", &file], &[], &dir);
-    produce_bids(broker.bootstrap(), &bids(0..100));
-    assert_eq!(
-        consume(broker.bootstrap(), "priced", 100, QUIET, TIMEOUT)
-            .unwrap()
-            .len(),
-        100
+    let file = pipeline_with(
+        &dir,
+        broker.bootstrap(),
+        "  properties:\n    queue.buffering.max.messages: \"5\"\n",
     );
-
+    // No epoch closes during the outage: a close waits for every acknowledgement, so
+    // the whole outage is spent in the loop, with the source paused.
+    let text = support::read(file.as_ref()).replace(
+        "checkpoint_interval_ms: 200",
+        "checkpoint_interval_ms: 60000",
+    );
+    std::fs::write(&file, text).unwrap();
+    let addr = format!("127.0.0.1:{}", free_port().unwrap());
+    let mut laminar = Running::start(&["run", &file, "--metrics-addr", &addr], &[], &dir);
+    produce_bids(broker.bootstrap(), &bids(0..10_000));
     broker.set_reachable(false);
     std::thread::sleep(Duration::from_secs(6));
     assert!(
@@ -296,15 +309,31 @@ fn kafka_broker_away_for_a_while_delays_but_loses_nothing() {
         "laminar exited while the broker was away: {}",
         laminar.stderr()
     );
+    let paused = support::get(&addr, "/metrics").and_then(|(_, body)| {
+        support::sample(
+            &body,
+            r#"laminar_source_backpressure_seconds_total{pipeline="kafka-test",source="bids"}"#,
+        )
+    });
+    assert!(
+        paused.unwrap() > 3.0,
+        "paused for {paused:?} s of the outage"
+    );
     broker.set_reachable(true);
 
-    produce_bids(broker.bootstrap(), &bids(100..200));
-    let out = consume(broker.bootstrap(), "priced", 200, QUIET, TIMEOUT).unwrap();
+    produce_bids(broker.bootstrap(), &bids(10_000..10_100));
+    let out = consume(broker.bootstrap(), "priced", 10_100, QUIET, TIMEOUT).unwrap();
     let keys: BTreeSet<String> = out
         .iter()
         .map(|r| json(r)["src_key"].as_str().unwrap().to_owned())
         .collect();
-    let expected: BTreeSet<String> = (0..200).map(|i| format!("k{i}")).collect();
+    let expected: BTreeSet<String> = (0..10_100).map(|i| format!("k{i}")).collect();
+    assert_eq!(
+        keys.len(),
+        expected.len(),
+        "records lost while the broker was away: {}",
+        laminar.stderr()
+    );
     assert_eq!(keys, expected, "records lost while the broker was away");
     laminar.signal("TERM");
     assert!(
@@ -717,5 +746,105 @@ fn refused_produce(transactions: bool) {
         laminar.wait(Duration::from_secs(30)).success(),
         "{}",
         laminar.stderr()
+    );
+}
+
+/// The count in a `key=N` field of a log line (the last such line).
+fn logged_count(stderr: &str, key: &str) -> Option<u64> {
+    let pattern = format!("{key}=");
+    stderr.lines().rev().find_map(|l| {
+        let rest = &l[l.find(&pattern)? + pattern.len()..];
+        rest.split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
+    })
+}
+
+#[test]
+fn kafka_a_full_producer_queue_pauses_only_the_sources_feeding_it() {
+    let broker = Broker::in_process_with_relay().unwrap();
+    broker.create_topic("out", 1).unwrap();
+    let dir = TempDir::new("backpressure");
+    let side = dir.path("side.jsonl");
+    // A producer queue of 50 records fills within milliseconds of the broker going away.
+    let file = dir.write(
+        "pipeline.yaml",
+        &format!(
+            "pipeline: bp\nkafka:\n  bootstrap_servers: {}\n  properties:\n    queue.buffering.max.messages: \"50\"\nsources:\n  - {{ name: fast, connector: datagen, table: bid, rate_per_s: 5000 }}\n  - {{ name: slow, connector: datagen, table: bid, rate_per_s: 200, seed: 7 }}\nqueries:\n  - {{ name: q, sql: \"SELECT auction, price FROM fast\" }}\n  - {{ name: s, sql: \"SELECT auction FROM slow\" }}\nsinks:\n  - {{ name: out, from: q, connector: kafka, topic: out }}\n  - {{ name: side, from: s, connector: file, path: {} }}\nstate:\n  checkpoint_interval_ms: 60000\n",
+            broker.bootstrap(),
+            side.display()
+        ),
+    );
+    let addr = format!("127.0.0.1:{}", free_port().unwrap());
+    let mut laminar = Running::start(
+        &["run", &file.to_string_lossy(), "--metrics-addr", &addr],
+        &[("RUST_LOG", "info")],
+        &dir,
+    );
+    let metric = |series: &str| {
+        support::get(&addr, "/metrics").and_then(|(_, body)| support::sample(&body, series))
+    };
+    let fast_in = r#"laminar_source_records_total{pipeline="bp",source="fast"}"#;
+    let held = r#"laminar_sink_held_records{pipeline="bp",sink="out"}"#;
+    let paused = r#"laminar_source_backpressure_seconds_total{pipeline="bp",source="fast"}"#;
+    let started = Instant::now();
+    while metric(fast_in).unwrap_or(0.0) < 2000.0 {
+        assert!(started.elapsed() < TIMEOUT, "{}", laminar.stderr());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    broker.set_reachable(false);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(metric(held).unwrap() > 0.0, "{}", laminar.stderr());
+    let (fast_before, paused_before) = (metric(fast_in).unwrap(), metric(paused).unwrap());
+    let slow_in = r#"laminar_source_records_total{pipeline="bp",source="slow"}"#;
+    let slow_before = metric(slow_in).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    // The source feeding the stalled sink is not read; the other goes on, and the
+    // pipeline thread keeps counting the pause.
+    assert!(
+        metric(fast_in).unwrap() <= fast_before,
+        "the paused source was read: {}",
+        laminar.stderr()
+    );
+    assert!(
+        metric(paused).unwrap() >= paused_before + 1.5,
+        "{}",
+        laminar.stderr()
+    );
+    let slow_after = metric(slow_in).unwrap();
+    assert!(
+        slow_after >= slow_before + 200.0,
+        "the other source stalled too: {slow_before} -> {slow_after} records"
+    );
+
+    broker.set_reachable(true);
+    let resumed = Instant::now();
+    while metric(fast_in).unwrap() <= fast_before || metric(held).unwrap() > 0.0 {
+        assert!(resumed.elapsed() < TIMEOUT, "{}", laminar.stderr());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    laminar.signal("TERM");
+    assert!(
+        laminar.wait(Duration::from_secs(30)).success(),
+        "{}",
+        laminar.stderr()
+    );
+    let stderr = laminar.stderr();
+    let records_out = logged_count(&stderr, "records_out").unwrap();
+    let side_rows = support::read(&side).lines().count() as u64;
+    let out = consume(
+        broker.bootstrap(),
+        "out",
+        usize::try_from(records_out - side_rows).unwrap(),
+        QUIET,
+        TIMEOUT,
+    )
+    .unwrap();
+    assert_eq!(
+        out.len() as u64,
+        records_out - side_rows,
+        "records held back were lost: {stderr}"
     );
 }

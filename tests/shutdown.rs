@@ -12,13 +12,27 @@ use support::{LAMINAR, Running, TempDir};
 
 #[test]
 fn sigterm_with_the_broker_gone_stops_within_the_deadline() {
+    stops_within_the_deadline(60_000, "");
+}
+
+/// The stop comes while an epoch's close waits for the broker, with records held back
+/// in a full producer queue.
+#[test]
+fn sigterm_while_an_epoch_waits_for_a_broker_gone_stops_within_the_deadline() {
+    stops_within_the_deadline(
+        200,
+        "  properties:\n    queue.buffering.max.messages: \"20\"\n",
+    );
+}
+
+fn stops_within_the_deadline(checkpoint_interval_ms: u64, kafka: &str) {
     let mut broker =
         Broker::laminar_process(std::path::Path::new(LAMINAR), 0, &[("out", 1)]).unwrap();
     let dir = TempDir::new("shutdown");
     let file = dir.write(
         "pipeline.yaml",
         &format!(
-            "pipeline: shutdown\nkafka:\n  bootstrap_servers: {}\nsources:\n  - {{ name: bids, connector: datagen, table: bid, rate_per_s: 200 }}\nqueries:\n  - {{ name: q, sql: \"SELECT auction, price FROM bids\" }}\nsinks:\n  - {{ name: out, from: q, connector: kafka, topic: out }}\nstate:\n  checkpoint_interval_ms: 60000\n",
+            "pipeline: shutdown\nkafka:\n  bootstrap_servers: {}\n{kafka}sources:\n  - {{ name: bids, connector: datagen, table: bid, rate_per_s: 200 }}\nqueries:\n  - {{ name: q, sql: \"SELECT auction, price FROM bids\" }}\nsinks:\n  - {{ name: out, from: q, connector: kafka, topic: out }}\nstate:\n  checkpoint_interval_ms: {checkpoint_interval_ms}\n",
             broker.bootstrap()
         ),
     );

@@ -200,6 +200,15 @@ pub trait Sink: Send {
     }
 
     fn flush(&mut self, timeout: Duration) -> Result<FlushOutcome, SinkError>;
+
+    /// Hands on what it can of the records `write` held back because its way out was
+    /// full (a Kafka producer's bounded queue, the broker slow or away), and returns how
+    /// many it still holds. While a sink holds any, the pipeline reads none of the
+    /// sources that feed it, and goes on with the rest (time, other sources, a stop).
+    /// Sinks that never hold records (files, stdout: `write` waits) hold none.
+    fn backlog(&mut self) -> Result<usize, SinkError> {
+        Ok(0)
+    }
 }
 
 /// Whether a flush got every acknowledgement within its timeout.

@@ -32,6 +32,14 @@ use crate::state::{StateError, StateStore, StateView};
 
 /// How long one poll of one source may block when nothing arrives.
 const POLL_TIMEOUT: Duration = Duration::from_millis(50);
+/// How long the loop sleeps when every live source is paused for backpressure.
+const BACKPRESSURE_PARK: Duration = Duration::from_millis(1);
+/// How long a source stays unread for backpressure before its partitions are paused at
+/// the broker too. A busy pipeline fills its sink's producer queue for moments many
+/// times a second; pausing and resuming a Kafka partition drops what librdkafka has
+/// prefetched of it, so only a longer stall (a broker slow or away) pauses fetching.
+/// Meanwhile the prefetch queue bounds what is fetched.
+const BROKER_PAUSE_AFTER: Duration = Duration::from_millis(100);
 /// How long one flush call waits before the loop checks for shutdown and logs progress.
 const FLUSH_STEP: Duration = Duration::from_secs(1);
 /// How often the same warning (waiting for the broker, skipped records) is repeated.
@@ -121,7 +129,52 @@ struct SourceSlot {
     assigned: Option<Vec<i32>>,
     /// Not polled: ahead of the others and unable to pause single partitions.
     held: bool,
+    /// While the source is paused because a sink it feeds holds records back.
+    backpressured: Option<Backpressure>,
+    /// Time it was paused so: its partitions' idleness is measured on a clock that
+    /// stops meanwhile.
+    backpressured_for: Duration,
+    /// Where its rows end up: a sink there holding records back pauses the source.
+    feeds: Vec<Outlet>,
     metrics: SourceMetrics,
+}
+
+impl SourceSlot {
+    /// The clock its partitions' idleness is measured on: the pipeline's idle clock,
+    /// stopped also while this source was paused for backpressure.
+    fn clock(&self, idle_clock: Instant, now: Instant) -> Instant {
+        let paused = self.backpressured_for
+            + self
+                .backpressured
+                .as_ref()
+                .map_or(Duration::ZERO, |b| now.saturating_duration_since(b.counted));
+        idle_clock.checked_sub(paused).unwrap_or(idle_clock)
+    }
+}
+
+/// A source's pause for backpressure.
+#[derive(Debug, Clone, Copy)]
+struct Backpressure {
+    since: Instant,
+    /// Until when the pause is counted in `backpressured_for` (every round of the loop).
+    counted: Instant,
+    /// Its partitions are paused at the broker (after [`BROKER_PAUSE_AFTER`]).
+    at_broker: bool,
+}
+
+/// A sink that rows of a source can reach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Outlet {
+    Sink(usize),
+    DeadLetter(usize),
+    /// A query's `late_data_topic`.
+    Late(usize),
+}
+
+/// A query's late-data topic.
+struct LateSink {
+    sink: KafkaSink,
+    held: prometheus::IntGauge,
 }
 
 struct SinkSlot {
@@ -129,6 +182,8 @@ struct SinkSlot {
     from: String,
     sink: SinkHandle,
     records: prometheus::IntCounter,
+    /// Records it holds back (`laminar_sink_held_records`).
+    held: prometheus::IntGauge,
     /// Kafka transactions committed and aborted (exactly-once sinks with
     /// `transactions: true`).
     transactions: crate::metrics::TransactionCounters,
@@ -157,7 +212,7 @@ pub struct Pipeline {
     /// What `CURRENT_WATERMARK()` reads.
     watermark: crate::sql::current_watermark::WatermarkCell,
     /// Per query, the Kafka sink of its `late_data_topic`.
-    late_sinks: Vec<Option<KafkaSink>>,
+    late_sinks: Vec<Option<LateSink>>,
     sinks: Vec<SinkSlot>,
     dead_letters: Vec<SinkSlot>,
     /// Where operators write their state when an epoch closes; its journal goes to the WAL.
@@ -178,6 +233,8 @@ pub struct Pipeline {
     summary: RunSummary,
     records_max: Option<u64>,
     last_skip_warning: Option<Instant>,
+    /// While sources are paused for backpressure: when it began or was last warned of.
+    last_backpressure_warning: Option<Instant>,
     /// Per query, its reactors' busy nanoseconds at the last metrics sample, and when.
     reactor_busy: Vec<Vec<u64>>,
     reactor_sampled: Instant,
@@ -284,6 +341,7 @@ impl Pipeline {
                         })?;
                     dead_letters.push(SinkSlot {
                         records: metrics.sink(&name),
+                        held: metrics.sink_held(&name),
                         transactions: metrics.sink_transactions(&name),
                         name,
                         from: s.name.clone(),
@@ -314,6 +372,10 @@ impl Pipeline {
                 paused: Vec::new(),
                 assigned: None,
                 held: false,
+                backpressured: None,
+                backpressured_for: Duration::ZERO,
+                // Filled in below, once the sinks are built.
+                feeds: Vec::new(),
                 metrics: metrics.source(&s.name),
             });
         }
@@ -375,6 +437,7 @@ impl Pipeline {
             };
             sinks.push(SinkSlot {
                 records: metrics.sink(&s.name),
+                held: metrics.sink_held(&s.name),
                 transactions: metrics.sink_transactions(&s.name),
                 name: s.name.clone(),
                 from: s.from.clone(),
@@ -386,10 +449,10 @@ impl Pipeline {
             late_sinks.push(match &q.late_data_topic {
                 Some(topic) if operator.is_stateful() => {
                     let name = format!("{}.late_data", q.name);
-                    Some(
-                        KafkaSink::new(KafkaSinkOptions::plain(&name, kafka.clone(), topic))
-                            .map_err(|source| RunError::Sink { name, source })?,
-                    )
+                    let held = metrics.sink_held(&name);
+                    let sink = KafkaSink::new(KafkaSinkOptions::plain(&name, kafka.clone(), topic))
+                        .map_err(|source| RunError::Sink { name, source })?;
+                    Some(LateSink { sink, held })
                 }
                 _ => None,
             });
@@ -443,6 +506,9 @@ impl Pipeline {
             );
         }
         metrics.recovered(recovered.duration);
+        for slot in &mut sources {
+            slot.feeds = outlets(slot, &queries, &sinks, &late_sinks);
+        }
         let mut pipeline = Self {
             sources,
             late_sinks,
@@ -463,6 +529,7 @@ impl Pipeline {
             summary: RunSummary::default(),
             records_max: options.records_max,
             last_skip_warning: None,
+            last_backpressure_warning: None,
             reactor_busy: Vec::new(),
             reactor_sampled: Instant::now(),
         };
@@ -516,7 +583,7 @@ impl Pipeline {
                 records: &records,
                 starts: &starts,
             };
-            let sent = deliver_epoch(sink, &name, output, present, None, &slot.transactions)?;
+            let sent = deliver_epoch(sink, &name, output, present, None, None, &slot.transactions)?;
             tracing::info!(sink = %name, epoch = commit.epoch, records = records.len(),
                 already_written, sent,
                 "finished delivering the output of the epoch committed before the restart");
@@ -535,16 +602,19 @@ impl Pipeline {
         let mut busy = false;
         while !stop.load(Ordering::Relaxed) {
             let mut live = 0;
+            let mut polled_any = false;
             let poll_timeout = if busy { Duration::ZERO } else { idle_timeout };
             busy = false;
+            self.relieve_sinks(Instant::now())?;
             for i in 0..self.sources.len() {
                 if self.sources[i].finished {
                     continue;
                 }
                 live += 1;
-                if self.sources[i].held {
+                if self.sources[i].held || self.sources[i].backpressured.is_some() {
                     continue;
                 }
+                polled_any = true;
                 let polled = self.sources[i].source.poll(poll_timeout);
                 let polled = polled.map_err(|source| RunError::Source {
                     name: self.sources[i].name.clone(),
@@ -565,6 +635,10 @@ impl Pipeline {
                     }
                 }
             }
+            if !polled_any && live > 0 {
+                // Every live source is paused: wait for the sinks, not in a busy loop.
+                std::thread::sleep(BACKPRESSURE_PARK);
+            }
             self.advance_time(Instant::now())?;
             self.draw_status();
             if live == 0
@@ -577,14 +651,14 @@ impl Pipeline {
             if epoch_started.elapsed() >= self.epoch_interval
                 || self.staged_bytes() >= EPOCH_STAGED_BYTES_MAX
             {
-                self.close_epoch(false)?;
+                self.close_epoch(false, Some(stop))?;
                 epoch_started = Instant::now();
             }
         }
         if stop.load(Ordering::Relaxed) {
             self.deadline = Some(Instant::now() + SHUTDOWN_TIMEOUT);
         }
-        self.close_epoch(true)?;
+        self.close_epoch(true, Some(stop))?;
         if let Some(status) = &mut self.status {
             status.clear();
         }
@@ -612,7 +686,7 @@ impl Pipeline {
         if batch.num_rows() == 0 {
             return Ok(());
         }
-        let clock = self.idle_clock();
+        let clock = self.sources[source].clock(self.idle_clock(), Instant::now());
         if let Some((column, tracker)) = &mut self.sources[source].event_time {
             observe_event_times(tracker, &batch, *column, row_partitions.as_deref(), clock);
         }
@@ -680,8 +754,9 @@ impl Pipeline {
 
     /// Moves watermarks forward and lets operators act on time (window close, periodic emit).
     fn advance_time(&mut self, now: Instant) -> Result<(), RunError> {
-        let clock = self.idle_clock();
+        let idle_clock = self.idle_clock.at(now);
         for i in 0..self.sources.len() {
+            let clock = self.sources[i].clock(idle_clock, now);
             let assigned = self.sources[i].source.assigned_partitions();
             if assigned != self.sources[i].assigned {
                 // A new assignment starts unpaused: alignment decides again below.
@@ -715,7 +790,7 @@ impl Pipeline {
         if let Some(w) = pipeline_watermark {
             self.watermark.store(w, Ordering::Relaxed);
         }
-        self.align(clock)?;
+        self.align(idle_clock, now)?;
         for q in 0..self.queries.len() {
             let mut out = Vec::new();
             let query = &mut self.queries[q];
@@ -732,19 +807,23 @@ impl Pipeline {
     /// Watermark alignment: pauses the partitions of sources with `max_drift_ms` whose
     /// watermark is that far ahead of the slowest producing partition of any source, and
     /// resumes them once it caught up. The slowest partition is never paused.
-    fn align(&mut self, clock: Instant) -> Result<(), RunError> {
+    fn align(&mut self, idle_clock: Instant, now: Instant) -> Result<(), RunError> {
         if self.sources.iter().all(|s| s.max_drift_ms.is_none()) {
             return Ok(());
         }
         let slowest = self
             .sources
             .iter()
-            .filter_map(|s| s.event_time.as_ref()?.1.slowest(clock))
+            .filter_map(|s| s.event_time.as_ref()?.1.slowest(s.clock(idle_clock, now)))
             .min();
         for slot in &mut self.sources {
             let (Some(drift), Some((_, tracker))) = (slot.max_drift_ms, &slot.event_time) else {
                 continue;
             };
+            if slot.backpressured.is_some() {
+                // Every partition is paused; alignment decides again once it resumes.
+                continue;
+            }
             let ahead =
                 slowest.map_or_else(Vec::new, |s| tracker.ahead_of(s.saturating_add(drift)));
             if ahead == slot.paused {
@@ -765,6 +844,117 @@ impl Pipeline {
                 self.summary.alignment_pauses += 1;
                 slot.metrics.alignment_pauses.inc();
             }
+        }
+        Ok(())
+    }
+
+    /// Backpressure from sinks: hands on what they hold back (their producer queues were
+    /// full), pauses every source that feeds one still holding records, at the broker
+    /// where it can, and resumes it once none does. Meanwhile this thread goes on with
+    /// time (ticks, watermarks of the other sources), the other sources and a stop.
+    fn relieve_sinks(&mut self, now: Instant) -> Result<(), RunError> {
+        let mut holding: Vec<(Outlet, &str, usize)> = Vec::new();
+        let slots = (self.sinks.iter_mut().enumerate())
+            .map(|(i, s)| (s, Outlet::Sink(i)))
+            .chain(
+                self.dead_letters
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(i, s)| (s, Outlet::DeadLetter(i))),
+            );
+        for (slot, outlet) in slots {
+            let held = slot
+                .sink
+                .sink()
+                .backlog()
+                .map_err(|source| RunError::Sink {
+                    name: slot.name.clone(),
+                    source,
+                })?;
+            slot.held.set(held as i64);
+            if held > 0 {
+                holding.push((outlet, slot.name.as_str(), held));
+            }
+        }
+        for (q, late) in self.late_sinks.iter_mut().enumerate() {
+            let Some(late) = late else { continue };
+            let held = late.sink.backlog().map_err(|source| RunError::Sink {
+                name: format!("{}.late_data", self.queries[q].name()),
+                source,
+            })?;
+            late.held.set(held as i64);
+            if held > 0 {
+                holding.push((Outlet::Late(q), "late_data", held));
+            }
+        }
+        let mut paused = Vec::new();
+        for slot in &mut self.sources {
+            let blocked = !slot.finished
+                && slot
+                    .feeds
+                    .iter()
+                    .any(|o| holding.iter().any(|(h, _, _)| h == o));
+            let pause_error = |slot: &SourceSlot, source| RunError::Source {
+                name: slot.name.clone(),
+                source: Box::new(source),
+            };
+            let Some(mut b) = slot.backpressured else {
+                if blocked {
+                    tracing::debug!(source = %slot.name, "a sink it feeds holds records back: paused");
+                    slot.backpressured = Some(Backpressure {
+                        since: now,
+                        counted: now,
+                        at_broker: false,
+                    });
+                }
+                continue;
+            };
+            let paused_for = now.saturating_duration_since(b.counted);
+            slot.backpressured_for += paused_for;
+            slot.metrics
+                .backpressure_seconds
+                .inc_by(paused_for.as_secs_f64());
+            b.counted = now;
+            if !blocked {
+                tracing::debug!(source = %slot.name, "its sinks caught up: resumed");
+                slot.backpressured = None;
+                if b.at_broker {
+                    // Back to what alignment had paused, if anything.
+                    slot.source
+                        .pause(&slot.paused)
+                        .map_err(|e| pause_error(slot, e))?;
+                }
+                continue;
+            }
+            if !b.at_broker
+                && now.saturating_duration_since(b.since) >= BROKER_PAUSE_AFTER
+                && let Some(partitions) = slot.source.assigned_partitions()
+            {
+                slot.source
+                    .pause(&partitions)
+                    .map_err(|e| pause_error(slot, e))?;
+                b.at_broker = true;
+            }
+            slot.backpressured = Some(b);
+            paused.push(slot.name.as_str());
+        }
+        if !paused.is_empty()
+            && self
+                .last_backpressure_warning
+                .is_none_or(|t| now.duration_since(t) >= WARN_INTERVAL)
+        {
+            if self.last_backpressure_warning.is_some() {
+                let sinks: Vec<String> = holding
+                    .iter()
+                    .map(|(_, name, held)| format!("{name} ({held} records)"))
+                    .collect();
+                tracing::warn!(sources = ?paused, "sources paused for at least {:?}: sinks \
+                    hold records back because their producer queue is full (broker slow or \
+                    unreachable): {}", WARN_INTERVAL, sinks.join(", "));
+            }
+            self.last_backpressure_warning = Some(now);
+        } else if paused.is_empty() {
+            self.last_backpressure_warning = None;
         }
         Ok(())
     }
@@ -794,8 +984,9 @@ impl Pipeline {
             self.query_metrics[query]
                 .late_records
                 .inc_by(rows.rows.num_rows() as u64);
-            if let Some(sink) = &mut self.late_sinks[query] {
-                sink.write_with_headers(&rows.rows, &[("laminar.late", rows.reason.as_str())])
+            if let Some(late) = &mut self.late_sinks[query] {
+                late.sink
+                    .write_with_headers(&rows.rows, &[("laminar.late", rows.reason.as_str())])
                     .map_err(|source| RunError::Sink {
                         name: format!("{}.late_data", self.queries[query].name()),
                         source,
@@ -853,7 +1044,8 @@ impl Pipeline {
     /// Closes the epoch (see [`crate::durability`] for the protocol): flushes the
     /// at-least-once sinks, writes state changes, exactly-once output and the commit
     /// entry to the WAL, then delivers the exactly-once output.
-    fn close_epoch(&mut self, last: bool) -> Result<(), RunError> {
+    /// A stop requested meanwhile gives the waits for the broker [`SHUTDOWN_TIMEOUT`].
+    fn close_epoch(&mut self, last: bool, stop: Option<&AtomicBool>) -> Result<(), RunError> {
         let flush_started = Instant::now();
         // Deliveries below exclude their own blocked time; the rest is excluded at the end.
         let excluded_before = self.idle_clock.excluded();
@@ -874,10 +1066,10 @@ impl Pipeline {
             if matches!(slot.sink, SinkHandle::ExactlyOnce(_)) {
                 continue;
             }
-            flush_until_done(slot.sink.sink(), &slot.name, self.deadline)?;
+            flush_until_done(slot.sink.sink(), &slot.name, self.deadline, stop)?;
         }
-        for sink in self.late_sinks.iter_mut().flatten() {
-            flush_until_done(sink, "late_data", self.deadline)?;
+        for late in self.late_sinks.iter_mut().flatten() {
+            flush_until_done(&mut late.sink, "late_data", self.deadline, stop)?;
         }
         let epoch = self.epoch + 1;
         // Queries split over reactors write their changes there, each reactor to its own
@@ -979,6 +1171,7 @@ impl Pipeline {
                         output,
                         HashSet::new(),
                         self.deadline,
+                        stop,
                         &slot.transactions,
                     )?;
                 }
@@ -1122,6 +1315,40 @@ pub const REACTORS_MAX: usize = 64;
 
 /// Reactor threads for `runtime.cores` (0: one per core this process may use).
 #[must_use]
+/// The sinks rows of `source` reach: its dead-letter topic, the sinks reading it or a
+/// query downstream of it, and those queries' late-data topics.
+fn outlets(
+    source: &SourceSlot,
+    queries: &[Box<dyn Operator>],
+    sinks: &[SinkSlot],
+    late_sinks: &[Option<LateSink>],
+) -> Vec<Outlet> {
+    let mut found: Vec<Outlet> = source
+        .dead_letter
+        .map(Outlet::DeadLetter)
+        .into_iter()
+        .collect();
+    let mut names = vec![source.name.as_str()];
+    while let Some(name) = names.pop() {
+        found.extend(
+            (0..sinks.len())
+                .filter(|&i| sinks[i].from == name)
+                .map(Outlet::Sink),
+        );
+        for (q, query) in queries.iter().enumerate() {
+            if query.input() == name {
+                if late_sinks.get(q).is_some_and(Option::is_some) {
+                    found.push(Outlet::Late(q));
+                }
+                names.push(query.name());
+            }
+        }
+    }
+    found.sort_unstable();
+    found.dedup();
+    found
+}
+
 pub fn reactor_count(cores: u64) -> usize {
     let n = if cores == 0 {
         std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
@@ -1186,15 +1413,23 @@ fn split_queries(
     Ok(split)
 }
 
-/// Flushes `sink` until every record is acknowledged, warning while the broker is slow.
+/// Flushes `sink` until every record is acknowledged, warning while the broker is slow;
+/// until `deadline`, or [`SHUTDOWN_TIMEOUT`] after `stop` is set while it waits.
 fn flush_until_done(
     sink: &mut dyn Sink,
     name: &str,
     deadline: Option<Instant>,
+    stop: Option<&AtomicBool>,
 ) -> Result<(), RunError> {
     let started = Instant::now();
     let mut warned = started;
+    let mut deadline = deadline;
     loop {
+        if deadline.is_none() && stop.is_some_and(|s| s.load(Ordering::Relaxed)) {
+            tracing::info!(sink = %name,
+                "stop requested while waiting for the broker: waiting at most {SHUTDOWN_TIMEOUT:?}");
+            deadline = Some(Instant::now() + SHUTDOWN_TIMEOUT);
+        }
         let outcome = sink.flush(FLUSH_STEP).map_err(|source| RunError::Sink {
             name: name.to_owned(),
             source,
@@ -1245,6 +1480,7 @@ fn deliver_epoch(
     output: EpochOutput<'_>,
     skip: HashSet<u64>,
     deadline: Option<Instant>,
+    stop: Option<&AtomicBool>,
     transactions: &crate::metrics::TransactionCounters,
 ) -> Result<usize, RunError> {
     let EpochOutput {
@@ -1262,7 +1498,7 @@ fn deliver_epoch(
             .send_epoch(epoch, records, &skip)
             .map_err(sink_error)
             .and_then(|sent| {
-                flush_until_done(sink, name, deadline)?;
+                flush_until_done(sink, name, deadline, stop)?;
                 let committed = sink.finish_epoch().map_err(sink_error)?;
                 Ok((sent, committed))
             });

@@ -1,9 +1,13 @@
 //! The Kafka sink: JSON or Avro values, optional keys, headers and timestamps from
 //! columns; also the dead-letter writer.
 //!
-//! `write` enqueues into librdkafka's bounded queue (waiting while it is full: that is
-//! backpressure), `flush` waits for every acknowledgement. Delivery errors are remembered
-//! by the delivery callback and surface at the next `write` or `flush`.
+//! `write` enqueues into librdkafka's bounded queue. While that queue is full, `write`
+//! holds the records it could not hand on, in order, and returns: [`Sink::backlog`]
+//! hands them on later, and the pipeline reads none of the sources that feed a sink
+//! while it holds any (backpressure that leaves the pipeline thread free for time,
+//! other sources, metrics and a stop). Past [`HELD_BYTES_MAX`] `write` waits for room
+//! instead. `flush` waits for every acknowledgement. Delivery errors are remembered by
+//! the delivery callback and surface at the next `write` or `flush`.
 //!
 //! With `delivery: exactly_once` the sink does not send at `write`: it encodes and holds
 //! the rows ([`KafkaSink::take_staged`]) until the engine has made the epoch durable, then
@@ -11,7 +15,7 @@
 //! [`SEQ_HEADER`] and [`SINK_HEADER`] (in a transaction with `transactions: true`), and
 //! after a crash [`KafkaSink::read_back`] finds which of them the topic already holds.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
@@ -34,6 +38,11 @@ use crate::{FlushOutcome, Rejected, Sink, SinkError};
 /// How long `write` waits for room in a full producer queue before logging that it is
 /// still waiting (it never gives up: the queue drains when the broker is back).
 const QUEUE_FULL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Bytes (keys and values) of records an at-least-once sink holds back while librdkafka's queue is full
+/// (what is in flight from the input already read: the source batch of the moment and
+/// what windows closed meanwhile emit). Past it `write` waits for room in the queue.
+pub const HELD_BYTES_MAX: usize = 32 << 20;
 
 /// A `connector: kafka` sink, or a source's dead-letter topic.
 #[derive(Debug, Clone)]
@@ -192,6 +201,92 @@ pub struct KafkaSink {
     start_ends: Option<BTreeMap<i32, i64>>,
     /// A transaction was begun by `send_epoch` and not yet committed.
     in_transaction: bool,
+    /// At-least-once: records written while librdkafka's queue was full, in order.
+    held: Held,
+}
+
+/// An encoded record waiting for room in librdkafka's queue.
+struct HeldRecord {
+    key: Option<Vec<u8>>,
+    value: Vec<u8>,
+    headers: Option<OwnedHeaders>,
+    timestamp: Option<i64>,
+}
+
+#[derive(Default)]
+struct Held {
+    records: VecDeque<HeldRecord>,
+    bytes: usize,
+}
+
+impl Held {
+    fn push(&mut self, record: HeldRecord) {
+        self.bytes += record.value.len() + record.key.as_ref().map_or(0, Vec::len);
+        self.records.push_back(record);
+    }
+
+    /// Queues `record` in librdkafka, or holds it when the queue is full or records
+    /// written before it are held (they go first: a partition keeps the write order).
+    fn offer(
+        &mut self,
+        producer: &ThreadedProducer<DeliveryContext>,
+        record: BaseRecord<'_, [u8], [u8]>,
+    ) -> Result<(), KafkaError> {
+        if !self.records.is_empty() {
+            self.push(HeldRecord::from(record));
+            return Ok(());
+        }
+        match producer.send(record) {
+            Ok(()) => Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), record)) => {
+                self.push(HeldRecord::from(record));
+                Ok(())
+            }
+            Err((e, _)) => Err(e),
+        }
+    }
+
+    /// Queues held records in librdkafka, oldest first, until its queue is full.
+    fn release(
+        &mut self,
+        producer: &ThreadedProducer<DeliveryContext>,
+        topic: &str,
+    ) -> Result<(), KafkaError> {
+        while let Some(front) = self.records.front_mut() {
+            let record = base_record(
+                topic,
+                front.key.as_deref(),
+                &front.value,
+                front.headers.take(),
+                front.timestamp,
+            );
+            match producer.send(record) {
+                Ok(()) => {}
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), record)) => {
+                    front.headers = record.headers;
+                    return Ok(());
+                }
+                Err((e, _)) => return Err(e),
+            }
+            let sent = self
+                .records
+                .pop_front()
+                .map_or(0, |r| r.value.len() + r.key.as_ref().map_or(0, Vec::len));
+            self.bytes -= sent;
+        }
+        Ok(())
+    }
+}
+
+impl From<BaseRecord<'_, [u8], [u8]>> for HeldRecord {
+    fn from(record: BaseRecord<'_, [u8], [u8]>) -> Self {
+        Self {
+            key: record.key.map(<[u8]>::to_vec),
+            value: record.payload.map(<[u8]>::to_vec).unwrap_or_default(),
+            headers: record.headers,
+            timestamp: record.timestamp,
+        }
+    }
 }
 
 impl KafkaSink {
@@ -209,6 +304,7 @@ impl KafkaSink {
             staged_bytes: 0,
             start_ends: None,
             in_transaction: false,
+            held: Held::default(),
         })
     }
 
@@ -223,7 +319,8 @@ impl KafkaSink {
             // Retry without a deadline: an unreachable broker delays, it never drops.
             ("message.timeout.ms", "0"),
             ("linger.ms", LINGER_MS),
-            // The bounded producer queue: `write` waits when it is full.
+            // The bounded producer queue: when it is full `write` holds records back
+            // (and the pipeline pauses the sources feeding the sink).
             ("queue.buffering.max.messages", "100000"),
             ("queue.buffering.max.kbytes", "65536"),
         ]);
@@ -593,6 +690,8 @@ impl KafkaSink {
         })
     }
 
+    /// Queues one record, waiting while librdkafka's queue is full (exactly-once
+    /// delivery at an epoch's close, which the pipeline waits for anyway).
     fn send(
         &self,
         key: Option<&[u8]>,
@@ -600,35 +699,74 @@ impl KafkaSink {
         headers: Option<OwnedHeaders>,
         timestamp: Option<i64>,
     ) -> Result<(), SinkError> {
-        let mut record = BaseRecord::to(&self.options.topic).payload(payload);
-        if let Some(k) = key {
-            record = record.key(k);
-        }
-        if let Some(t) = timestamp {
-            record = record.timestamp(t);
-        }
-        if let Some(h) = headers {
-            record = record.headers(h);
-        }
-        let mut waiting_since: Option<Instant> = None;
+        let mut record = base_record(&self.options.topic, key, payload, headers, timestamp);
+        let mut waiting = QueueFullWait::default();
         loop {
             match self.producer.send(record) {
                 Ok(()) => return Ok(()),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                     record = r;
                     self.check_failures()?;
-                    let since = *waiting_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() > QUEUE_FULL_LOG_INTERVAL {
-                        tracing::warn!(sink = %self.options.name, topic = %self.options.topic,
-                            "producer queue full for {:?}: broker slow or unreachable; waiting",
-                            since.elapsed());
-                        waiting_since = Some(Instant::now());
-                    }
-                    thread::sleep(Duration::from_millis(2));
+                    waiting.wait(&self.options);
                 }
                 Err((e, _)) => return Err(e.into()),
             }
         }
+    }
+
+    /// Hands held records on and, while they are more than [`HELD_BYTES_MAX`], waits for
+    /// room in librdkafka's queue.
+    fn release_held(&mut self) -> Result<(), SinkError> {
+        let mut waiting = QueueFullWait::default();
+        loop {
+            self.held.release(&self.producer, &self.options.topic)?;
+            if self.held.bytes <= HELD_BYTES_MAX {
+                return Ok(());
+            }
+            self.check_failures()?;
+            waiting.wait(&self.options);
+        }
+    }
+}
+
+/// A record as librdkafka takes it.
+fn base_record<'a>(
+    topic: &'a str,
+    key: Option<&'a [u8]>,
+    payload: &'a [u8],
+    headers: Option<OwnedHeaders>,
+    timestamp: Option<i64>,
+) -> BaseRecord<'a, [u8], [u8]> {
+    let mut record = BaseRecord::to(topic).payload(payload);
+    if let Some(k) = key {
+        record = record.key(k);
+    }
+    if let Some(t) = timestamp {
+        record = record.timestamp(t);
+    }
+    if let Some(h) = headers {
+        record = record.headers(h);
+    }
+    record
+}
+
+/// Waiting for room in a full producer queue: short sleeps, and a warning every
+/// [`QUEUE_FULL_LOG_INTERVAL`].
+#[derive(Default)]
+struct QueueFullWait {
+    since: Option<Instant>,
+}
+
+impl QueueFullWait {
+    fn wait(&mut self, options: &KafkaSinkOptions) {
+        let since = *self.since.get_or_insert_with(Instant::now);
+        if since.elapsed() > QUEUE_FULL_LOG_INTERVAL {
+            tracing::warn!(sink = %options.name, topic = %options.topic,
+                "producer queue full for {:?}: broker slow or unreachable; waiting",
+                since.elapsed());
+            self.since = Some(Instant::now());
+        }
+        thread::sleep(Duration::from_millis(2));
     }
 }
 
@@ -774,6 +912,7 @@ impl KafkaSink {
         headers: &[(&str, &str)],
     ) -> Result<(), SinkError> {
         self.check_failures()?;
+        self.held.release(&self.producer, &self.options.topic)?;
         self.encode(batch)?;
         let mut extras = self.extras(batch)?.into_iter();
         let mut start = 0;
@@ -796,10 +935,17 @@ impl KafkaSink {
                         })
                     })
             });
-            self.send(key, &self.values[start..end], owned, timestamp)?;
+            let record = base_record(
+                &self.options.topic,
+                key,
+                &self.values[start..end],
+                owned,
+                timestamp,
+            );
+            self.held.offer(&self.producer, record)?;
             start = end;
         }
-        Ok(())
+        self.release_held()
     }
 }
 
@@ -821,6 +967,7 @@ impl Sink for KafkaSink {
 
     fn write_rejected(&mut self, rejected: &[Rejected]) -> Result<(), SinkError> {
         self.check_failures()?;
+        self.held.release(&self.producer, &self.options.topic)?;
         for r in rejected {
             let reason = r.reason.to_string();
             let partition = r.partition.to_string();
@@ -842,33 +989,51 @@ impl Sink for KafkaSink {
                     key: "laminar.source.offset",
                     value: Some(offset.as_bytes()),
                 });
-            self.send(r.key.as_deref(), &r.payload, Some(headers), None)?;
+            let record = base_record(
+                &self.options.topic,
+                r.key.as_deref(),
+                &r.payload,
+                Some(headers),
+                None,
+            );
+            self.held.offer(&self.producer, record)?;
         }
-        Ok(())
+        self.release_held()
+    }
+
+    fn backlog(&mut self) -> Result<usize, SinkError> {
+        if self.held.records.is_empty() {
+            return Ok(0);
+        }
+        self.check_failures()?;
+        self.held.release(&self.producer, &self.options.topic)?;
+        Ok(self.held.records.len())
     }
 
     fn flush(&mut self, timeout: Duration) -> Result<FlushOutcome, SinkError> {
         // rdkafka's flush sleeps up to 100 ms between looks at the queue, however soon
         // the acknowledgements come: in short steps the epoch closes when they are in.
+        // Held records are handed on between the looks, as the queue makes room.
         let deadline = Instant::now() + timeout;
         let flushed = loop {
+            self.held.release(&self.producer, &self.options.topic)?;
             let step = deadline
                 .saturating_duration_since(Instant::now())
                 .min(FLUSH_POLL);
             match self.producer.flush(step) {
                 Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut))
                     if Instant::now() < deadline => {}
+                Ok(()) if !self.held.records.is_empty() && Instant::now() < deadline => {}
                 done => break done,
             }
         };
         self.check_failures()?;
+        let pending = || FlushOutcome::Pending {
+            in_flight: self.producer.in_flight_count().max(0) as usize + self.held.records.len(),
+        };
         match flushed {
-            Ok(()) => Ok(FlushOutcome::Done),
-            Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut)) => {
-                Ok(FlushOutcome::Pending {
-                    in_flight: self.producer.in_flight_count().max(0) as usize,
-                })
-            }
+            Ok(()) if self.held.records.is_empty() => Ok(FlushOutcome::Done),
+            Ok(()) | Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut)) => Ok(pending()),
             Err(e) => Err(e.into()),
         }
     }
