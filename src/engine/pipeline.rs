@@ -651,14 +651,14 @@ impl Pipeline {
             if epoch_started.elapsed() >= self.epoch_interval
                 || self.staged_bytes() >= EPOCH_STAGED_BYTES_MAX
             {
-                self.close_epoch(false, Some(stop))?;
+                self.close_epoch(false, stop)?;
                 epoch_started = Instant::now();
             }
         }
         if stop.load(Ordering::Relaxed) {
             self.deadline = Some(Instant::now() + SHUTDOWN_TIMEOUT);
         }
-        self.close_epoch(true, Some(stop))?;
+        self.close_epoch(true, stop)?;
         if let Some(status) = &mut self.status {
             status.clear();
         }
@@ -938,23 +938,20 @@ impl Pipeline {
             slot.backpressured = Some(b);
             paused.push(slot.name.as_str());
         }
-        if !paused.is_empty()
-            && self
-                .last_backpressure_warning
-                .is_none_or(|t| now.duration_since(t) >= WARN_INTERVAL)
-        {
-            if self.last_backpressure_warning.is_some() {
-                let sinks: Vec<String> = holding
-                    .iter()
-                    .map(|(_, name, held)| format!("{name} ({held} records)"))
-                    .collect();
-                tracing::warn!(sources = ?paused, "sources paused for at least {:?}: sinks \
-                    hold records back because their producer queue is full (broker slow or \
-                    unreachable): {}", WARN_INTERVAL, sinks.join(", "));
-            }
-            self.last_backpressure_warning = Some(now);
-        } else if paused.is_empty() {
+        if paused.is_empty() {
             self.last_backpressure_warning = None;
+            return Ok(());
+        }
+        let since = *self.last_backpressure_warning.get_or_insert(now);
+        if now.duration_since(since) >= WARN_INTERVAL {
+            let sinks: Vec<String> = holding
+                .iter()
+                .map(|(_, name, held)| format!("{name} ({held} records)"))
+                .collect();
+            tracing::warn!(sources = ?paused, "sources paused for at least {:?}: sinks \
+                hold records back because their producer queue is full (broker slow or \
+                unreachable): {}", WARN_INTERVAL, sinks.join(", "));
+            self.last_backpressure_warning = Some(now);
         }
         Ok(())
     }
@@ -1045,7 +1042,7 @@ impl Pipeline {
     /// at-least-once sinks, writes state changes, exactly-once output and the commit
     /// entry to the WAL, then delivers the exactly-once output.
     /// A stop requested meanwhile gives the waits for the broker [`SHUTDOWN_TIMEOUT`].
-    fn close_epoch(&mut self, last: bool, stop: Option<&AtomicBool>) -> Result<(), RunError> {
+    fn close_epoch(&mut self, last: bool, stop: &AtomicBool) -> Result<(), RunError> {
         let flush_started = Instant::now();
         // Deliveries below exclude their own blocked time; the rest is excluded at the end.
         let excluded_before = self.idle_clock.excluded();
@@ -1066,10 +1063,10 @@ impl Pipeline {
             if matches!(slot.sink, SinkHandle::ExactlyOnce(_)) {
                 continue;
             }
-            flush_until_done(slot.sink.sink(), &slot.name, self.deadline, stop)?;
+            flush_until_done(slot.sink.sink(), &slot.name, self.deadline, Some(stop))?;
         }
         for late in self.late_sinks.iter_mut().flatten() {
-            flush_until_done(&mut late.sink, "late_data", self.deadline, stop)?;
+            flush_until_done(&mut late.sink, "late_data", self.deadline, Some(stop))?;
         }
         let epoch = self.epoch + 1;
         // Queries split over reactors write their changes there, each reactor to its own
@@ -1171,7 +1168,7 @@ impl Pipeline {
                         output,
                         HashSet::new(),
                         self.deadline,
-                        stop,
+                        Some(stop),
                         &slot.transactions,
                     )?;
                 }
